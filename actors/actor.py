@@ -1,0 +1,185 @@
+"""The acting loop: a vector of envs, Ape-X epsilons, n-step blocks appended to replay.
+
+A plain class (no Ray import); the composition root runs it as a Ray actor or in-process.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from learner.network import build_network
+from replay_server.client import StreamWriter
+from replay_server.codec import Block
+
+from .envs import final_observations, make_vector_env
+from .exploration import apex_epsilons
+from .nstep import NStepAccumulator
+from .weights_client import WeightsClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActorSettings:
+    actor_id: int
+    env_id: str
+    num_envs: int
+    env_offset: int          # global index of this actor's first env (for the epsilon schedule)
+    total_envs: int          # envs across all actors
+    shard: int
+    epsilon_base: float = 0.5
+    epsilon_alpha: float = 6.0
+    n_step: int = 3
+    gamma: float = 0.99
+    block_size: int = 256
+    weights_update_period: int = 50
+    max_backlog_blocks: int = 64
+    stream_maxlen: int = 10_000
+    seed: int = 0
+    hidden_sizes: list = field(default_factory=lambda: [128, 128])
+    dueling: bool = False
+    torch_threads: int = 1
+
+
+def priorities(net: torch.nn.Module, obs, action, ret, discount, next_obs) -> np.ndarray:
+    """Initial priority |G + d * max_a Q(s', a) - Q(s, a)| with the actor's network (> 0)."""
+    with torch.no_grad():
+        q = net(torch.from_numpy(obs)).gather(1, torch.from_numpy(action.astype(np.int64))[:, None])[:, 0]
+        q_next = net(torch.from_numpy(next_obs)).max(dim=1).values
+        td = torch.from_numpy(ret).float() + torch.from_numpy(discount).float() * q_next - q
+    return np.maximum(np.abs(td.numpy()), 1e-6).astype(np.float32)
+
+
+class ApexActor:
+    def __init__(self, settings: ActorSettings, redis_url: str, namespace: str, spec: dict):
+        self.s = settings
+        torch.set_num_threads(settings.torch_threads)
+        self.spec = spec
+        self.env = make_vector_env(settings.env_id, settings.num_envs)
+        self.net = build_network(spec, settings.hidden_sizes, settings.dueling)
+        self.net.eval()
+        eps_all = apex_epsilons(settings.total_envs, settings.epsilon_base, settings.epsilon_alpha)
+        self.epsilons = eps_all[settings.env_offset: settings.env_offset + settings.num_envs]
+        self.rng = np.random.default_rng([settings.seed, 1, settings.actor_id])
+        self.nstep = NStepAccumulator(settings.num_envs, spec["obs_dim"], settings.n_step, settings.gamma)
+        self.writer = StreamWriter(redis_url, namespace, settings.shard, settings.actor_id,
+                                   settings.stream_maxlen, settings.max_backlog_blocks)
+        self.weights = WeightsClient(redis_url, namespace)
+        self._stop = threading.Event()
+        self._pending: list[dict] = []
+        self._pending_n = 0
+        self.env_steps = 0
+        self.episodes = 0
+        self.returns: deque = deque(maxlen=100)
+        self.block_seq = 0
+        self.started = time.time()
+        self.first_step_at: Optional[float] = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def ping(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        r = list(self.returns)
+        return {"actor_id": self.s.actor_id, "env_steps": self.env_steps, "episodes": self.episodes,
+                "returns": r, "mean_return": float(np.mean(r)) if r else None,
+                "weights_version": self.weights.version, "weights_lag": self.weights.lag,
+                "blocks_appended": self.writer.blocks, "transitions_appended": self.writer.transitions,
+                "backpressure_waits": self.writer.backpressure_waits,
+                "epsilon_min": float(self.epsilons.min()), "epsilon_max": float(self.epsilons.max()),
+                "first_step_at": self.first_step_at,
+                "in_flight": self._pending_n}
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def run(self, max_env_steps: Optional[int] = None) -> dict:
+        """Act until :meth:`stop` (or ``max_env_steps`` of this actor); flushes what it holds at the end."""
+        s = self.s
+        got = self.weights.wait_first(timeout=30.0)
+        if got is not None:
+            self._load(*got)
+        seed = s.seed * 1_000_003 + s.env_offset
+        obs, _ = self.env.reset(seed=seed)
+        ep_ret = np.zeros(s.num_envs)
+        steps = 0
+        E = s.num_envs
+        while not self._stop.is_set():
+            with torch.no_grad():
+                q = self.net(torch.from_numpy(obs))
+            actions = q.argmax(dim=1).numpy()
+            explore = self.rng.random(E) < self.epsilons
+            if explore.any():
+                actions = actions.copy()
+                actions[explore] = self.rng.integers(0, self.spec["num_actions"], int(explore.sum()))
+            next_obs, rew, term, trunc, infos = self.env.step(actions)
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+            final = final_observations(next_obs, infos)
+            out = self.nstep.add(obs, actions, rew, term, trunc, final)
+            if out["action"].size:
+                self._pending.append(out)
+                self._pending_n += out["action"].size
+                if self._pending_n >= s.block_size:
+                    self._flush(s.block_size)
+            ep_ret += rew
+            done = term | trunc
+            if done.any():
+                for i in np.flatnonzero(done):
+                    self.returns.append(float(ep_ret[i]))
+                    self.episodes += 1
+                ep_ret[done] = 0.0
+            obs = next_obs
+            steps += 1
+            self.env_steps += E
+            if steps % s.weights_update_period == 0:
+                got = self.weights.poll()
+                if got is not None:
+                    self._load(*got)
+            if max_env_steps is not None and self.env_steps >= max_env_steps:
+                break
+        if self._pending_n:
+            self._flush(1)
+        self.weights.close()
+        return self.stats()
+
+    def _load(self, version: int, state: dict) -> None:
+        self.net.load_state_dict(state)
+        self.weights.version = version
+
+    def _flush(self, min_size: int) -> None:
+        cols = {k: np.concatenate([p[k] for p in self._pending]) for k in self._pending[0]}
+        self._pending, self._pending_n = [], 0
+        total = cols["action"].size
+        start = 0
+        bs = self.s.block_size
+        while total - start >= min_size and start < total:
+            end = min(total, start + bs)
+            if end - start < min_size:
+                break
+            sl = slice(start, end)
+            obs = np.ascontiguousarray(cols["obs"][sl], np.float32)
+            nxt = np.ascontiguousarray(cols["next_obs"][sl], np.float32)
+            act = cols["action"][sl].astype(np.int32)
+            ret = cols["ret"][sl].astype(np.float32)
+            disc = cols["discount"][sl].astype(np.float32)
+            prio = priorities(self.net, obs, act, ret, disc, nxt)
+            block = Block(obs, act, ret, disc, nxt, prio, actor_id=self.s.actor_id,
+                          weights_version=max(0, self.weights.version), block_seq=self.block_seq)
+            self.writer.append(block, stop=lambda: False)
+            self.block_seq += 1
+            start = end
+        if start < total:  # keep the remainder for the next block
+            rest = {k: v[start:] for k, v in cols.items()}
+            self._pending = [rest]
+            self._pending_n = total - start

@@ -1,0 +1,132 @@
+"""The ``apexq`` command line: ``apexq train`` and ``apexq evaluate``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apexq", description="Distributed Ape-X DQN on Ray with Redis-backed replay.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (embedded local Ray + private Redis by default)")
+    t.add_argument("--config", help="YAML config (default: configs/mountaincar.yaml)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. --set actors.num=4 (repeatable)")
+    t.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto' or host:port)")
+    t.add_argument("--redis-url", help="use this Redis (redis:// or rediss://, password in the URL) instead of spawning one")
+    t.add_argument("--run-dir", help="where to write the run (default: runs/<id>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    e = sub.add_parser("evaluate", help="greedy evaluation of a run's policy")
+    e.add_argument("target", help="a run directory or a checkpoint file")
+    e.add_argument("--episodes", type=int, default=100)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .run_dir import RunDir, new_run_id
+    if args.resume:
+        rd = RunDir(Path(args.resume))
+        if not (rd.path / "config.yaml").is_file():
+            raise UserError(f"--resume {args.resume}: not a run directory (no config.yaml)")
+        if not rd.checkpoint.is_file():
+            raise UserError(f"--resume {args.resume}: no checkpoint.pt to resume from")
+        from learner.checkpoint import CheckpointError, load
+        try:
+            load(rd.checkpoint)
+        except CheckpointError as exc:
+            raise UserError(f"--resume: {exc}") from None
+        cfg = load_config(base=rd.saved_config(), overrides=args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        rd = RunDir(Path(args.run_dir) if args.run_dir else Path("runs") / new_run_id())
+        if rd.metrics.exists():
+            raise UserError(f"--run-dir {rd.path}: already holds a run; use --resume to continue it")
+    from actors.envs import EnvSpecError, env_spec
+    try:
+        env_spec(cfg.env.id)
+    except EnvSpecError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        rd.create(cfg) if not args.resume else None
+    except OSError as exc:
+        raise UserError(f"--run-dir {rd.path}: cannot write there ({exc.strerror or exc})") from None
+    from .launch import train
+    from .redis_server import RedisNotFound
+    from replay_server.connection import RedisAuthError
+    try:
+        summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume))
+    except (RedisNotFound, RedisAuthError, ConnectionError) as exc:
+        raise UserError(str(exc)) from None
+    from .plots import write_curve
+    records = rd.read_metrics()
+    try:
+        write_curve(records, rd.path / "curve.png", title=f"{cfg.env.id} - run {rd.run_id}")
+    except Exception as exc:  # a picture is never worth failing a run
+        print(f"apexq: could not draw curve.png: {exc}", file=sys.stderr)
+    final = summary.get("record", {})
+    print(f"apexq: done ({summary.get('stop_reason')}) | env steps {final.get('env_steps', 0)} | "
+          f"updates {final.get('updates', 0)} | inserted {final.get('transitions_inserted', 0)} | "
+          f"sampled {final.get('transitions_sampled', 0)} | checkpoint {summary.get('checkpoint')} | run {rd.path}")
+    return 0 if summary.get("checkpoint") else 1
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+    from actors.envs import make_vector_env  # noqa: F401  (env registration)
+    from learner.checkpoint import CheckpointError, load
+    from learner.evaluate import evaluate
+    from learner.network import build_network
+    target = Path(args.target)
+    path = target / "checkpoint.pt" if target.is_dir() else target
+    if args.episodes < 1:
+        raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
+    try:
+        state = load(path)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    s = state["settings"]
+    net = build_network(state["spec"], s["hidden_sizes"], s["dueling"])
+    net.load_state_dict(state["online"])
+    env_id = state["config"]["env"]["id"]
+    returns = evaluate(net, env_id, args.episodes, seed=args.seed)
+    res = {"env": env_id, "episodes": args.episodes, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
+           "min": float(np.min(returns)), "max": float(np.max(returns)), "updates": int(state["updates"])}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{env_id}: {args.episodes} greedy episodes | mean {res['mean']:.2f} | std {res['std']:.2f} | "
+              f"min {res['min']:.0f} | max {res['max']:.0f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .launch import set_ray_env
+    set_ray_env()
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+    except (ConfigError, UserError) as exc:
+        print(f"apexq: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Turning the config into the settings of each plain component (no Ray here)."""
+from __future__ import annotations
+
+import math
+
+from actors.actor import ActorSettings
+from learner.learner import LearnerSettings
+from replay_server.shard import ShardSpec
+
+from .config import Config
+
+
+def shard_capacity(cfg: Config) -> int:
+    return cfg.replay.capacity // cfg.replay.shards
+
+
+def stream_maxlen(cfg: Config) -> int:
+    """Entries a shard's stream keeps: its whole window plus the allowed backlog."""
+    return math.ceil(shard_capacity(cfg) / cfg.actors.block_size) + cfg.actors.max_backlog_blocks + 16
+
+
+def shard_spec(cfg: Config, shard: int, env: dict) -> ShardSpec:
+    r = cfg.replay
+    return ShardSpec(shard_id=shard, capacity=shard_capacity(cfg), obs_dim=env["obs_dim"],
+                     num_actions=env["num_actions"], priority_alpha=r.priority_alpha,
+                     priority_eps=r.priority_eps, samples_per_insert=r.samples_per_insert,
+                     min_size_to_sample=r.min_size_to_sample, error_buffer=r.error_buffer)
+
+
+def actor_settings(cfg: Config, actor_id: int) -> ActorSettings:
+    a = cfg.actors
+    return ActorSettings(
+        actor_id=actor_id, env_id=cfg.env.id, num_envs=a.envs_per_actor,
+        env_offset=actor_id * a.envs_per_actor, total_envs=a.num * a.envs_per_actor,
+        shard=actor_id % cfg.replay.shards, epsilon_base=a.epsilon_base, epsilon_alpha=a.epsilon_alpha,
+        n_step=a.n_step, gamma=a.gamma, block_size=a.block_size,
+        weights_update_period=a.weights_update_period, max_backlog_blocks=a.max_backlog_blocks,
+        stream_maxlen=stream_maxlen(cfg), seed=cfg.seed, hidden_sizes=list(cfg.learner.hidden_sizes),
+        dueling=cfg.learner.dueling, torch_threads=a.torch_threads)
+
+
+def learner_settings(cfg: Config) -> LearnerSettings:
+    l, r = cfg.learner, cfg.replay
+    return LearnerSettings(
+        batch_size=l.batch_size, lr=l.lr, hidden_sizes=list(l.hidden_sizes), dueling=l.dueling,
+        target_update_period=l.target_update_period, grad_clip=l.grad_clip,
+        publish_every=l.publish_every, prefetch=l.prefetch, checkpoint_every_s=l.checkpoint_every_s,
+        device=l.device, torch_threads=l.torch_threads, beta_start=r.beta_start,
+        beta_anneal_updates=r.beta_anneal_updates, priority_eps=r.priority_eps, seed=cfg.seed)
+
+
+def shard_redis_url(cfg: Config, shard: int, default_url: str) -> str:
+    return cfg.replay.redis_urls[shard] if cfg.replay.redis_urls else default_url

@@ -1,0 +1,303 @@
+"""Typed, validated configuration: one dataclass per component, loaded from YAML.
+
+Every error is a :class:`ConfigError` whose message names the offending key, so the CLI can
+print one line and exit 2 before anything is started.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mountaincar.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _rule(check: Callable[[Any], bool], message: str) -> dict:
+    return {"check": check, "message": message}
+
+
+def positive() -> dict:
+    return _rule(lambda v: v > 0, "must be > 0")
+
+
+def non_negative() -> dict:
+    return _rule(lambda v: v >= 0, "must be >= 0")
+
+
+def in_range(lo: float, hi: float) -> dict:
+    return _rule(lambda v: lo <= v <= hi, f"must be between {lo} and {hi}")
+
+
+def one_of(*choices: str) -> dict:
+    return _rule(lambda v: v in choices, "must be one of " + ", ".join(choices))
+
+
+def _f(default, rule: Optional[dict] = None):
+    meta = rule or {}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EnvConfig:
+    id: str = _f("MountainCar-v0", _rule(lambda v: len(v) > 0, "must not be empty"))
+
+
+@dataclass
+class ActorsConfig:
+    num: int = _f(2, _rule(lambda v: 1 <= v <= 4096, "must be between 1 and 4096"))
+    envs_per_actor: int = _f(32, _rule(lambda v: 1 <= v <= 65536, "must be between 1 and 65536"))
+    epsilon_base: float = _f(0.5, in_range(0.0, 1.0))
+    epsilon_alpha: float = _f(6.0, non_negative())
+    n_step: int = _f(3, _rule(lambda v: 1 <= v <= 100, "must be between 1 and 100"))
+    gamma: float = _f(0.99, _rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    block_size: int = _f(256, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
+    weights_update_period: int = _f(50, positive())
+    max_backlog_blocks: int = _f(64, positive())
+    num_cpus: float = _f(0.5, non_negative())
+    torch_threads: int = _f(1, positive())
+
+
+@dataclass
+class ReplayConfig:
+    shards: int = _f(1, _rule(lambda v: 1 <= v <= 256, "must be between 1 and 256"))
+    capacity: int = _f(200_000, _rule(lambda v: v >= 1, "must be >= 1"))
+    redis_urls: list[str] = _f([])
+    priority_alpha: float = _f(0.6, in_range(0.0, 1.0))
+    beta_start: float = _f(0.4, in_range(0.0, 1.0))
+    beta_anneal_updates: int = _f(20_000, positive())
+    priority_eps: float = _f(1e-6, positive())
+    samples_per_insert: float = _f(8.0, positive())
+    min_size_to_sample: int = _f(2000, positive())
+    error_buffer: float = _f(20_000.0, positive())
+    num_cpus: float = _f(0.5, non_negative())
+
+
+@dataclass
+class LearnerConfig:
+    batch_size: int = _f(256, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
+    device: str = _f("auto", one_of("auto", "cpu", "cuda"))
+    lr: float = _f(1e-3, positive())
+    hidden_sizes: list[int] = _f([128, 128], _rule(lambda v: len(v) >= 1 and all(h > 0 for h in v),
+                                                  "must be a non-empty list of positive integers"))
+    dueling: bool = _f(False)
+    target_update_period: int = _f(250, positive())
+    grad_clip: float = _f(10.0, non_negative())
+    publish_every: int = _f(25, positive())
+    prefetch: int = _f(4, _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64"))
+    checkpoint_every_s: float = _f(30.0, positive())
+    num_cpus: float = _f(1.0, non_negative())
+    torch_threads: int = _f(1, positive())
+
+
+@dataclass
+class EvalConfig:
+    every_seconds: float = _f(10.0, non_negative())
+    episodes: int = _f(100, positive())
+
+
+@dataclass
+class TrainConfig:
+    max_seconds: Optional[float] = _f(600.0, positive())
+    max_env_steps: Optional[int] = _f(None, positive())
+    stop_at_return: Optional[float] = _f(None)
+    progress_every_s: float = _f(5.0, positive())
+
+
+@dataclass
+class RedisConfig:
+    server_path: Optional[str] = _f(None)
+    appendfsync: str = _f("everysec", one_of("everysec", "always", "no"))
+
+
+@dataclass
+class RayConfig:
+    num_cpus: Optional[int] = _f(None, positive())
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, non_negative())
+    env: EnvConfig = field(default_factory=EnvConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coercion and validation
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(inner[0]) + " or null"
+    if origin is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0]) + "s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(key, value, inner)
+    wrong = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise ConfigError(f"{key}: unsupported type")
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            key = f"{prefix}.{name}" if prefix else str(name)
+            close = [f for f in fields if _similar(str(name), f)]
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name), key)
+            continue
+        if name not in data:
+            continue
+        value = _coerce(key, data[name], tp)
+        rule = f.metadata.get("check")
+        if rule is not None and value is not None and not rule(value):
+            raise ConfigError(f"{key}: {f.metadata['message']}, got {data[name]!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.8
+
+
+def _cross_checks(cfg: Config) -> None:
+    if cfg.replay.redis_urls and len(cfg.replay.redis_urls) != cfg.replay.shards:
+        raise ConfigError(f"replay.redis_urls: has {len(cfg.replay.redis_urls)} URLs but "
+                          f"replay.shards is {cfg.replay.shards}; give one URL per shard or none")
+    per_shard = cfg.replay.capacity // cfg.replay.shards
+    if per_shard < cfg.learner.batch_size:
+        raise ConfigError(f"replay.capacity: {cfg.replay.capacity} over {cfg.replay.shards} shards "
+                          f"holds fewer than learner.batch_size={cfg.learner.batch_size} per shard")
+    if cfg.replay.min_size_to_sample > per_shard:
+        raise ConfigError(f"replay.min_size_to_sample: {cfg.replay.min_size_to_sample} exceeds the "
+                          f"per-shard capacity {per_shard}; sampling could never start")
+    if cfg.train.max_seconds is None and cfg.train.max_env_steps is None and cfg.train.stop_at_return is None:
+        raise ConfigError("train.max_seconds: at least one of train.max_seconds, train.max_env_steps "
+                          "or train.stop_at_return must be set, or the run never ends")
+    from replay_server.rate_limiter import SampleToInsertRatio, RateLimiterError
+    try:
+        SampleToInsertRatio(cfg.replay.samples_per_insert, cfg.replay.min_size_to_sample,
+                            cfg.replay.error_buffer).check_progress(
+            sample_batch=cfg.learner.batch_size, insert_batch=cfg.actors.block_size)
+    except RateLimiterError as exc:
+        raise ConfigError(f"replay.error_buffer: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None) -> Config:
+    """Read YAML (or start from ``base``), apply ``KEY=VALUE`` overrides, validate."""
+    if base is not None:
+        data = base
+    else:
+        path = Path(path) if path else DEFAULT_CONFIG
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"--config {path}:{where} is not valid YAML") from None
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(nxt, dict):
+                if isinstance(node, dict) and part not in node:
+                    nxt = {}
+                    node[part] = nxt
+                else:
+                    raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    cfg = _build(Config, data, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

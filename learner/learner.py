@@ -1,0 +1,215 @@
+"""The learner: n-step Double DQN updates fed by the prefetch pipeline.
+
+A plain class (no Ray import). Priorities go back to the shards and weights go out to Redis
+on a background executor, off the training path.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from replay_server.connection import connect
+from replay_server.keys import Keys
+
+from . import checkpoint as ckpt
+from . import weights_store
+from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
+from .network import build_network
+from .prefetch import PrefetchSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerSettings:
+    batch_size: int = 256
+    lr: float = 1e-3
+    hidden_sizes: list = field(default_factory=lambda: [128, 128])
+    dueling: bool = False
+    target_update_period: int = 250
+    grad_clip: float = 10.0
+    publish_every: int = 25
+    prefetch: int = 4
+    checkpoint_every_s: float = 30.0
+    device: str = "auto"
+    torch_threads: int = 1
+    beta_start: float = 0.4
+    beta_anneal_updates: int = 20_000
+    priority_eps: float = 1e-6
+    seed: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("learner.device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class Learner:
+    def __init__(self, settings: LearnerSettings, spec: dict, shards: Sequence,
+                 redis_url: Optional[str] = None, namespace: str = "default",
+                 checkpoint_path: Optional[str] = None, resume: Optional[dict] = None,
+                 config: Optional[dict] = None, restore_if_exists: bool = False):
+        self.s = settings
+        torch.set_num_threads(settings.torch_threads)
+        torch.manual_seed(settings.seed)
+        self.device = resolve_device(settings.device)
+        self.spec = spec
+        self.config = config or {}
+        self.online = build_network(spec, settings.hidden_sizes, settings.dueling).to(self.device)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.lr)
+        self.shards = list(shards)
+        self.updates = 0
+        self.weights_version = 0
+        self.extra: dict = {}
+        self.checkpoint_path = checkpoint_path
+        if resume is None and restore_if_exists and checkpoint_path and os.path.exists(checkpoint_path):
+            resume = ckpt.load(checkpoint_path)  # a restarted learner continues from its last checkpoint
+            log.warning("learner restored from %s at update %d", checkpoint_path, int(resume["updates"]))
+        if resume is not None:
+            self.load_state(resume)
+        self.redis = connect(redis_url) if redis_url else None
+        self.keys = Keys(namespace)
+        self._bg = ThreadPoolExecutor(1, thread_name_prefix="learner-bg")
+        self._stop = threading.Event()
+        self.metrics = {"loss": None, "td_abs": None, "q_mean": None}
+        self.priority_errors = 0
+        self.sampler: Optional[PrefetchSampler] = None
+        self._last_ckpt = time.monotonic()
+        self.publish()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"format": "apexq-checkpoint-v1", "online": self.online.state_dict(),
+                "target": self.target.state_dict(), "optimizer": self.opt.state_dict(),
+                "updates": self.updates, "weights_version": self.weights_version,
+                "torch_rng": torch.get_rng_state(), "settings": asdict(self.s), "spec": self.spec,
+                "config": self.config, "extra": dict(self.extra)}
+
+    def load_state(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
+        self.weights_version = int(state["weights_version"])
+        self.extra = dict(state.get("extra", {}))
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
+        if extra:
+            self.extra.update(extra)
+        if not self.checkpoint_path:
+            return None
+        ckpt.save_atomic(self.state(), self.checkpoint_path)
+        self._last_ckpt = time.monotonic()
+        return self.checkpoint_path
+
+    def set_extra(self, extra: dict) -> None:
+        self.extra.update(extra)
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        if self.redis is None:
+            return
+        self.weights_version += 1
+        snapshot = {k: v.detach().to("cpu", copy=True) for k, v in self.online.state_dict().items()}
+        version = self.weights_version
+
+        def send():
+            try:
+                weights_store.publish(self.redis, self.keys, snapshot, version)
+            except Exception as exc:  # Redis restarting; the next publish catches up
+                log.warning("publishing weights v%d failed: %s", version, exc)
+        self._bg.submit(send)
+
+    # -- training --------------------------------------------------------------------------
+
+    def beta(self) -> float:
+        return beta_at(self.updates, self.s.beta_start, self.s.beta_anneal_updates)
+
+    def step(self, batch: dict) -> dict:
+        """One update on a prepared batch (tensors on the device). Returns the new |TD| priorities."""
+        B = batch["obs"].shape[0]
+        q_all = self.online(torch.cat([batch["obs"], batch["next_obs"]]))
+        q, q_next_online = q_all[:B], q_all[B:].detach()
+        with torch.no_grad():
+            q_next_target = self.target(batch["next_obs"])
+            targets = double_dqn_targets(batch["ret"], batch["discount"], q_next_online, q_next_target)
+        loss, extra = td_loss(q, batch["action"], targets, batch["weights"])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.s.grad_clip)
+        self.opt.step()
+        self.updates += 1
+        if self.updates % self.s.target_update_period == 0:
+            self.target.load_state_dict(self.online.state_dict())
+        extra["loss"] = loss.detach()
+        return extra
+
+    def _send_priorities(self, keys: np.ndarray, shard_of: np.ndarray, td: torch.Tensor) -> None:
+        pr = new_priorities(td, 0.0).cpu().numpy()
+
+        def send():
+            for i in np.unique(shard_of):
+                m = shard_of == i
+                try:
+                    self.shards[int(i)].update_priorities(keys[m], pr[m])
+                except Exception as exc:
+                    self.priority_errors += 1
+                    log.debug("priority update to shard %d failed: %s", i, exc)
+        self._bg.submit(send)
+
+    def run(self, max_updates: Optional[int] = None) -> dict:
+        """Train until :meth:`stop` (or ``max_updates``); writes a checkpoint at the end."""
+        self.sampler = PrefetchSampler(self.shards, self.s.batch_size, self.s.prefetch, self.device,
+                                       self.beta, seed=self.s.seed).start()
+        try:
+            while not self._stop.is_set():
+                batch = self.sampler.get(timeout=0.5)
+                if batch is None:
+                    continue
+                extra = self.step(batch)
+                self._send_priorities(batch["keys"], batch["shard"], extra["td"])
+                if self.updates % 10 == 0:
+                    self.metrics = {"loss": float(extra["loss"]), "td_abs": float(extra["td"].abs().mean()),
+                                    "q_mean": float(extra["q_taken"].mean())}
+                if self.updates % self.s.publish_every == 0:
+                    self.publish()
+                if time.monotonic() - self._last_ckpt >= self.s.checkpoint_every_s:
+                    self.save_checkpoint()
+                if max_updates is not None and self.updates >= max_updates:
+                    break
+        finally:
+            self.sampler.stop()
+        self.publish()
+        self._bg.submit(lambda: None).result(timeout=30)
+        return self.stats()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def ping(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        sp = self.sampler
+        return {"updates": self.updates, "weights_version": self.weights_version,
+                "transitions_sampled": sp.sampled if sp else 0, "sample_waits": sp.waits if sp else 0,
+                "beta": self.beta(), "device": str(self.device), "priority_errors": self.priority_errors,
+                **self.metrics}

@@ -1,0 +1,51 @@
+"""Pure loss math for n-step Double DQN with prioritized replay. Shapes in the docstrings.
+
+B = batch size, A = number of actions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def double_dqn_targets(ret: torch.Tensor, discount: torch.Tensor, q_next_online: torch.Tensor,
+                       q_next_target: torch.Tensor) -> torch.Tensor:
+    """``ret + discount * Q_target(s', argmax_a Q_online(s', a))``.
+
+    ret, discount: [B] (the n-step return and bootstrap discount carried by each transition;
+    discount is 0 after a termination and gamma**k after a truncation or k steps).
+    q_next_online, q_next_target: [B, A]. Returns [B].
+    """
+    best = q_next_online.argmax(dim=1, keepdim=True)
+    return ret + discount * q_next_target.gather(1, best).squeeze(1)
+
+
+def importance_weights(prob: torch.Tensor, size: int, beta: float) -> torch.Tensor:
+    """``w_i = (size * P(i)) ** -beta``, normalised by the batch maximum. prob: [B] -> [B]."""
+    w = (size * prob) ** (-beta)
+    return w / w.max()
+
+
+def td_loss(q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+            huber_delta: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Importance-weighted Huber loss. q: [B, A], actions: [B] int64, targets, weights: [B].
+
+    Returns ``(loss, extra)`` where extra holds ``td`` ([B], target - Q(s,a), detached) and
+    ``q_taken`` ([B]).
+    """
+    q_taken = q.gather(1, actions[:, None]).squeeze(1)
+    td = targets.detach() - q_taken
+    per_item = F.huber_loss(q_taken, targets.detach(), reduction="none", delta=huber_delta)
+    loss = (weights * per_item).mean()
+    return loss, {"td": td.detach(), "q_taken": q_taken.detach()}
+
+
+def new_priorities(td: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``|td| + eps`` ([B])."""
+    return td.abs() + eps
+
+
+def beta_at(update: int, beta_start: float, anneal_updates: int) -> float:
+    """Linear annealing of the importance-sampling exponent from ``beta_start`` to 1."""
+    frac = min(1.0, update / max(1, anneal_updates))
+    return beta_start + frac * (1.0 - beta_start)

@@ -1,0 +1,126 @@
+"""The prefetch pipeline: background threads keep minibatches ready while the device trains.
+
+Sampling across shards without bias: a batch of B items is split over shards by a
+multinomial draw with probabilities ``total_k / sum(total)`` (each shard's priority mass,
+as last reported). Within shard k an item is drawn with probability ``p_i / total_k``, so its
+overall probability is ``p_i / sum(total)`` -- exactly proportional prioritized sampling over
+the union of shards. Importance weights use that global probability and the global size.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .losses import importance_weights
+
+
+class PrefetchSampler:
+    def __init__(self, shards: Sequence, batch_size: int, depth: int, device: torch.device,
+                 beta: Callable[[], float], seed: int = 0, timeout: float = 1.0):
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.device = device
+        self.beta = beta
+        self.timeout = timeout
+        self.rng = np.random.default_rng([seed, 7])
+        self.totals = np.ones(len(self.shards))
+        self.sizes = np.zeros(len(self.shards), np.int64)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.waits = 0
+        self.sampled = 0
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max(1, len(self.shards)), thread_name_prefix="sample")
+        self._thread = threading.Thread(target=self._loop, name="prefetch", daemon=True)
+        self.error: Optional[BaseException] = None
+
+    def start(self) -> "PrefetchSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def get(self, timeout: float = 1.0) -> Optional[dict]:
+        if self.error is not None:
+            raise RuntimeError("prefetch thread failed") from self.error
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self.sample_once()
+                if batch is None:
+                    self.waits += 1
+                    continue
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as exc:  # surfaced to the training thread by get()
+            self.error = exc
+
+    def split(self) -> np.ndarray:
+        k = len(self.shards)
+        if k == 1:
+            return np.array([self.batch_size])
+        p = np.maximum(self.totals, 0)
+        p = p / p.sum() if p.sum() > 0 else np.full(k, 1.0 / k)
+        return self.rng.multinomial(self.batch_size, p)
+
+    def sample_once(self) -> Optional[dict]:
+        counts = self.split()
+        futures = {i: self._pool.submit(self.shards[i].sample, int(n), self.timeout)
+                   for i, n in enumerate(counts) if n > 0}
+        parts = {}
+        for i, fut in futures.items():
+            res = fut.result()
+            if res is None:
+                # this shard is rate limited / not ready: refresh its mass from stats so the
+                # split adapts, and retry the whole batch later
+                try:
+                    st = self.shards[i].stats()
+                    self.totals[i], self.sizes[i] = st["priority_total"], st["size"]
+                except Exception:
+                    pass
+                continue
+            parts[i] = res
+            self.totals[i], self.sizes[i] = res["total"], res["size"]
+        if len(parts) != len(futures):
+            return None  # items already drawn from other shards are dropped; counted as a wait
+        total_mass = float(self.totals.sum())
+        size = int(self.sizes.sum())
+        order = sorted(parts)
+        cat = {k: np.concatenate([parts[i][k] for i in order]) for k in
+               ("keys", "obs", "action", "ret", "discount", "next_obs", "prob")}
+        shard_of = np.concatenate([np.full(len(parts[i]["keys"]), i, np.int32) for i in order])
+        # global probability of each item: p_i / sum_k total_k = prob_in_shard * total_k / sum
+        scale = np.concatenate([np.full(len(parts[i]["keys"]), parts[i]["total"]) for i in order]) / total_mass
+        gprob = torch.from_numpy(cat["prob"] * scale)
+        weights = importance_weights(gprob, size, self.beta()).float()
+        self.sampled += int(len(shard_of))
+        pin = self.device.type == "cuda"
+
+        def dev(a, dtype=None):
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            if dtype is not None:
+                t = t.to(dtype)
+            if pin:
+                t = t.pin_memory()
+            return t.to(self.device, non_blocking=pin)
+
+        return {"obs": dev(cat["obs"]), "action": dev(cat["action"], torch.int64),
+                "ret": dev(cat["ret"]), "discount": dev(cat["discount"]),
+                "next_obs": dev(cat["next_obs"]), "weights": dev(weights.numpy()),
+                "keys": cat["keys"], "shard": shard_of}

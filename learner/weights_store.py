@@ -1,0 +1,57 @@
+"""Versioned weights in Redis, serialized with safetensors (plain tensors, never pickle)."""
+from __future__ import annotations
+
+import json
+import struct
+from typing import Optional
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from replay_server.keys import Keys
+
+
+def encode_weights(state_dict: dict, version: int) -> bytes:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    return st_save(tensors, metadata={"version": str(int(version))})
+
+
+def decode_weights(blob: bytes) -> tuple[int, dict]:
+    if len(blob) < 8:
+        raise ValueError("weights blob is truncated")
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    header = json.loads(blob[8:8 + n])
+    version = int(header.get("__metadata__", {}).get("version", "0"))
+    return version, st_load(blob)
+
+
+def publish(redis_client, keys: Keys, state_dict: dict, version: int) -> int:
+    blob = encode_weights(state_dict, version)
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.set(keys.weights, blob)
+    pipe.set(keys.weights_version, int(version))
+    pipe.execute()
+    return len(blob)
+
+
+def published_version(redis_client, keys: Keys) -> int:
+    v = redis_client.get(keys.weights_version)
+    return int(v) if v is not None else -1
+
+
+def fetch_if_newer(redis_client, keys: Keys, have: int) -> Optional[tuple[int, dict]]:
+    """(version, state_dict) when Redis holds a version newer than ``have``; else None."""
+    if published_version(redis_client, keys) <= have:
+        return None
+    blob = redis_client.get(keys.weights)
+    if blob is None:
+        return None
+    version, state = decode_weights(blob)
+    if version <= have:
+        return None
+    return version, state
+
+
+def load_into(model: torch.nn.Module, state: dict) -> None:
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,30 @@
+"""Redis key names of one run. A namespace (the run id) lets several runs share a server."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str
+
+    def stream(self, shard: int) -> str:
+        return f"apexq:{self.namespace}:shard:{shard}:stream"
+
+    def group(self, shard: int) -> str:
+        return "shard"
+
+    def epoch(self, shard: int) -> str:
+        return f"apexq:{self.namespace}:shard:{shard}:epoch"
+
+    def appended(self, shard: int) -> str:
+        """Hash actor_id -> transitions acknowledged by Redis (XADD returned)."""
+        return f"apexq:{self.namespace}:shard:{shard}:appended"
+
+    @property
+    def weights(self) -> str:
+        return f"apexq:{self.namespace}:weights"
+
+    @property
+    def weights_version(self) -> str:
+        return f"apexq:{self.namespace}:weights_version"
