@@ -33,8 +33,22 @@ def set_ray_env() -> None:
 class RayShardProxy:
     """What the learner sees of a shard living in another Ray process (picklable: a handle)."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, name: str):
+        self.name = name
+        self._handle = None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            import ray
+            self._handle = ray.get_actor(self.name)
+        return self._handle
+
+    def __getstate__(self):
+        return {"name": self.name}
+
+    def __setstate__(self, state):
+        self.name, self._handle = state["name"], None
 
     def sample(self, n: int, timeout: float = 1.0):
         import ray
@@ -102,12 +116,12 @@ class Launcher:
         import ray
         set_ray_env()
         if self.address:
-            ray.init(address=self.address, log_to_driver=True, logging_level=logging.WARNING)
+            ray.init(address=self.address, log_to_driver=True, logging_level=logging.ERROR)
         else:
             need = (self.cfg.actors.num * self.cfg.actors.num_cpus + self.cfg.replay.shards * self.cfg.replay.num_cpus
                     + self.cfg.learner.num_cpus)
             num_cpus = self.cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=True, configure_logging=True)
             self.ray_started = True
 
@@ -124,10 +138,10 @@ class Launcher:
         self.spec = env_spec(cfg.env.id)
         ns = self.run_dir.run_id
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.learner.device != "cpu"
-        shard_cls = ray.remote(ReplayShard).options(num_cpus=cfg.replay.num_cpus, max_concurrency=8,
-                                                    max_restarts=-1)
+        shard_cls = ray.remote(ReplayShard)
         for k in range(cfg.replay.shards):
-            h = shard_cls.remote(shard_spec(cfg, k, self.spec), shard_redis_url(cfg, k, self.redis_url), ns,
+            h = shard_cls.options(name=self.shard_name(k), num_cpus=cfg.replay.num_cpus, max_concurrency=8,
+                                  max_restarts=-1).remote(shard_spec(cfg, k, self.spec), shard_redis_url(cfg, k, self.redis_url), ns,
                                  cfg.seed * 1000 + k)
             self.shards.append(Member("shard", k, h))
         for m in self.shards:
@@ -141,7 +155,7 @@ class Launcher:
             resume_state = load(self.run_dir.checkpoint)
         learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=1 if has_gpu else 0,
                                                   max_concurrency=4, max_restarts=-1)
-        proxies = [RayShardProxy(m.handle) for m in self.shards]
+        proxies = [RayShardProxy(self.shard_name(m.index)) for m in self.shards]
         lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns,
                                 str(self.run_dir.checkpoint), resume_state, cfg.to_dict(), True)
         self.learner = Member("learner", 0, lh)
@@ -156,6 +170,9 @@ class Launcher:
             m.run_ref = h.run.remote()
             self.actors.append(m)
         self.members = self.shards + [self.learner] + self.actors
+
+    def shard_name(self, k: int) -> str:
+        return f"apexq-{self.run_dir.run_id}-shard-{k}"
 
     # -- supervision -------------------------------------------------------------------------
 

@@ -1,0 +1,108 @@
+"""`apexq` as a user runs it: a subprocess, real local Ray, real Redis, real gymnasium."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROCS = ("raylet", "gcs_server", "redis-server", "valkey-server")
+
+
+def apexq(*args, **kw):
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=kw.pop("cwd", ROOT), env=env,
+                          capture_output=True, text=True, **kw)
+
+
+def platform_pids() -> set:
+    out = subprocess.run(["ps", "-eo", "pid=,comm="], capture_output=True, text=True).stdout
+    return {int(l.split()[0]) for l in out.splitlines() if any(p in l for p in PROCS)}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("actors.num=-3", "apexq: error: actors.num: must be between 1 and 4096, got -3"),
+    ("replay.capacity=abc", "apexq: error: replay.capacity: expected an integer, got 'abc'"),
+    ("actors.numm=2", "apexq: error: actors.numm: unknown key (did you mean actors.num?)"),
+    ("env.id=NoSuchEnv-v9", "apexq: error: env.id: 'NoSuchEnv-v9' cannot be made by gymnasium"),
+    ("env.id=Pendulum-v1", "apexq: error: env.id: 'Pendulum-v1' has a Box action space; apexq needs a Discrete one"),
+])
+def test_invalid_config_is_one_line_exit_2_and_starts_nothing(override, message, tmp_path):
+    before = platform_pids()
+    r = apexq("train", "--set", override, "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    assert platform_pids() <= before
+
+
+def short_run_args(run_dir, seconds):
+    return ["train", "--run-dir", str(run_dir), "--set", f"train.max_seconds={seconds}",
+            "--set", "train.progress_every_s=2", "--set", "eval.every_seconds=5", "--set", "eval.episodes=20",
+            "--set", "replay.min_size_to_sample=500", "--set", "replay.capacity=50000",
+            "--set", "actors.envs_per_actor=16", "--set", "learner.checkpoint_every_s=5"]
+
+
+@pytest.mark.slow
+def test_train_end_to_end(tmp_path):
+    before = platform_pids()
+    run_dir = tmp_path / "run"
+    r = apexq(*short_run_args(run_dir, 35), timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    for key in ("time_s", "env_steps", "updates", "transitions_inserted", "transitions_sampled", "replay_size",
+                "weights_version", "mean_return"):
+        assert key in last
+    # transitions flowed actor -> Redis -> shard -> learner
+    assert last["env_steps"] > 0 and last["transitions_inserted"] > 0 and last["replay_size"] > 0
+    assert last["transitions_sampled"] > 0 and last["updates"] > 0
+    # weights versions advanced and reached the actors
+    assert last["weights_version"] > 2
+    assert min(last["actor_weights_versions"]) > 1
+    assert any(r_.get("eval_return") is not None for r_ in records)
+    assert (run_dir / "checkpoint.pt").stat().st_size > 0
+    assert (run_dir / "config.yaml").exists() and (run_dir / "curve.png").stat().st_size > 1000
+    assert "env steps" in r.stdout and "apexq: done" in r.stdout
+    time.sleep(1)
+    assert platform_pids() <= before, "a Redis or Ray process outlived the run"
+    # the policy evaluates from the run directory
+    ev = apexq("evaluate", str(run_dir), "--episodes", "10", "--json", timeout=120)
+    assert ev.returncode == 0, ev.stderr
+    res = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert res["episodes"] == 10 and -200 <= res["mean"] <= 0
+
+
+@pytest.mark.slow
+def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
+    before = platform_pids()
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *short_run_args(run_dir, 300)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(json.loads(l)["updates"] > 0 for l in metrics.read_text().splitlines() if l):
+            break
+        time.sleep(0.5)
+    else:
+        p.kill()
+        pytest.fail("the run never started updating")
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert p.returncode == 0, out[-3000:]
+    assert took < 15, f"graceful stop took {took:.1f}s"
+    assert "interrupted" in out and "Traceback" not in out
+    assert (run_dir / "checkpoint.pt").exists()
+    time.sleep(1)
+    assert platform_pids() <= before
