@@ -121,6 +121,13 @@ class RedisConfig:
 
 
 @dataclass
+class MetricsConfig:
+    enabled: bool = _f(True)
+    host: str = _f("127.0.0.1", _rule(lambda v: len(v) > 0, "must not be empty"))
+    port: int = _f(9400, in_range(0, 65535))
+
+
+@dataclass
 class RayConfig:
     num_cpus: Optional[int] = _f(None, positive())
 
@@ -135,6 +142,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:

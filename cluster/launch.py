@@ -100,6 +100,7 @@ class Launcher:
         self.solved_at: Optional[float] = None
         self.stop_reason = "finished"
         self._stop = threading.Event()
+        self.endpoint = None
 
     # -- platform ----------------------------------------------------------------------------
 
@@ -129,10 +130,11 @@ class Launcher:
 
     def create_components(self) -> None:
         import ray
-        from actors.actor import ApexActor
         from actors.envs import env_spec
-        from learner.learner import Learner
-        from replay_server.shard import ReplayShard
+
+        from .services import ActorService as ApexActor
+        from .services import LearnerService as Learner
+        from .services import ShardService as ReplayShard
 
         cfg = self.cfg
         self.spec = env_spec(cfg.env.id)
@@ -170,6 +172,47 @@ class Launcher:
             m.run_ref = h.run.remote()
             self.actors.append(m)
         self.members = self.shards + [self.learner] + self.actors
+        self.start_metrics()
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def driver_stats(self) -> dict:
+        restarts: dict = {"actor": 0, "shard": 0, "learner": 0}
+        for m in self.members:
+            restarts[m.kind] += m.restarts
+        rec = getattr(self, "last_record", None) or {}
+        return {"eval_return": self.eval_return, "time_to_solve_s": self.solved_at, "restarts": restarts,
+                "env_steps": rec.get("env_steps", 0)}
+
+    def start_metrics(self) -> None:
+        if not self.cfg.metrics.enabled:
+            return
+        from .metrics import DriverEndpoint
+        self.endpoint = DriverEndpoint(self.driver_stats, self.cfg.metrics.host, self.cfg.metrics.port,
+                                       self.run_dir.run_id)
+        for m in self.members:
+            self.register_metrics(m)
+        print(f"apexq: metrics at http://{self.endpoint.address}/metrics, Prometheus HTTP SD at "
+              f"http://{self.endpoint.address}/targets", file=self.out, flush=True)
+
+    def register_metrics(self, m: Member) -> None:
+        import ray
+        if self.endpoint is None:
+            return
+        try:
+            addr = ray.get(m.handle.serve_metrics.remote(self.cfg.metrics.host, 0), timeout=60)
+        except Exception as exc:
+            log.warning("no metrics endpoint for %s %d: %s", m.kind, m.index, exc)
+            return
+        self.endpoint.set_target(f"{m.kind}-{m.index}", addr, m.kind, m.index)
+        self.write_file_sd()
+
+    def write_file_sd(self) -> None:
+        import json
+        path = self.run_dir.path / "prometheus_targets.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.endpoint.sd_document(), indent=1))
+        os.replace(tmp, path)
 
     def shard_name(self, k: int) -> str:
         return f"apexq-{self.run_dir.run_id}-shard-{k}"
@@ -197,6 +240,7 @@ class Launcher:
             log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
             print(f"apexq: {m.kind} {m.index} {reason}; restarting (#{m.restarts})", file=self.out, flush=True)
             m.run_ref = m.handle.run.remote()
+            self.register_metrics(m)
 
     def gather_stats(self, timeout: float = 5.0) -> None:
         import ray
@@ -376,6 +420,9 @@ class Launcher:
 
     def stop_platform(self) -> None:
         import ray
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
         if ray.is_initialized():
             ray.shutdown()
         if self.redis_server is not None:
