@@ -58,7 +58,9 @@ def priorities(net: torch.nn.Module, obs, action, ret, discount, next_obs) -> np
 
 
 class ApexActor:
-    def __init__(self, settings: ActorSettings, redis_url: str, namespace: str, spec: dict):
+    def __init__(self, settings: ActorSettings, redis_url: Optional[str], namespace: str, spec: dict,
+                 writer=None, weights=None):
+        """``writer``/``weights`` replace the Redis stream writer and weights client (single-process mode)."""
         self.s = settings
         torch.set_num_threads(settings.torch_threads)
         self.spec = spec
@@ -69,9 +71,9 @@ class ApexActor:
         self.epsilons = eps_all[settings.env_offset: settings.env_offset + settings.num_envs]
         self.rng = np.random.default_rng([settings.seed, 1, settings.actor_id])
         self.nstep = NStepAccumulator(settings.num_envs, spec["obs_dim"], settings.n_step, settings.gamma)
-        self.writer = StreamWriter(redis_url, namespace, settings.shard, settings.actor_id,
-                                   settings.stream_maxlen, settings.max_backlog_blocks)
-        self.weights = WeightsClient(redis_url, namespace)
+        self.writer = writer or StreamWriter(redis_url, namespace, settings.shard, settings.actor_id,
+                                             settings.stream_maxlen, settings.max_backlog_blocks)
+        self.weights = weights or WeightsClient(redis_url, namespace)
         self._stop = threading.Event()
         self._pending: list[dict] = []
         self._pending_n = 0
@@ -105,53 +107,65 @@ class ApexActor:
 
     def run(self, max_env_steps: Optional[int] = None) -> dict:
         """Act until :meth:`stop` (or ``max_env_steps`` of this actor); flushes what it holds at the end."""
-        s = self.s
         got = self.weights.wait_first(timeout=30.0)
         if got is not None:
             self._load(*got)
-        seed = s.seed * 1_000_003 + s.env_offset
-        obs, _ = self.env.reset(seed=seed)
-        ep_ret = np.zeros(s.num_envs)
-        steps = 0
-        E = s.num_envs
+        self.reset()
         while not self._stop.is_set():
-            with torch.no_grad():
-                q = self.net(torch.from_numpy(obs))
-            actions = q.argmax(dim=1).numpy()
-            explore = self.rng.random(E) < self.epsilons
-            if explore.any():
-                actions = actions.copy()
-                actions[explore] = self.rng.integers(0, self.spec["num_actions"], int(explore.sum()))
-            next_obs, rew, term, trunc, infos = self.env.step(actions)
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
-            final = final_observations(next_obs, infos)
-            out = self.nstep.add(obs, actions, rew, term, trunc, final)
-            if out["action"].size:
-                self._pending.append(out)
-                self._pending_n += out["action"].size
-                if self._pending_n >= s.block_size:
-                    self._flush(s.block_size)
-            ep_ret += rew
-            done = term | trunc
-            if done.any():
-                for i in np.flatnonzero(done):
-                    self.returns.append(float(ep_ret[i]))
-                    self.episodes += 1
-                ep_ret[done] = 0.0
-            obs = next_obs
-            steps += 1
-            self.env_steps += E
-            if steps % s.weights_update_period == 0:
-                got = self.weights.poll()
-                if got is not None:
-                    self._load(*got)
+            self.step()
             if max_env_steps is not None and self.env_steps >= max_env_steps:
                 break
-        if self._pending_n:
-            self._flush(1)
+        self.flush()
         self.weights.close()
         return self.stats()
+
+    def reset(self) -> None:
+        s = self.s
+        self._obs, _ = self.env.reset(seed=s.seed * 1_000_003 + s.env_offset)
+        self._ep_ret = np.zeros(s.num_envs)
+        self._steps = 0
+
+    def step(self) -> None:
+        """One step of every env: act, record n-step transitions, append full blocks, poll weights."""
+        s = self.s
+        obs = self._obs
+        E = s.num_envs
+        with torch.inference_mode():
+            q = self.net(torch.from_numpy(obs))
+        actions = q.argmax(dim=1).numpy()
+        explore = self.rng.random(E) < self.epsilons
+        if explore.any():
+            actions = actions.copy()
+            actions[explore] = self.rng.integers(0, self.spec["num_actions"], int(explore.sum()))
+        next_obs, rew, term, trunc, infos = self.env.step(actions)
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        final = final_observations(next_obs, infos)
+        out = self.nstep.add(obs, actions, rew, term, trunc, final)
+        if out["action"].size:
+            self._pending.append(out)
+            self._pending_n += out["action"].size
+            if self._pending_n >= s.block_size:
+                self._flush(s.block_size)
+        self._ep_ret += rew
+        done = term | trunc
+        if done.any():
+            for i in np.flatnonzero(done):
+                self.returns.append(float(self._ep_ret[i]))
+                self.episodes += 1
+            self._ep_ret[done] = 0.0
+        self._obs = next_obs
+        self._steps += 1
+        self.env_steps += E
+        if self._steps % s.weights_update_period == 0:
+            got = self.weights.poll()
+            if got is not None:
+                self._load(*got)
+
+    def flush(self) -> None:
+        """Append whatever is pending, even a partial block."""
+        if self._pending_n:
+            self._flush(1)
 
     def _load(self, version: int, state: dict) -> None:
         self.net.load_state_dict(state)

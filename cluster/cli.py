@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--redis-url", help="use this Redis (redis:// or rediss://, password in the URL) instead of spawning one")
     t.add_argument("--run-dir", help="where to write the run (default: runs/<id>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument("--single-process", action="store_true",
+                   help="run actors, replay and learner in this one process (no Ray, no Redis): for debugging "
+                        "and as a baseline")
     e = sub.add_parser("evaluate", help="greedy evaluation of a run's policy")
     e.add_argument("target", help="a run directory or a checkpoint file")
     e.add_argument("--episodes", type=int, default=100)
@@ -66,7 +69,15 @@ def cmd_train(args) -> int:
     from .redis_server import RedisNotFound
     from replay_server.connection import RedisAuthError
     try:
-        summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume))
+        if args.single_process:
+            from .serial import train_serial
+            resume_state = None
+            if args.resume:
+                from learner.checkpoint import load
+                resume_state = load(rd.checkpoint)
+            summary = train_serial(cfg, rd, resume_state=resume_state)
+        else:
+            summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume))
     except (RedisNotFound, RedisAuthError, ConnectionError) as exc:
         raise UserError(str(exc)) from None
     from .plots import write_curve
@@ -76,6 +87,9 @@ def cmd_train(args) -> int:
     except Exception as exc:  # a picture is never worth failing a run
         print(f"apexq: could not draw curve.png: {exc}", file=sys.stderr)
     final = summary.get("record", {})
+    if summary.get("solved_at_s") is not None:
+        print(f"apexq: solved: reached train.stop_at_return {summary['solved_at_s']:.1f}s after launch "
+              f"(evaluation time included; {summary.get('eval_time_s', 0):.1f}s of it evaluating)")
     print(f"apexq: done ({summary.get('stop_reason')}) | env steps {final.get('env_steps', 0)} | "
           f"updates {final.get('updates', 0)} | inserted {final.get('transitions_inserted', 0)} | "
           f"sampled {final.get('transitions_sampled', 0)} | checkpoint {summary.get('checkpoint')} | run {rd.path}")

@@ -124,9 +124,10 @@ class Learner:
     # -- weights ---------------------------------------------------------------------------
 
     def publish(self) -> None:
+        """Start a new weights version; send it to Redis off the training path (if there is one)."""
+        self.weights_version += 1
         if self.redis is None:
             return
-        self.weights_version += 1
         snapshot = {k: v.detach().to("cpu", copy=True) for k, v in self.online.state_dict().items()}
         version = self.weights_version
 

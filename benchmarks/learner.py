@@ -1,0 +1,122 @@
+"""Learner throughput: the real update path fed by its prefetch pipeline vs a bare torch loop.
+
+Runs with torch and numpy alone (an in-process replay shard, no Ray, no Redis server), so it
+can run on a GPU machine as it is. Prints a table, then one JSON line:
+{"benchmark": "learner", "figures": {...}, "targets": {...}}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from learner.learner import Learner, LearnerSettings, resolve_device  # noqa: E402
+from learner.losses import double_dqn_targets, td_loss  # noqa: E402
+from learner.network import build_network  # noqa: E402
+from replay_server.codec import Block  # noqa: E402
+from replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
+
+SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
+
+
+def filled_shard(n: int, seed: int = 0) -> ReplayShard:
+    shard = ReplayShard(ShardSpec(0, n, 2, 3, min_size_to_sample=1, samples_per_insert=1.0, error_buffer=1e12),
+                        redis_url="", namespace="bench", seed=seed)
+    rng = np.random.default_rng(seed)
+    obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
+    shard.insert(Block(obs, rng.integers(0, 3, n).astype(np.int32), rng.normal(-3, 1, n).astype(np.float32),
+                       np.full(n, 0.99 ** 3, np.float32), obs + 0.01, rng.uniform(0.1, 2, n).astype(np.float32)))
+    return shard
+
+
+def bare_loop(batch_size: int, updates: int, device: torch.device, settings: LearnerSettings) -> float:
+    net = build_network(SPEC, settings.hidden_sizes, settings.dueling).to(device)
+    target = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(16):
+        obs = torch.rand(batch_size, 2, generator=g).to(device)
+        batches.append({"obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (batch_size,), generator=g).to(device),
+                        "ret": torch.randn(batch_size, generator=g).to(device),
+                        "discount": torch.full((batch_size,), 0.97).to(device), "weights": torch.rand(batch_size, generator=g).to(device)})
+
+    def one(b):
+        q_all = net(torch.cat([b["obs"], b["next_obs"]]))
+        q, qn = q_all[:batch_size], q_all[batch_size:].detach()
+        with torch.no_grad():
+            t = double_dqn_targets(b["ret"], b["discount"], qn, target(b["next_obs"]))
+        loss, _ = td_loss(q, b["action"], t, b["weights"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
+        opt.step()
+
+    for i in range(20):
+        one(batches[i % 16])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(updates):
+        one(batches[i % 16])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return updates / (time.perf_counter() - t0)
+
+
+def real_learner(batch_size: int, updates: int, device: str, shard: ReplayShard) -> float:
+    s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9)
+    learner = Learner(s, SPEC, [shard])
+    learner.run(max_updates=20)  # warm-up (starts and stops the prefetch pipeline)
+    learner._stop.clear()
+    t0 = time.perf_counter()
+    learner.run(max_updates=20 + updates)
+    if learner.device.type == "cuda":
+        torch.cuda.synchronize()
+    return updates / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for tests")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    updates = 60 if args.smoke else (1500 if args.quick else 5000)
+    if device.type == "cuda":
+        updates *= 4
+    shard = filled_shard(20_000 if args.smoke else 200_000)
+    figures: dict = {"device": str(device), "torch_threads": args.threads}
+    rows = []
+    for bs in (128, 512):
+        bare = bare_loop(bs, updates, device, LearnerSettings(batch_size=bs))
+        real = real_learner(bs, updates, str(device), shard)
+        rows.append((bs, real, bare, real / bare))
+        figures[f"updates_per_s_b{bs}"] = round(real, 1)
+        figures[f"bare_updates_per_s_b{bs}"] = round(bare, 1)
+        figures[f"efficiency_b{bs}"] = round(real / bare, 3)
+    print(f"{'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}")
+    for bs, real, bare, eff in rows:
+        print(f"{bs:>6} {real:>14.1f} {bare:>11.1f} {eff:>10.1%}")
+    figures["batch_size"] = 512
+    figures["updates_per_s"] = figures["updates_per_s_b512"]
+    figures["bare_updates_per_s"] = figures["bare_updates_per_s_b512"]
+    figures["efficiency"] = figures["efficiency_b512"]
+    eff_min = min(figures["efficiency_b128"], figures["efficiency_b512"])
+    targets = {"efficiency": {"target": ">= 0.90 at batch 128 and 512", "value": eff_min, "met": eff_min >= 0.9}}
+    print(json.dumps({"benchmark": "learner", "figures": figures, "targets": targets}))
+
+
+if __name__ == "__main__":
+    main()
