@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--gif", metavar="PATH", help="also write an animation of one greedy episode (needs pygame)")
+    e.add_argument("--env", help="environment id (default: the run's)")
     return p
 
 
@@ -96,16 +98,29 @@ def cmd_train(args) -> int:
     return 0 if summary.get("checkpoint") else 1
 
 
-def cmd_evaluate(args) -> int:
-    import numpy as np
-    from actors.envs import make_vector_env  # noqa: F401  (env registration)
+def _load_policy_for_eval(target: Path, env_override):
+    """(policy module, env id) from a run directory, a checkpoint.pt or an exported policy.pt2."""
+    import yaml
     from learner.checkpoint import CheckpointError, load
-    from learner.evaluate import evaluate
     from learner.network import build_network
-    target = Path(args.target)
-    path = target / "checkpoint.pt" if target.is_dir() else target
-    if args.episodes < 1:
-        raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
+    if target.is_dir():
+        path = target / "checkpoint.pt"
+        if not path.exists() and (target / "policy.pt2").exists():
+            path = target / "policy.pt2"
+    else:
+        path = target
+    if not path.exists():
+        raise UserError(f"{target}: no checkpoint.pt or policy.pt2 there")
+    if path.suffix == ".pt2":
+        from learner.export import load_policy
+        try:
+            policy = load_policy(path)
+        except Exception as exc:
+            raise UserError(f"{path}: not a readable exported policy ({type(exc).__name__})") from None
+        cfg_file = path.parent / "config.yaml"
+        env_id = env_override or (yaml.safe_load(cfg_file.read_text())["env"]["id"] if cfg_file.exists()
+                                  else "MountainCar-v0")
+        return policy, env_id, None
     try:
         state = load(path)
     except CheckpointError as exc:
@@ -113,15 +128,30 @@ def cmd_evaluate(args) -> int:
     s = state["settings"]
     net = build_network(state["spec"], s["hidden_sizes"], s["dueling"])
     net.load_state_dict(state["online"])
-    env_id = state["config"]["env"]["id"]
-    returns = evaluate(net, env_id, args.episodes, seed=args.seed)
-    res = {"env": env_id, "episodes": args.episodes, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
-           "min": float(np.min(returns)), "max": float(np.max(returns)), "updates": int(state["updates"])}
+    return net, env_override or state["config"]["env"]["id"], int(state["updates"])
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+    from learner.evaluate import evaluate
+    if args.episodes < 1:
+        raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
+    policy, env_id, updates = _load_policy_for_eval(Path(args.target), args.env)
+    returns = evaluate(policy, env_id, args.episodes, seed=args.seed)
+    res = {"env": env_id, "episodes": args.episodes, "seed": args.seed, "mean": float(np.mean(returns)),
+           "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
+           "updates": updates}
+    if args.gif:
+        from learner.render import RenderUnavailable, record_gif
+        try:
+            res["gif"] = record_gif(policy, env_id, args.gif, seed=args.seed)
+        except RenderUnavailable as exc:
+            raise UserError(str(exc)) from None
     if args.json:
         print(json.dumps(res))
     else:
         print(f"{env_id}: {args.episodes} greedy episodes | mean {res['mean']:.2f} | std {res['std']:.2f} | "
-              f"min {res['min']:.0f} | max {res['max']:.0f}")
+              f"min {res['min']:.0f} | max {res['max']:.0f}" + (f" | animation {args.gif}" if args.gif else ""))
     return 0
 
 

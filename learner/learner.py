@@ -83,6 +83,8 @@ class Learner:
         self.redis = connect(redis_url) if redis_url else None
         self.keys = Keys(namespace)
         self._bg = ThreadPoolExecutor(1, thread_name_prefix="learner-bg")
+        self._exporter = ThreadPoolExecutor(1, thread_name_prefix="learner-export")
+        self._export_future = None
         self._stop = threading.Event()
         self.metrics = {"loss": None, "td_abs": None, "q_mean": None}
         self.priority_errors = 0
@@ -109,14 +111,36 @@ class Learner:
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
 
-    def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
+    def save_checkpoint(self, extra: Optional[dict] = None, wait_export: bool = True) -> Optional[str]:
+        """Write the checkpoint (atomic) and, beside it, the exported greedy policy ``policy.pt2``.
+
+        The export (a few seconds of tracing) runs on its own thread from a copy of the network,
+        so periodic checkpoints do not stall training; the final one waits for it.
+        """
         if extra:
             self.extra.update(extra)
         if not self.checkpoint_path:
             return None
         ckpt.save_atomic(self.state(), self.checkpoint_path)
         self._last_ckpt = time.monotonic()
+        policy_path = os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2")
+        snapshot = copy.deepcopy(self.online).to("cpu")
+        running = self._export_future is not None and not self._export_future.done()
+        if wait_export:
+            if running:
+                self._export_future.result(timeout=120)
+            self._export(snapshot, policy_path)
+        elif not running:  # periodic: skip if the previous export is still going
+            self._export_future = self._exporter.submit(self._export, snapshot, policy_path)
         return self.checkpoint_path
+
+    @staticmethod
+    def _export(net, path) -> None:
+        from .export import export_policy
+        try:
+            export_policy(net, path)
+        except Exception as exc:  # the checkpoint itself is written; the policy file is a convenience
+            log.warning("policy export to %s failed: %s", path, exc)
 
     def set_extra(self, extra: dict) -> None:
         self.extra.update(extra)
@@ -193,7 +217,7 @@ class Learner:
                 if self.updates % self.s.publish_every == 0:
                     self.publish()
                 if time.monotonic() - self._last_ckpt >= self.s.checkpoint_every_s:
-                    self.save_checkpoint()
+                    self.save_checkpoint(wait_export=False)
                 if max_updates is not None and self.updates >= max_updates:
                     break
         finally:

@@ -1,0 +1,35 @@
+"""An animation of one greedy episode (needs pygame for gymnasium's rgb_array rendering)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class RenderUnavailable(RuntimeError):
+    pass
+
+
+def record_gif(policy: torch.nn.Module, env_id: str, path: str | Path, seed: int = 0, fps: int = 30) -> dict:
+    import gymnasium as gym
+    try:
+        import pygame  # noqa: F401
+    except ImportError:
+        raise RenderUnavailable("--gif needs pygame: pip install 'apexq[render]'") from None
+    from PIL import Image
+    env = gym.make(env_id, render_mode="rgb_array")
+    obs, _ = env.reset(seed=seed)
+    frames = [env.render()]
+    total, done = 0.0, False
+    while not done:
+        with torch.no_grad():
+            a = int(policy(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax(dim=1)[0])
+        obs, r, term, trunc, _ = env.step(a)
+        total += float(r)
+        done = term or trunc
+        frames.append(env.render())
+    env.close()
+    images = [Image.fromarray(np.asarray(f)) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0, optimize=True)
+    return {"frames": len(frames), "return": total, "path": str(path)}

@@ -1,0 +1,69 @@
+"""Learner: checkpoint round trip, exported policy, training moves Q toward the targets."""
+import numpy as np
+import pytest
+import torch
+
+from learner.checkpoint import CheckpointError, load
+from learner.export import load_policy
+from learner.learner import Learner, LearnerSettings
+from replay_server.codec import Block
+from replay_server.shard import ReplayShard, ShardSpec
+
+SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
+
+
+def shard_with(n=2000, seed=0):
+    sh = ReplayShard(ShardSpec(0, n, 2, 3, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
+                     "", "t", seed)
+    rng = np.random.default_rng(seed)
+    obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
+    sh.insert(Block(obs, rng.integers(0, 3, n).astype(np.int32), np.full(n, -1.0, np.float32),
+                    np.zeros(n, np.float32), obs, np.ones(n, np.float32)))
+    return sh
+
+
+def make(tmp_path, shard, **kw):
+    s = LearnerSettings(batch_size=32, device="cpu", publish_every=10, checkpoint_every_s=1e9, prefetch=2, **kw)
+    return Learner(s, SPEC, [shard], checkpoint_path=str(tmp_path / "checkpoint.pt"), config={"env": {"id": "MountainCar-v0"}})
+
+
+def test_training_fits_terminal_returns(tmp_path):
+    # every transition is terminal with return -1: Q(s, a) of the taken actions must approach -1
+    sh = shard_with()
+    lr = make(tmp_path, sh)
+    lr.run(max_updates=400)
+    obs = torch.from_numpy(sh.obs[:500])
+    q = lr.online(obs).gather(1, torch.from_numpy(sh.action[:500]).long()[:, None])
+    assert abs(float(q.mean().detach()) + 1.0) < 0.1
+    assert lr.updates == 400 and lr.weights_version >= 40
+    assert sh.stats()["priority_updates"] > 0
+
+
+def test_checkpoint_round_trip_and_export(tmp_path):
+    sh = shard_with()
+    a = make(tmp_path, sh, dueling=True)
+    a.run(max_updates=50)
+    a.save_checkpoint({"env_steps": 1234})
+    state = load(tmp_path / "checkpoint.pt")
+    b = Learner(a.s, SPEC, [sh], resume=state)
+    x = torch.randn(64, 2) * torch.tensor([0.5, 0.03])
+    assert torch.equal(a.online(x), b.online(x)) and torch.equal(a.target(x), b.target(x))
+    assert b.updates == 50 and b.extra["env_steps"] == 1234
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    for k in sa["state"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa["state"][k][name], sb["state"][k][name])
+    # the exported policy loads with torch alone and picks the same actions
+    policy = load_policy(tmp_path / "policy.pt2")
+    assert torch.equal(policy(x).argmax(1), a.online(x).argmax(1))
+    torch.testing.assert_close(policy(x), a.online(x))
+
+
+def test_corrupt_checkpoint_is_refused_cleanly(tmp_path):
+    p = tmp_path / "checkpoint.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable apexq checkpoint"):
+        load(p)
+    torch.save({"format": "something else"}, p)
+    with pytest.raises(CheckpointError, match="not an apexq checkpoint"):
+        load(p)
