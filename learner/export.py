@@ -26,7 +26,7 @@ def export_policy(net: torch.nn.Module, path: str | Path) -> Path:
     obs_dim = int(model.obs_center.shape[0])
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(model, (torch.zeros(2, obs_dim),), dynamic_shapes={"obs": {0: batch}})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".tmp.pt2", dir=path.parent)
     os.close(fd)
     try:
         torch.export.save(program, tmp)

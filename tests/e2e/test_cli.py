@@ -106,3 +106,42 @@ def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
     assert (run_dir / "checkpoint.pt").exists()
     time.sleep(1)
     assert platform_pids() <= before
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_its_counters(tmp_path):
+    """SIGKILL the whole `apexq train` mid-run, then `--resume`: counters go on from the checkpoint."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    args = short_run_args(run_dir, 300)
+    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = run_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
+        if ckpt.exists() and state.get("env_steps", 0) > 0:
+            import torch
+            saved = torch.load(ckpt, weights_only=True)
+            if saved["updates"] > 0:
+                break
+        time.sleep(1)
+    else:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("no checkpoint with updates appeared")
+    os.killpg(p.pid, signal.SIGKILL)          # the driver and everything in its session
+    p.wait()
+    saved = torch.load(ckpt, weights_only=True)
+    before_updates = saved["updates"]
+    before_steps = json.loads((run_dir / "state.json").read_text())["env_steps"]
+    before_time = json.loads((run_dir / "state.json").read_text())["time_s"]
+    r = apexq("train", "--resume", str(run_dir), "--set", f"train.max_seconds={before_time + 25}", timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [x for x in records if x["time_s"] > before_time]
+    assert resumed, "no records after the resume"
+    assert all(x["updates"] >= before_updates for x in resumed)
+    assert all(x["env_steps"] >= before_steps for x in resumed) and resumed[-1]["env_steps"] > before_steps
+    assert resumed[-1]["updates"] > before_updates
+    final = torch.load(ckpt, weights_only=True)
+    assert final["updates"] > before_updates
