@@ -1,0 +1,178 @@
+"""Time to solve MountainCar-v0: apexq (distributed default, and single-process) vs Stable-Baselines3.
+
+One invocation runs, for the same seeds and the same judging protocol:
+  * apexq with its default config (`apexq train`, as a user runs it),
+  * apexq in single-process mode (`apexq train --single-process`, same config),
+  * Stable-Baselines3 DQN with rl-zoo3's tuned MountainCar-v0 hyperparameters (the `bench` extra).
+
+Protocol for all three: a 100-episode greedy evaluation (apexq's vector-env evaluator, seeds no
+actor uses) every `--eval-every` seconds of training; time to solve = seconds from launch to the
+first evaluation with mean >= -110, evaluation time excluded, start-up included; then the final
+policy is evaluated on 100 fresh episodes (another seed range). Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SOLVED = -110.0
+FINAL_SEED = 777
+
+
+def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir: Path) -> dict:
+    run_dir = workdir / f"apexq-{'single' if single else 'dist'}-{seed}"
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--set", f"seed={seed}",
+           "--set", f"train.max_seconds={budget}", "--set", f"train.stop_at_return={SOLVED}",
+           "--set", f"eval.every_seconds={eval_every}", "--set", "metrics.port=0"]
+    if single:
+        cmd.append("--single-process")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget + 240)
+    wall = time.monotonic() - t0
+    m = re.search(r"platform ready in ([0-9.]+)s|ready in ([0-9.]+)s", proc.stdout)
+    startup = float(next(g for g in m.groups() if g)) if m else None
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+        if (run_dir / "metrics.jsonl").exists() else []
+    solve = next((r for r in records if r.get("eval_return") is not None and r["eval_return"] >= SOLVED), None)
+    out = {"seed": seed, "exit": proc.returncode, "wall_s": round(wall, 1), "startup_s": startup,
+           "solve_s": round(solve["time_s"] - solve.get("eval_time_s", 0.0), 1) if solve else None,
+           "solve_env_steps": solve["env_steps"] if solve else None}
+    ev = subprocess.run([sys.executable, "-m", "cluster.cli", "evaluate", str(run_dir), "--episodes", "100",
+                         "--seed", str(FINAL_SEED), "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
+    out["final_return"] = json.loads(ev.stdout.strip().splitlines()[-1])["mean"] if ev.returncode == 0 else None
+    if proc.returncode != 0:
+        out["error"] = (proc.stderr or proc.stdout)[-500:]
+    return out
+
+
+def run_sb3(seed: int, budget: float, eval_every: float) -> dict:
+    """SB3 DQN with rl-zoo3's hyperparameters, judged by the same evaluator on the same schedule."""
+    import numpy as np
+    import torch
+    import yaml
+    import gymnasium as gym
+    import rl_zoo3
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from learner.evaluate import evaluate
+
+    t_launch = time.monotonic()
+    torch.set_num_threads(1)
+    hp_file = Path(rl_zoo3.__file__).parent / "hyperparams" / "dqn.yml"
+    hp = dict(yaml.safe_load(hp_file.read_text())["MountainCar-v0"])
+    n_timesteps = int(float(hp.pop("n_timesteps")))  # the schedule (exploration_fraction) depends on it
+    hp.pop("policy", None)
+    pk = hp.pop("policy_kwargs", None)
+    policy_kwargs = eval(pk, {"dict": dict}) if isinstance(pk, str) else (pk or {})  # the zoo stores it as a str
+
+    class Greedy(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, obs):
+            return self.model.q_net(obs)
+
+    state = {"eval_time": 0.0, "next_eval": time.monotonic() + eval_every, "solve": None}
+
+    class Judge(BaseCallback):
+        def _on_step(self) -> bool:
+            now = time.monotonic()
+            if now >= state["next_eval"]:
+                t, before = time.monotonic(), state["eval_time"]
+                with torch.no_grad():
+                    mean = float(np.mean(evaluate(Greedy(self.model.policy), "MountainCar-v0", 100, seed=seed)))
+                state["eval_time"] += time.monotonic() - t
+                state["next_eval"] = time.monotonic() + eval_every
+                if mean >= SOLVED:
+                    # launch to this evaluation, earlier evaluations excluded
+                    state["solve"] = (t - t_launch - before, self.num_timesteps)
+                    return False
+            return now - t_launch - state["eval_time"] < budget
+
+    model = DQN("MlpPolicy", gym.make("MountainCar-v0"), seed=seed, policy_kwargs=policy_kwargs, verbose=0,
+                device="cpu", **hp)
+    model.learn(total_timesteps=n_timesteps, callback=Judge())
+    with torch.no_grad():
+        final = float(np.mean(evaluate(Greedy(model.policy), "MountainCar-v0", 100, seed=FINAL_SEED)))
+    solve = state["solve"]
+    return {"seed": seed, "solve_s": round(solve[0], 1) if solve else None,
+            "solve_env_steps": solve[1] if solve else None, "final_return": final, "hyperparameters": hp}
+
+
+def median_or_none(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one seed each")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--budget", type=float, default=150.0, help="training seconds per run before giving up")
+    ap.add_argument("--eval-every", type=float, default=5.0)
+    ap.add_argument("--skip-sb3", action="store_true")
+    args = ap.parse_args()
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    work = Path(tempfile.mkdtemp(prefix="apexq-solve-"))
+    results: dict = {"apexq": [], "single": [], "sb3": []}
+    for s in seeds:
+        results["apexq"].append(run_apexq(s, args.budget, args.eval_every, False, work))
+        print("apexq", results["apexq"][-1], flush=True)
+        results["single"].append(run_apexq(s, args.budget, args.eval_every, True, work))
+        print("single-process", results["single"][-1], flush=True)
+        if not args.skip_sb3:
+            results["sb3"].append(run_sb3(s, args.budget, args.eval_every))
+            print("sb3", {k: v for k, v in results["sb3"][-1].items() if k != "hyperparameters"}, flush=True)
+
+    def solved(rs):
+        return sum(1 for r in rs if r["solve_s"] is not None)
+
+    def holds(rs):
+        return sum(1 for r in rs if r.get("final_return") is not None and r["final_return"] >= SOLVED)
+
+    print(f"\n{'system':<16}{'seed':>5}{'solve s':>9}{'steps':>9}{'final100':>10}{'startup s':>10}")
+    for name, rs in (("apexq", results["apexq"]), ("apexq single", results["single"]), ("sb3 (rl-zoo)", results["sb3"])):
+        for r in rs:
+            print(f"{name:<16}{r['seed']:>5}{str(r['solve_s']):>9}{str(r['solve_env_steps']):>9}"
+                  f"{str(None if r.get('final_return') is None else round(r['final_return'], 1)):>10}"
+                  f"{str(r.get('startup_s')):>10}")
+    a_med = median_or_none([r["solve_s"] for r in results["apexq"]])
+    s_med = median_or_none([r["solve_s"] for r in results["single"]])
+    b_med = median_or_none([r["solve_s"] for r in results["sb3"]])
+    figures = {
+        "apexq_median_solve_s": a_med, "apexq_single_median_solve_s": s_med, "sb3_median_solve_s": b_med,
+        "speedup": round(b_med / a_med, 2) if a_med and b_med else None,
+        "speedup_vs_single": round(s_med / a_med, 2) if a_med and s_med else None,
+        "apexq_solved_seeds": solved(results["apexq"]), "sb3_solved_seeds": solved(results["sb3"]),
+        "single_solved_seeds": solved(results["single"]),
+        "apexq_final_returns": [r.get("final_return") for r in results["apexq"]],
+        "sb3_final_returns": [r.get("final_return") for r in results["sb3"]],
+        "single_final_returns": [r.get("final_return") for r in results["single"]],
+        "apexq_startup_s": [r.get("startup_s") for r in results["apexq"]],
+        "seeds": seeds,
+    }
+    n = len(seeds)
+    targets = {
+        "apexq_solved_seeds": {"target": f"{n} of {n}", "met": figures["apexq_solved_seeds"] == n and holds(results["apexq"]) == n},
+        "speedup": {"target": ">= 5x SB3 median", "met": bool(figures["speedup"] and figures["speedup"] >= 5)},
+        "speedup_vs_single": {"target": "> 1 (distributed faster than single-process)",
+                              "met": bool(figures["speedup_vs_single"] and figures["speedup_vs_single"] > 1)},
+    }
+    print(json.dumps({"benchmark": "solve", "figures": figures, "targets": targets}))
+
+
+if __name__ == "__main__":
+    main()
