@@ -95,7 +95,9 @@ def cmd_train(args) -> int:
     print(f"apexq: done ({summary.get('stop_reason')}) | env steps {final.get('env_steps', 0)} | "
           f"updates {final.get('updates', 0)} | inserted {final.get('transitions_inserted', 0)} | "
           f"sampled {final.get('transitions_sampled', 0)} | checkpoint {summary.get('checkpoint')} | run {rd.path}")
-    return 0 if summary.get("checkpoint") else 1
+    if str(summary.get("stop_reason", "")).startswith("gave up") or not summary.get("checkpoint"):
+        return 1
+    return 0
 
 
 def _load_policy_for_eval(target: Path, env_override):

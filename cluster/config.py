@@ -121,6 +121,13 @@ class RedisConfig:
 
 
 @dataclass
+class SupervisionConfig:
+    max_restarts: int = _f(20, non_negative())
+    window_s: float = _f(300.0, positive())
+    heartbeat_timeout_s: float = _f(30.0, positive())
+
+
+@dataclass
 class MetricsConfig:
     enabled: bool = _f(True)
     host: str = _f("127.0.0.1", _rule(lambda v: len(v) > 0, "must not be empty"))
@@ -143,6 +150,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:

@@ -71,6 +71,12 @@ class Member:
     run_ref: Any = None
     restarts: int = 0
     last_stats: dict = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    restart_times: list = field(default_factory=list)
+
+
+class SupervisorGaveUp(RuntimeError):
+    pass
 
 
 class Interrupted(Exception):
@@ -236,11 +242,37 @@ class Launcher:
                 reason = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if self._stop.is_set():
                 continue
+            self.note_restart(m, reason)
             m.restarts += 1
             log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
             print(f"apexq: {m.kind} {m.index} {reason}; restarting (#{m.restarts})", file=self.out, flush=True)
             m.run_ref = m.handle.run.remote()
             self.register_metrics(m)
+
+    def note_restart(self, m: Member, reason: str) -> None:
+        sup = self.cfg.supervision
+        now = time.monotonic()
+        m.restart_times = [t for t in m.restart_times if now - t <= sup.window_s] + [now]
+        recent = sum(len([t for t in x.restart_times if now - t <= sup.window_s]) for x in self.members)
+        if recent > sup.max_restarts:
+            raise SupervisorGaveUp(f"{recent} component restarts within {sup.window_s:.0f}s "
+                                   f"(supervision.max_restarts={sup.max_restarts}); last: {m.kind} {m.index} {reason}")
+
+    def check_heartbeats(self) -> None:
+        """Kill components that stopped answering; Ray recreates them and supervise() restarts their run."""
+        import ray
+        limit = self.cfg.supervision.heartbeat_timeout_s
+        now = time.monotonic()
+        for m in self.members:
+            if now - m.last_seen > limit:
+                log.warning("%s %d has not answered for %.0fs; killing it for a restart", m.kind, m.index, now - m.last_seen)
+                print(f"apexq: {m.kind} {m.index} hung (no heartbeat for {now - m.last_seen:.0f}s); restarting",
+                      file=self.out, flush=True)
+                try:
+                    ray.kill(m.handle, no_restart=False)
+                except Exception:
+                    pass
+                m.last_seen = now
 
     def gather_stats(self, timeout: float = 5.0) -> None:
         import ray
@@ -252,6 +284,7 @@ class Launcher:
             if ref in ready_set:
                 try:
                     m.last_stats = ray.get(ref)
+                    m.last_seen = time.monotonic()
                 except Exception:
                     pass
 
@@ -340,6 +373,7 @@ class Launcher:
                 next_eval = time.monotonic() + cfg.eval.every_seconds
             if now >= next_tick or self.solved_at is not None:
                 self.gather_stats()
+                self.check_heartbeats()
                 rec = self.record(prev)
                 rec["eval_time_s"] = round(eval_time, 3)
                 self.run_dir.append_metrics(rec)
@@ -460,6 +494,9 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
         except KeyboardInterrupt:
             launcher.stop_reason = "interrupted"
             print("apexq: stopping (interrupt received)...", file=out, flush=True)
+        except SupervisorGaveUp as exc:
+            launcher.stop_reason = f"gave up: {exc}"
+            print(f"apexq: error: {exc}", file=out, flush=True)
         finally:
             try:
                 summary = launcher.shutdown_components()

@@ -8,8 +8,10 @@ the union of shards. Importance weights use that global probability and the glob
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 
 from .losses import importance_weights
+
+log = logging.getLogger(__name__)
 
 
 class PrefetchSampler:
@@ -33,6 +37,7 @@ class PrefetchSampler:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.waits = 0
         self.sampled = 0
+        self.shard_errors = 0
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max(1, len(self.shards)), thread_name_prefix="sample")
         self._thread = threading.Thread(target=self._loop, name="prefetch", daemon=True)
@@ -85,14 +90,20 @@ class PrefetchSampler:
                    for i, n in enumerate(counts) if n > 0}
         parts = {}
         for i, fut in futures.items():
-            res = fut.result()
+            try:
+                res = fut.result()
+            except Exception as exc:  # the shard is restarting: wait for it rather than fail the learner
+                self.shard_errors += 1
+                log.warning("sampling from shard %d failed (%s); retrying", i, type(exc).__name__)
+                time.sleep(0.5)
+                res = None
             if res is None:
                 # this shard is rate limited / not ready: refresh its mass from stats so the
                 # split adapts, and retry the whole batch later
                 try:
                     st = self.shards[i].stats()
                     self.totals[i], self.sizes[i] = st["priority_total"], st["size"]
-                except Exception:
+                except Exception:  # shard down: leave its share as it was
                     pass
                 continue
             parts[i] = res
