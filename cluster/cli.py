@@ -89,6 +89,12 @@ def cmd_train(args) -> int:
     except Exception as exc:  # a picture is never worth failing a run
         print(f"apexq: could not draw curve.png: {exc}", file=sys.stderr)
     final = summary.get("record", {})
+    acct = summary.get("accounting")
+    if acct:
+        print(f"apexq: accounting: appended {acct['appended']} = ingested {acct['ingested']} + pending "
+              f"{acct['pending']} -> {'balanced' if acct['balanced'] else 'NOT BALANCED'} | rejected entries "
+              f"{acct['rejected_entries']} | lost in Redis restarts {acct['lost_in_redis']} | in flight in dead "
+              f"actors {acct['in_flight_lost']}")
     if summary.get("solved_at_s") is not None:
         print(f"apexq: solved: reached train.stop_at_return {summary['solved_at_s']:.1f}s after launch "
               f"(evaluation time included; {summary.get('eval_time_s', 0):.1f}s of it evaluating)")

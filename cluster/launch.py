@@ -107,6 +107,7 @@ class Launcher:
         self.stop_reason = "finished"
         self._stop = threading.Event()
         self.endpoint = None
+        self.dead_actor_stats: list[dict] = []
 
     # -- platform ----------------------------------------------------------------------------
 
@@ -242,6 +243,10 @@ class Launcher:
                 reason = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if self._stop.is_set():
                 continue
+            if m.kind == "actor" and m.last_stats:
+                # what this incarnation had acknowledged / held in memory when it was last seen
+                self.dead_actor_stats.append(dict(m.last_stats))
+                m.last_stats = {}
             self.note_restart(m, reason)
             m.restarts += 1
             log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
@@ -435,7 +440,40 @@ class Launcher:
         self.run_dir.write_state(extra)
         self.run_dir.append_metrics({**rec, "final": True})
         summary["record"] = rec
+        summary["accounting"] = self.accounting()
         return summary
+
+    def accounting(self) -> dict:
+        """Reconcile appended = ingested + pending from Redis; compare with what actors saw acknowledged."""
+        from replay_server.accounting import reconcile
+        from replay_server.connection import connect
+        shards = []
+        for k in range(self.cfg.replay.shards):
+            try:
+                c = connect(shard_redis_url(self.cfg, k, self.redis_url))
+                shards.append(reconcile(c, self.run_dir.run_id, k))
+                c.close()
+            except Exception as exc:
+                log.warning("accounting for shard %d failed: %s", k, exc)
+        redis_by_actor: dict = {}
+        for sh in shards:
+            for a, n in sh["appended_by_actor"].items():
+                redis_by_actor[a] = redis_by_actor.get(a, 0) + n
+        local: dict = {}
+        for st in [m.last_stats for m in self.actors] + self.dead_actor_stats:
+            if st:
+                local[st["actor_id"]] = local.get(st["actor_id"], 0) + st.get("transitions_appended", 0)
+        lost_in_redis = sum(max(0, n - redis_by_actor.get(a, 0)) for a, n in local.items())
+        acct = {
+            "appended": sum(s["appended"] for s in shards), "ingested": sum(s["ingested"] for s in shards),
+            "pending": sum(s["pending"] for s in shards), "rejected_entries": sum(s["rejected_entries"] for s in shards),
+            "balanced": all(s["balanced"] for s in shards) and len(shards) == self.cfg.replay.shards,
+            "lost_in_redis": lost_in_redis,
+            "in_flight_lost": sum(st.get("in_flight", 0) for st in self.dead_actor_stats),
+            "actor_restarts": len(self.dead_actor_stats), "shards": shards,
+        }
+        (self.run_dir.path / "accounting.json").write_text(__import__("json").dumps(acct, indent=1))
+        return acct
 
     def _backlog(self) -> int:
         from replay_server.connection import connect

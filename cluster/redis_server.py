@@ -67,12 +67,13 @@ class RedisServer:
     """A private server: loopback, random password, AOF, dangerous commands denied to clients."""
 
     def __init__(self, binary: str, appendfsync: str = "everysec", port: Optional[int] = None,
-                 data_dir: Optional[str] = None, host: str = "127.0.0.1"):
+                 data_dir: Optional[str] = None, host: str = "127.0.0.1", password: Optional[str] = None,
+                 admin_password: Optional[str] = None):
         self.binary = binary
         self.host = host
         self.port = port or free_port(host)
-        self.password = secrets.token_urlsafe(24)
-        self.admin_password = secrets.token_urlsafe(24)
+        self.password = password or secrets.token_urlsafe(24)
+        self.admin_password = admin_password or secrets.token_urlsafe(24)
         self._own_dir = data_dir is None
         self.dir = Path(data_dir or tempfile.mkdtemp(prefix="apexq-redis-"))
         self.appendfsync = appendfsync
@@ -132,7 +133,7 @@ class RedisServer:
         return self
 
     def kill(self) -> None:
-        """SIGKILL (fault injection)."""
+        """SIGKILL (fault injection). The data folder stays: :meth:`start` again replays the AOF."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

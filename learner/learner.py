@@ -82,6 +82,12 @@ class Learner:
             self.load_state(resume)
         self.redis = connect(redis_url) if redis_url else None
         self.keys = Keys(namespace)
+        if self.redis is not None:
+            # a restarted or resumed learner must publish versions newer than what actors already hold
+            try:
+                self.weights_version = max(self.weights_version, weights_store.published_version(self.redis, self.keys))
+            except Exception as exc:
+                log.warning("could not read the published weights version: %s", exc)
         self._bg = ThreadPoolExecutor(1, thread_name_prefix="learner-bg")
         self._exporter = ThreadPoolExecutor(1, thread_name_prefix="learner-export")
         self._export_future = None

@@ -21,6 +21,10 @@ class Keys:
         """Hash actor_id -> transitions acknowledged by Redis (XADD returned)."""
         return f"apexq:{self.namespace}:shard:{shard}:appended"
 
+    def counts(self, shard: int) -> str:
+        """Hash of the shard's durable counters: ingested transitions, rejected entries."""
+        return f"apexq:{self.namespace}:shard:{shard}:counts"
+
     @property
     def weights(self) -> str:
         return f"apexq:{self.namespace}:weights"
