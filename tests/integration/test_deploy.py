@@ -1,0 +1,460 @@
+"""The deploy/ tree and configs/cluster.yaml: they parse, Prometheus accepts its config, the
+dashboard only queries metrics apexq exports, and the pieces agree with each other."""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from cluster.config import MetricsConfig, load_config
+from cluster.metrics import METRICS
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "apexq.json"
+DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+METRIC_NAME = re.compile(r"\bapexq_[A-Za-z0-9_:]+")
+
+
+def deploy_files(*suffixes):
+    return sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def load_yaml(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+# -- (a) everything parses ------------------------------------------------------------------------
+
+
+def test_deploy_tree_has_the_expected_files():
+    for rel in ("prometheus/prometheus.yml", "prometheus/prometheus-compose.yml",
+                "grafana/provisioning/datasources/prometheus.yml", "grafana/provisioning/dashboards/apexq.yml",
+                "grafana/dashboards/apexq.json", "docker-compose.yml", "Dockerfile", "ray/cluster.yaml",
+                "k8s/rayjob.yaml", "k8s/redis.yaml"):
+        assert (DEPLOY / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("path", deploy_files(".yml", ".yaml"), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_parses(path):
+    docs = load_yaml(path)
+    assert docs and all(isinstance(d, dict) for d in docs), f"{path}: expected one or more mappings"
+
+
+@pytest.mark.parametrize("path", deploy_files(".json"), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_json_parses(path):
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+# -- (b) Prometheus --------------------------------------------------------------------------------
+
+
+def promtool_check(path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian/Ubuntu: apt-get install prometheus)")
+    r = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-compose.yml"])
+def test_promtool_accepts_the_config(name):
+    promtool_check(PROMETHEUS / name)
+
+
+def commented_file_sd(text):
+    """The commented-out `file_sd_configs:` block of a Prometheus config, uncommented."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# file_sd_configs:")
+    indent = lines[start].index("#")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith(" " * indent + "#") or line.strip() == "#":
+            break
+        block.append(line[indent + 2:])
+    return yaml.safe_load("\n".join(block))["file_sd_configs"]
+
+
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus-compose.yml"])
+def test_promtool_accepts_the_commented_file_sd_alternative(name, tmp_path):
+    """The file_sd block users are told to uncomment must be valid too (Prometheus refuses a `*`
+    anywhere but in the last path component, e.g. runs/*/prometheus_targets.json)."""
+    config = yaml.safe_load((PROMETHEUS / name).read_text())
+    job = config["scrape_configs"][0]
+    job.pop("http_sd_configs")
+    job["file_sd_configs"] = commented_file_sd((PROMETHEUS / name).read_text())
+    assert job["file_sd_configs"][0]["files"]
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    promtool_check(path)
+
+
+def test_prometheus_discovers_targets_from_the_driver_and_keeps_their_labels():
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    (sd,) = job["http_sd_configs"]
+    assert sd["url"] == f"http://127.0.0.1:{MetricsConfig().port}/targets"
+    assert sd["refresh_interval"] == "5s"
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    # nothing may drop or overwrite the `component` and `run` labels the driver attaches
+    for rule in job.get("relabel_configs", []) + job.get("metric_relabel_configs", []):
+        assert rule.get("target_label") not in ("component", "run")
+        assert rule.get("action", "replace") not in ("labeldrop", "labelkeep", "drop", "keep"), rule
+
+
+def test_compose_variant_rewrites_loopback_targets_to_the_docker_host():
+    config = yaml.safe_load((PROMETHEUS / "prometheus-compose.yml").read_text())
+    (job,) = config["scrape_configs"]
+    (sd,) = job["http_sd_configs"]
+    assert sd["url"] == f"http://host.docker.internal:{MetricsConfig().port}/targets"
+    (rule,) = job["relabel_configs"]
+    assert rule["source_labels"] == ["__address__"] and rule["target_label"] == "__address__"
+
+    def rewrite(addr):  # Prometheus anchors the regex and expands ${1} in the replacement
+        m = re.fullmatch(rule["regex"], addr)
+        return rule["replacement"].replace("${1}", m.group(1)) if m else addr
+
+    assert rewrite("127.0.0.1:9400") == "host.docker.internal:9400"
+    assert rewrite("localhost:45123") == "host.docker.internal:45123"
+    assert rewrite("10.0.3.7:45123") == "10.0.3.7:45123"
+
+
+# -- (c) Grafana: the dashboard queries only what apexq exports -----------------------------------
+
+
+def dashboard_queries(dashboard):
+    """Every PromQL string of a dashboard: panel targets and templating queries."""
+    out = []
+    for panel in dashboard["panels"]:
+        for sub in [panel] + panel.get("panels", []):
+            out += [t["expr"] for t in sub.get("targets", [])]
+    for var in dashboard.get("templating", {}).get("list", []):
+        q = var.get("query")
+        out.append(q.get("query", "") if isinstance(q, dict) else (q or ""))
+        out.append(var.get("definition", ""))
+    return [q for q in out if q]
+
+
+def metric_names(queries):
+    return {name for q in queries for name in METRIC_NAME.findall(q)}
+
+
+def test_metric_name_extraction_catches_unknown_names():
+    names = metric_names(['sum(rate(apexq_actor_env_steps_total{run=~"$run"}[30s]))',
+                          "apexq_learner_loss_bucket / on() apexq_learner_beta"])
+    assert names == {"apexq_actor_env_steps_total", "apexq_learner_loss_bucket", "apexq_learner_beta"}
+    assert names - set(METRICS) == {"apexq_learner_loss_bucket"}
+
+
+def test_every_metric_the_dashboard_queries_is_exported():
+    queries = dashboard_queries(json.loads(DASHBOARD.read_text()))
+    assert len(queries) >= 20
+    used = metric_names(queries)
+    assert used, "no apexq_ metric found in the dashboard's queries"
+    unknown = sorted(used - set(METRICS))
+    assert not unknown, f"dashboard queries metrics apexq does not export: {unknown}"
+
+
+def test_dashboard_panels_cover_the_promised_views():
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert {p["type"] for p in panels} <= {"timeseries", "stat"}
+    assert 35 <= dashboard["schemaVersion"] <= 42 and dashboard["uid"]
+    exprs = " ".join(dashboard_queries(dashboard))
+    assert re.search(r"sum\(rate\(apexq_actor_env_steps_total(\{[^}]*\})?\[30s\]\)\)", exprs)
+    assert re.search(r"sum by \(actor\) \(rate\(apexq_actor_env_steps_total", exprs)
+    for name in ("apexq_actor_episode_return_mean", "apexq_eval_return", "apexq_replay_size",
+                 "apexq_replay_inserted_total", "apexq_replay_sampled_total", "apexq_replay_rejected_total",
+                 "apexq_learner_updates_total", "apexq_learner_loss", "apexq_learner_td_error_abs_mean",
+                 "apexq_learner_q_mean", "apexq_learner_beta", "apexq_learner_weights_version",
+                 "apexq_actor_weights_lag", "apexq_replay_rate_limiter_waits_total",
+                 "apexq_component_restarts_total", "apexq_time_to_solve_seconds"):
+        assert name in exprs, f"no panel shows {name}"
+    assert "sum by (reason)" in exprs
+    # a `run` variable, used by every panel query
+    assert any(v["name"] == "run" for v in dashboard["templating"]["list"])
+    for p in panels:
+        for t in p["targets"]:
+            assert 'run=~"$run"' in t["expr"], (p["title"], t["expr"])
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+
+
+def test_dashboard_uses_the_provisioned_datasource():
+    (ds,) = yaml.safe_load(DATASOURCE.read_text())["datasources"]
+    assert ds["type"] == "prometheus"
+    dashboard = json.loads(DASHBOARD.read_text())
+    refs = [p["datasource"] for p in dashboard["panels"]]
+    refs += [t["datasource"] for p in dashboard["panels"] for t in p["targets"]]
+    refs += [v["datasource"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert refs and all(r == {"type": "prometheus", "uid": ds["uid"]} for r in refs)
+
+
+def test_readme_metrics_table_matches_METRICS():
+    readme = (ROOT / "README.md").read_text()
+    assert "\n## Metrics\n" in readme
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    listed = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `(apexq_[A-Za-z0-9_:]+)` \| (\w+) \|", line)
+        if m:
+            listed[m.group(1)] = m.group(2)
+    missing = sorted(set(METRICS) - set(listed))
+    assert not missing, f"README's metrics table lacks {missing}; run scripts/metrics_table.py"
+    assert not sorted(set(listed) - set(METRICS)), "README lists metrics that METRICS does not have"
+    assert all(listed[n] == METRICS[n][0] for n in METRICS)
+    spec = importlib.util.spec_from_file_location("metrics_table", ROOT / "scripts" / "metrics_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.table() in section, "README's metrics table is stale; paste the output of scripts/metrics_table.py"
+
+
+# -- docker-compose, Dockerfile, Ray launcher, KubeRay ----------------------------------------------
+
+
+def compose():
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_compose_publishes_ports_on_loopback_only():
+    services = compose()["services"]
+    assert {"redis", "prometheus", "grafana"} <= set(services)
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+        assert svc.get("network_mode") != "host", name
+
+
+def test_compose_redis_is_durable_and_password_protected():
+    redis = compose()["services"]["redis"]
+    cmd = redis["command"]
+    cmd = cmd.split() if isinstance(cmd, str) else [str(c) for c in cmd]
+    assert cmd[0] == "redis-server"
+    args = dict(zip(cmd[1::2], cmd[2::2]))
+    assert args["--appendonly"] == "yes" and args["--appendfsync"] == "everysec"
+    assert re.fullmatch(r"\$\{APEXQ_REDIS_PASSWORD:-[^}]+\}", args["--requirepass"])
+    assert "must be changed" in (DEPLOY / "docker-compose.yml").read_text().lower()
+
+
+def test_compose_mounts_exist_and_wire_grafana_to_prometheus():
+    services = compose()["services"]
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), f"{name} mounts missing {src}"
+    prom = services["prometheus"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in prom["volumes"]}
+    assert mounted["/etc/prometheus/prometheus.yml"] == "./prometheus/prometheus-compose.yml"
+    assert "host.docker.internal:host-gateway" in prom["extra_hosts"]
+    graf = services["grafana"]
+    env = graf["environment"]
+    assert env["APEXQ_PROMETHEUS_URL"] == "http://prometheus:9090"
+    gmounts = {v.split(":")[1]: v.split(":")[0] for v in graf["volumes"]}
+    assert gmounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
+    assert gmounts[env["APEXQ_GRAFANA_DASHBOARDS"]] == "./grafana/dashboards"
+    # the provisioning files read exactly those variables
+    assert "${APEXQ_PROMETHEUS_URL}" in DATASOURCE.read_text()
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/apexq.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "${APEXQ_GRAFANA_DASHBOARDS}"
+
+
+def test_dockerfile_builds_the_apexq_image_from_existing_paths():
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert 'ENTRYPOINT ["apexq"]' in lines
+    for line in lines:
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
+    assert any(re.search(r"pip install .*-e \.", line) for line in lines)
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for needed in ("cluster", "actors", "replay_server", "learner", "configs", "pyproject.toml", "README.md"):
+        assert needed not in ignored
+
+
+def test_ray_cluster_launcher_config_is_valid_and_installs_apexq_everywhere():
+    cfg = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
+    import ray
+    schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    if schema_path.is_file():
+        import jsonschema
+        jsonschema.validate(cfg, json.loads(schema_path.read_text()))
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpu = [n for n, t in types.items() if t.get("resources", {}).get("GPU") == 1]
+    cpu = [n for n, t in types.items() if n != cfg["head_node_type"] and not t.get("resources", {}).get("GPU")]
+    assert gpu and cpu
+    # what the launcher runs on each node type (a type's own list replaces the shared one)
+    shared = cfg.get("setup_commands", []) + cfg.get("worker_setup_commands", [])
+    for name, t in types.items():
+        if name == cfg["head_node_type"]:
+            cmds = cfg.get("setup_commands", []) + cfg.get("head_setup_commands", [])
+        else:
+            cmds = t.get("worker_setup_commands", shared)
+        assert any(re.search(r"pip install .*apexq", c) for c in cmds), f"{name} never installs apexq"
+        assert any("ray[default]" in c for c in cmds), f"{name} never installs ray"
+    text = (DEPLOY / "ray" / "cluster.yaml").read_text()
+    assert "ray up deploy/ray/cluster.yaml" in text
+    assert "ray job submit --working-dir . -- apexq train --address auto --config configs/cluster.yaml" in text
+    assert '--redis-url "$(cat ~/apexq-redis/url)"' in text
+
+
+def test_ray_head_starts_a_reachable_password_protected_redis(tmp_path):
+    """deploy/ray/start_redis.sh, as the head runs it: private address, password, AOF, URL file."""
+    cfg = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
+    assert "bash ~/apexq/deploy/ray/start_redis.sh" in cfg["head_start_ray_commands"]
+    if not (shutil.which("openssl") and shutil.which("hostname")):
+        pytest.skip("needs openssl and hostname -I")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "APEXQ_REDIS_DIR": str(tmp_path / "redis"),
+           "APEXQ_REDIS_PORT": str(free_tcp_port()), "APEXQ_PYTHON": sys.executable}
+    script = str(DEPLOY / "ray" / "start_redis.sh")
+    pidfile = tmp_path / "redis" / "redis.pid"
+    try:
+        r = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pid = int(pidfile.read_text())
+        url = (tmp_path / "redis" / "url").read_text().strip()
+        m = re.fullmatch(r"redis://:([0-9a-f]{48})@([\d.]+):\d+/0", url)
+        password, host = m.groups()
+        assert host != "127.0.0.1"
+        client = redis.Redis.from_url(url)
+        assert client.ping() and client.info("persistence")["aof_enabled"] == 1
+        client.close()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url.replace(password, "0" * 48)).ping()
+        # a second start leaves the running server alone
+        again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "already running" in again.stdout
+        assert int(pidfile.read_text()) == pid
+    finally:
+        if pidfile.exists():
+            stop_pid(int(pidfile.read_text()))
+
+
+def stop_pid(pid, grace=10.0):
+    """SIGTERM a process this test started (not a child of it), SIGKILL it if it lingers."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"pid {pid} ignored SIGTERM for {grace} s")
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def k8s_objects():
+    objs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        objs += load_yaml(path)
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def test_kuberay_rayjob_runs_apexq_against_the_redis_service():
+    objs = k8s_objects()
+    job = next(o for (kind, _), o in objs.items() if kind == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    entry = job["spec"]["entrypoint"]
+    assert entry.startswith("apexq train --address auto")
+    m = re.search(r"--redis-url redis://:\$\(REDIS_PASSWORD\)@([\w-]+):(\d+)/0", entry)
+    assert m, entry
+    svc = objs[("Service", m.group(1))]
+    assert int(m.group(2)) in [p["port"] for p in svc["spec"]["ports"]]
+    assert not re.search(r"&&|;|\|", entry), "KubeRay pastes the entrypoint into a shell line"
+    # $(REDIS_PASSWORD) is filled in by Kubernetes from the submitter's env, from the Secret
+    (sub,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    (env,) = [e for e in sub["env"] if e["name"] == "REDIS_PASSWORD"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in objs[("Secret", ref["name"])]["stringData"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    groups = cluster["workerGroupSpecs"]
+
+    def gpu(group):
+        return group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+
+    assert [g for g in groups if gpu(g) == 1] and [g for g in groups if not gpu(g)]
+    # every value in rayStartParams must be a string for KubeRay
+    for spec in [cluster["headGroupSpec"]] + groups:
+        assert all(isinstance(v, str) for v in spec["rayStartParams"].values())
+    # the config the entrypoint names ships in the image
+    cfg = re.search(r"--config /app/(\S+)", entry).group(1)
+    assert (ROOT / cfg).is_file()
+
+
+def test_kubernetes_redis_has_aof_and_the_password_from_the_secret():
+    objs = k8s_objects()
+    dep = objs[("Deployment", "apexq-redis")]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    argv = c.get("command", []) + c["args"]
+    args = dict(zip(argv[1::2], argv[2::2])) if argv[0] == "redis-server" else dict(zip(argv[::2], argv[1::2]))
+    assert args["--appendonly"] == "yes" and args["--appendfsync"] == "everysec"
+    assert args["--requirepass"] == "$(REDIS_PASSWORD)"
+    (env,) = [e for e in c["env"] if e["name"] == "REDIS_PASSWORD"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert ("Secret", ref["name"]) in objs
+    # data on the PVC, Service selects the pod
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == args["--dir"])
+    claim = vols[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in objs
+    svc = objs[("Service", "apexq-redis")]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+
+
+# -- (d) configs/cluster.yaml ---------------------------------------------------------------------
+
+
+def leaf_keys(data, prefix=""):
+    out = set()
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out |= leaf_keys(v, key + ".") if isinstance(v, dict) else {key}
+    return out
+
+
+def test_cluster_config_loads_with_cluster_settings():
+    cfg = load_config(ROOT / "configs" / "cluster.yaml")
+    assert cfg.replay.shards >= 2
+    assert cfg.actors.num > load_config().actors.num
+    assert cfg.metrics.host == "0.0.0.0" and cfg.metrics.enabled
+    assert cfg.eval.every_seconds > 0
+
+
+def test_cluster_config_sets_every_key_with_a_comment_above_it():
+    path = ROOT / "configs" / "cluster.yaml"
+    default = yaml.safe_load((ROOT / "configs" / "mountaincar.yaml").read_text())
+    assert leaf_keys(yaml.safe_load(path.read_text())) == leaf_keys(default)
+    lines = path.read_text().splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z_][\w]*):\s*(\S.*)?$", line)
+        if not m or m.group(3) is None:  # not a key, or a section header
+            continue
+        if i == 0 or not lines[i - 1].strip().startswith("#"):
+            undocumented.append(m.group(2))
+    assert not undocumented, f"keys without a comment line above them: {undocumented}"
