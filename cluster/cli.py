@@ -1,6 +1,10 @@
 """The ``apexq`` command line: ``apexq train`` and ``apexq evaluate``."""
 from __future__ import annotations
 
+import time
+
+LAUNCH_TIME = time.time()
+
 import argparse
 import json
 import logging
@@ -67,7 +71,7 @@ def cmd_train(args) -> int:
         rd.create(cfg) if not args.resume else None
     except OSError as exc:
         raise UserError(f"--run-dir {rd.path}: cannot write there ({exc.strerror or exc})") from None
-    from .launch import train
+    from .launch import ClusterConfigError, train
     from .redis_server import RedisNotFound
     from replay_server.connection import RedisAuthError
     try:
@@ -79,8 +83,9 @@ def cmd_train(args) -> int:
                 resume_state = load(rd.checkpoint)
             summary = train_serial(cfg, rd, resume_state=resume_state)
         else:
-            summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume))
-    except (RedisNotFound, RedisAuthError, ConnectionError) as exc:
+            summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume),
+                            launch_time=LAUNCH_TIME)
+    except (RedisNotFound, RedisAuthError, ConnectionError, ClusterConfigError) as exc:
         raise UserError(str(exc)) from None
     from .plots import write_curve
     records = rd.read_metrics()

@@ -14,7 +14,16 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mountaincar.yaml"
+def _default_config() -> Path:
+    """configs/mountaincar.yaml of a source checkout, else the copy pip installed under <prefix>/share."""
+    import sys
+    here = Path(__file__).resolve().parent.parent / "configs" / "mountaincar.yaml"
+    if here.exists():
+        return here
+    return Path(sys.prefix) / "share" / "apexq" / "configs" / "mountaincar.yaml"
+
+
+DEFAULT_CONFIG = _default_config()
 
 
 class ConfigError(ValueError):
@@ -117,6 +126,7 @@ class TrainConfig:
 @dataclass
 class RedisConfig:
     server_path: Optional[str] = _f(None)
+    host: str = _f("127.0.0.1", _rule(lambda v: len(v) > 0, "must not be empty"))
     appendfsync: str = _f("everysec", one_of("everysec", "always", "no"))
 
 

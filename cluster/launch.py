@@ -79,6 +79,10 @@ class SupervisorGaveUp(RuntimeError):
     pass
 
 
+class ClusterConfigError(RuntimeError):
+    """A setting that cannot work on the cluster found; reported as one line, exit 2."""
+
+
 class Interrupted(Exception):
     pass
 
@@ -108,30 +112,46 @@ class Launcher:
         self._stop = threading.Event()
         self.endpoint = None
         self.dead_actor_stats: list[dict] = []
+        self.first_env_step_s: Optional[float] = None
 
     # -- platform ----------------------------------------------------------------------------
 
     def start_platform(self) -> None:
         from replay_server.connection import check
-        if self.redis_url is None:
-            from .redis_server import RedisServer, find_server
-            binary = find_server(self.cfg.redis.server_path)
-            self.redis_server = RedisServer(binary, appendfsync=self.cfg.redis.appendfsync).start()
-            self.redis_url = self.redis_server.url
-        check(self.redis_url)
-        for url in self.cfg.replay.redis_urls:
-            check(url)
+        if self.redis_url is not None:  # a given Redis must answer before anything starts
+            check(self.redis_url)
         import ray
         set_ray_env()
         if self.address:
             ray.init(address=self.address, log_to_driver=True, logging_level=logging.ERROR)
-        else:
+            install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            if self.redis_url is None and len(nodes) > 1 and self.cfg.redis.host in ("127.0.0.1", "localhost", "::1"):
+                raise ClusterConfigError(
+                    "redis.host: the cluster has several nodes but the spawned Redis would listen on loopback only; "
+                    "pass --redis-url of a Redis every node reaches, or set redis.host to 0.0.0.0 or this node's address")
+        self.start_redis()
+        if not self.address:
             need = (self.cfg.actors.num * self.cfg.actors.num_cpus + self.cfg.replay.shards * self.cfg.replay.num_cpus
                     + self.cfg.learner.num_cpus)
             num_cpus = self.cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=True, configure_logging=True)
+            install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
             self.ray_started = True
+
+    def start_redis(self) -> None:
+        from replay_server.connection import check
+        if self.redis_url is None:
+            from .metrics import node_address
+            from .redis_server import RedisServer, find_server
+            binary = find_server(self.cfg.redis.server_path)
+            self.redis_server = RedisServer(binary, appendfsync=self.cfg.redis.appendfsync,
+                                            host=self.cfg.redis.host).start()
+            self.redis_url = self.redis_server.url_for(node_address(self.cfg.redis.host))
+        check(self.redis_url)
+        for url in self.cfg.replay.redis_urls:
+            check(url)
 
     # -- components --------------------------------------------------------------------------
 
@@ -321,6 +341,11 @@ class Launcher:
             "loss": ls.get("loss"), "td_abs": ls.get("td_abs"), "q_mean": ls.get("q_mean"),
             "restarts": sum(m.restarts for m in self.members),
         }
+        firsts = [s["first_step_at"] for s in a if s.get("first_step_at")]
+        if firsts and self.first_env_step_s is None:
+            self.first_env_step_s = round(min(firsts) - self.launch_wall, 2)
+            print(f"apexq: first environment step {self.first_env_step_s:.1f}s after launch", file=self.out, flush=True)
+        rec["first_env_step_s"] = self.first_env_step_s
         if prev is not None:
             dt = max(1e-6, rec["time_s"] - prev["time_s"])
             rec["env_steps_per_s"] = round((rec["env_steps"] - prev["env_steps"]) / dt, 1)
@@ -515,8 +540,12 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=False, out=sys.stdout) -> dict:
+def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=False, out=sys.stdout,
+          launch_time: Optional[float] = None) -> dict:
     launcher = Launcher(cfg, run_dir, address, redis_url, resume, out)
+    if launch_time is not None:  # count start-up from the command's start, not from here
+        launcher.launch_wall = launch_time
+        launcher.t0 -= time.time() - launch_time
     if resume:
         launcher.load_offsets()
     install_signal_handlers()

@@ -81,7 +81,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://default:{self.password}@{self.host}:{self.port}/0"
+        return self.url_for(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1")
+
+    def url_for(self, address: str) -> str:
+        """The client URL as seen from elsewhere (``address`` is what other nodes reach)."""
+        return f"redis://default:{self.password}@{address}:{self.port}/0"
 
     @property
     def admin_url(self) -> str:

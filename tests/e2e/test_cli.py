@@ -81,7 +81,8 @@ def test_train_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_gracefully_with_a_checkpoint(tmp_path, sig):
     before = platform_pids()
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -97,7 +98,7 @@ def test_sigint_stops_gracefully_with_a_checkpoint(tmp_path):
         p.kill()
         pytest.fail("the run never started updating")
     t0 = time.monotonic()
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out, _ = p.communicate(timeout=60)
     took = time.monotonic() - t0
     assert p.returncode == 0, out[-3000:]
@@ -145,3 +146,33 @@ def test_killed_run_resumes_with_its_counters(tmp_path):
     assert resumed[-1]["updates"] > before_updates
     final = torch.load(ckpt, weights_only=True)
     assert final["updates"] > before_updates
+
+
+def test_bad_input_at_every_door_is_one_line(tmp_path, redis_server):
+    from cluster.redis_server import free_port
+    cases = []
+    port = free_port()
+    cases.append((["train", "--redis-url", f"redis://:pw@127.0.0.1:{port}/0", "--run-dir", str(tmp_path / "a")],
+                  "apexq: error: cannot reach Redis at redis://:***@127.0.0.1"))
+    wrong = redis_server.url.replace(redis_server.password, "wrong")
+    cases.append((["train", "--redis-url", wrong, "--run-dir", str(tmp_path / "b")],
+                  "apexq: error: Redis at redis://default:***@127.0.0.1"))
+    blocker = tmp_path / "a-file"          # a run directory that cannot be created (tests run as root,
+    blocker.write_text("x")               # so permissions would not stop it)
+    cases.append((["train", "--run-dir", str(blocker / "run")], "apexq: error: --run-dir"))
+    bad = tmp_path / "badrun"
+    bad.mkdir()
+    (bad / "config.yaml").write_text("seed: 0\n")
+    (bad / "checkpoint.pt").write_bytes(b"garbage")
+    cases.append((["train", "--resume", str(bad)], "apexq: error: --resume: "))
+    cases.append((["train", "--resume", str(tmp_path / "nothing")], "apexq: error: --resume"))
+    cases.append((["train", "--config", str(tmp_path / "missing.yaml")], "apexq: error: --config"))
+    (tmp_path / "broken.yaml").write_text("actors: [unclosed\n")
+    cases.append((["train", "--config", str(tmp_path / "broken.yaml")], "apexq: error: --config"))
+    cases.append((["evaluate", str(bad)], "apexq: error: "))
+    for args, prefix in cases:
+        r = apexq(*args, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, (args, r.stdout[-500:], r.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith(prefix), (args, r.stderr)
+    assert (bad / "checkpoint.pt").read_bytes() == b"garbage"   # nothing already stored was touched
