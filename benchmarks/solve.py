@@ -56,6 +56,15 @@ def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir
     return out
 
 
+def parse_dict_call(text: str) -> dict:
+    """``"dict(net_arch=[256, 256])"`` -> ``{"net_arch": [256, 256]}`` without eval: literals only."""
+    import ast
+    node = ast.parse(text, mode="eval").body
+    if not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "dict" and not node.args):
+        raise ValueError(f"unsupported policy_kwargs {text!r}")
+    return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+
+
 def run_sb3(seed: int, budget: float, eval_every: float) -> dict:
     """SB3 DQN with rl-zoo3's hyperparameters, judged by the same evaluator on the same schedule."""
     import numpy as np
@@ -75,7 +84,7 @@ def run_sb3(seed: int, budget: float, eval_every: float) -> dict:
     n_timesteps = int(float(hp.pop("n_timesteps")))  # the schedule (exploration_fraction) depends on it
     hp.pop("policy", None)
     pk = hp.pop("policy_kwargs", None)
-    policy_kwargs = eval(pk, {"dict": dict}) if isinstance(pk, str) else (pk or {})  # the zoo stores it as a str
+    policy_kwargs = parse_dict_call(pk) if isinstance(pk, str) else (pk or {})  # the zoo stores it as a str
 
     class Greedy(torch.nn.Module):
         def __init__(self, model):
