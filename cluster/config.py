@@ -104,6 +104,7 @@ class LearnerConfig:
     grad_clip: float = _f(10.0, non_negative())
     publish_every: int = _f(25, positive())
     prefetch: int = _f(4, _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64"))
+    batches_per_request: int = _f(4, _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64"))
     checkpoint_every_s: float = _f(30.0, positive())
     num_cpus: float = _f(1.0, non_negative())
     torch_threads: int = _f(1, positive())
@@ -271,7 +272,8 @@ def _cross_checks(cfg: Config) -> None:
     try:
         SampleToInsertRatio(cfg.replay.samples_per_insert, cfg.replay.min_size_to_sample,
                             cfg.replay.error_buffer).check_progress(
-            sample_batch=cfg.learner.batch_size, insert_batch=cfg.actors.block_size)
+            sample_batch=cfg.learner.batch_size * cfg.learner.batches_per_request,
+            insert_batch=cfg.actors.block_size)
     except RateLimiterError as exc:
         raise ConfigError(f"replay.error_buffer: {exc}") from None
 

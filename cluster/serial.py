@@ -97,9 +97,10 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
             for a in actors:
                 a.step()
             while True:
-                batch = sampler.sample_once()
-                if batch is None:
+                got = sampler.sample_once()
+                if got is None:
                     break
+                batch = got[0]
                 extra = learner.step(batch)
                 pr = extra["td"].abs().cpu().numpy()
                 for k in np.unique(batch["shard"]):

@@ -39,6 +39,7 @@ class LearnerSettings:
     grad_clip: float = 10.0
     publish_every: int = 25
     prefetch: int = 4
+    batches_per_request: int = 4
     checkpoint_every_s: float = 30.0
     device: str = "auto"
     torch_threads: int = 1
@@ -94,6 +95,7 @@ class Learner:
         self._stop = threading.Event()
         self.metrics = {"loss": None, "td_abs": None, "q_mean": None}
         self.priority_errors = 0
+        self._prio_buf: list = []
         self.sampler: Optional[PrefetchSampler] = None
         self._last_ckpt = time.monotonic()
         self.publish()
@@ -194,9 +196,16 @@ class Learner:
         return extra
 
     def _send_priorities(self, keys: np.ndarray, shard_of: np.ndarray, td: torch.Tensor) -> None:
-        pr = new_priorities(td, 0.0).cpu().numpy()
+        """Queue new priorities; they leave in one call per shard every ``batches_per_request`` updates."""
+        self._prio_buf.append((keys, shard_of, new_priorities(td, 0.0).cpu().numpy()))
+        if len(self._prio_buf) < self.s.batches_per_request:
+            return
+        buf, self._prio_buf = self._prio_buf, []
 
         def send():
+            keys = np.concatenate([b[0] for b in buf])
+            shard_of = np.concatenate([b[1] for b in buf])
+            pr = np.concatenate([b[2] for b in buf])
             for i in np.unique(shard_of):
                 m = shard_of == i
                 try:
@@ -209,7 +218,8 @@ class Learner:
     def run(self, max_updates: Optional[int] = None) -> dict:
         """Train until :meth:`stop` (or ``max_updates``); writes a checkpoint at the end."""
         self.sampler = PrefetchSampler(self.shards, self.s.batch_size, self.s.prefetch, self.device,
-                                       self.beta, seed=self.s.seed).start()
+                                       self.beta, seed=self.s.seed,
+                                       batches_per_request=self.s.batches_per_request).start()
         try:
             while not self._stop.is_set():
                 batch = self.sampler.get(timeout=0.5)

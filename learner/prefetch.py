@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 
 class PrefetchSampler:
     def __init__(self, shards: Sequence, batch_size: int, depth: int, device: torch.device,
-                 beta: Callable[[], float], seed: int = 0, timeout: float = 1.0):
+                 beta: Callable[[], float], seed: int = 0, timeout: float = 1.0, batches_per_request: int = 1):
         self.shards = list(shards)
         self.batch_size = batch_size
+        # one request per shard brings this many minibatches: remote-call overhead is paid once
+        self.per_request = max(1, int(batches_per_request))
         self.device = device
         self.beta = beta
         self.timeout = timeout
@@ -63,29 +65,32 @@ class PrefetchSampler:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                batch = self.sample_once()
-                if batch is None:
+                batches = self.sample_once()
+                if batches is None:
                     self.waits += 1
                     continue
-                while not self._stop.is_set():
-                    try:
-                        self.queue.put(batch, timeout=0.2)
-                        break
-                    except queue.Full:
-                        pass
+                for batch in batches:
+                    while not self._stop.is_set():
+                        try:
+                            self.queue.put(batch, timeout=0.2)
+                            break
+                        except queue.Full:
+                            pass
         except BaseException as exc:  # surfaced to the training thread by get()
             self.error = exc
 
-    def split(self) -> np.ndarray:
+    def split(self, n: int) -> np.ndarray:
         k = len(self.shards)
         if k == 1:
-            return np.array([self.batch_size])
+            return np.array([n])
         p = np.maximum(self.totals, 0)
         p = p / p.sum() if p.sum() > 0 else np.full(k, 1.0 / k)
-        return self.rng.multinomial(self.batch_size, p)
+        return self.rng.multinomial(n, p)
 
-    def sample_once(self) -> Optional[dict]:
-        counts = self.split()
+    def sample_once(self) -> Optional[list[dict]]:
+        """``batches_per_request`` minibatches from one request per shard, or None if a shard held back."""
+        B, k = self.batch_size, self.per_request
+        counts = self.split(B * k)
         futures = {i: self._pool.submit(self.shards[i].sample, int(n), self.timeout)
                    for i, n in enumerate(counts) if n > 0}
         parts = {}
@@ -113,25 +118,34 @@ class PrefetchSampler:
         total_mass = float(self.totals.sum())
         size = int(self.sizes.sum())
         order = sorted(parts)
-        cat = {k: np.concatenate([parts[i][k] for i in order]) for k in
+        cat = {key: np.concatenate([parts[i][key] for i in order]) for key in
                ("keys", "obs", "action", "ret", "discount", "next_obs", "prob")}
         shard_of = np.concatenate([np.full(len(parts[i]["keys"]), i, np.int32) for i in order])
         # global probability of each item: p_i / sum_k total_k = prob_in_shard * total_k / sum
         scale = np.concatenate([np.full(len(parts[i]["keys"]), parts[i]["total"]) for i in order]) / total_mass
         gprob = torch.from_numpy(cat["prob"] * scale)
-        weights = importance_weights(gprob, size, self.beta()).float()
+        beta = self.beta()
+        if len(order) > 1:  # mix shards inside every minibatch
+            perm = self.rng.permutation(len(shard_of))
+            cat = {key: v[perm] for key, v in cat.items()}
+            shard_of, gprob = shard_of[perm], gprob[perm]
         self.sampled += int(len(shard_of))
         pin = self.device.type == "cuda"
 
         def dev(a, dtype=None):
-            t = torch.from_numpy(np.ascontiguousarray(a))
+            t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
             if dtype is not None:
                 t = t.to(dtype)
             if pin:
                 t = t.pin_memory()
             return t.to(self.device, non_blocking=pin)
 
-        return {"obs": dev(cat["obs"]), "action": dev(cat["action"], torch.int64),
-                "ret": dev(cat["ret"]), "discount": dev(cat["discount"]),
-                "next_obs": dev(cat["next_obs"]), "weights": dev(weights.numpy()),
-                "keys": cat["keys"], "shard": shard_of}
+        out = []
+        for j in range(k):
+            sl = slice(j * B, (j + 1) * B)
+            weights = importance_weights(gprob[sl], size, beta).float()
+            out.append({"obs": dev(cat["obs"][sl]), "action": dev(cat["action"][sl], torch.int64),
+                        "ret": dev(cat["ret"][sl]), "discount": dev(cat["discount"][sl]),
+                        "next_obs": dev(cat["next_obs"][sl]), "weights": dev(weights),
+                        "keys": cat["keys"][sl], "shard": shard_of[sl]})
+        return out
