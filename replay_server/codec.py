@@ -138,3 +138,124 @@ def decode_block(data: bytes, obs_dim: int | None = None, num_actions: int | Non
     if not float(priority.min()) > 0.0:
         raise BlockError("bad_priority", "initial priorities must be > 0")
     return Block(obs, action, ret, discount, next_obs, priority, actor_id, wver, seq)
+
+
+def decode_batch(payloads, obs_dim: int, num_actions: int | None = None) -> tuple[list[Block], list[BlockError]]:
+    """Decode and validate the payloads of many stream entries at once (what a shard reads in one go).
+
+    Returns the valid blocks in entry order, each run of consecutive valid entries merged into
+    one :class:`Block` (their header fields -- actor id, weights version, sequence -- are not
+    kept), and one :class:`BlockError` per rejected entry, in entry order. It accepts and
+    rejects exactly what :func:`decode_block` does: the entries of the common block size are
+    checked together with a few numpy reductions, and any entry that check cannot vouch for
+    goes through :func:`decode_block`, which gives the exact reason (or accepts it after all).
+    The arrays may be read-only views (into the payloads or a joined copy of them).
+    """
+    k = len(payloads)
+    dim = int(obs_dim)
+    per = 8 * dim + 16
+    length = 0
+    if 1 <= dim <= MAX_OBS_DIM:
+        for p in payloads:
+            if type(p) is bytes and len(p) > HEADER_SIZE and (len(p) - HEADER_SIZE) % per == 0:
+                length = len(p)
+                break
+    count = (length - HEADER_SIZE) // per if length else 0
+    if not 1 <= count <= MAX_COUNT:
+        length = count = 0
+    row_of = [-1] * k
+    rows: list = []
+    if length:
+        for i, p in enumerate(payloads):
+            if type(p) is bytes and len(p) == length:
+                row_of[i] = len(rows)
+                rows.append(p)
+    good = np.zeros(0, bool)
+    cols: tuple = ()
+    if rows:
+        arr = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), length)
+        cols = _columns(arr, dim, count)
+        good = _valid_rows(arr, cols, dim, count, num_actions)
+
+    blocks: list[Block] = []
+    errors: list[BlockError] = []
+    run: list[int] = []
+    for i in range(k):
+        r = row_of[i]
+        if r >= 0 and good[r]:
+            run.append(r)
+            continue
+        try:
+            single = decode_block(payloads[i], dim, num_actions)
+        except BlockError as err:
+            errors.append(err)
+            continue
+        if run:
+            blocks.append(_run_block(cols, run, count))
+            run = []
+        blocks.append(single)
+    if run:
+        blocks.append(_run_block(cols, run, count))
+    return blocks, errors
+
+
+def _offsets(dim: int, count: int) -> tuple[int, int, int, int, int, int]:
+    o_obs = HEADER_SIZE
+    o_act = o_obs + 4 * count * dim
+    o_ret = o_act + 4 * count
+    o_disc = o_ret + 4 * count
+    o_next = o_disc + 4 * count
+    o_prio = o_next + 4 * count * dim
+    return o_obs, o_act, o_ret, o_disc, o_next, o_prio
+
+
+def _columns(arr: np.ndarray, dim: int, count: int) -> tuple[np.ndarray, ...]:
+    """The six columns of all rows (encoded blocks of one length) of ``arr``, each one contiguous
+    array in row order: obs, action, ret, discount, next_obs, priority."""
+    o_obs, o_act, o_ret, o_disc, o_next, o_prio = _offsets(dim, count)
+
+    def col(a: int, b: int, dt: str) -> np.ndarray:
+        return np.ascontiguousarray(arr[:, a:b].view(dt)).reshape(-1)
+
+    return (col(o_obs, o_act, "<f4").reshape(-1, dim), col(o_act, o_ret, "<i4"), col(o_ret, o_disc, "<f4"),
+            col(o_disc, o_next, "<f4"), col(o_next, o_prio, "<f4").reshape(-1, dim), col(o_prio, arr.shape[1], "<f4"))
+
+
+def _valid_rows(arr: np.ndarray, cols: tuple, dim: int, count: int, num_actions: int | None) -> np.ndarray:
+    """Which rows :func:`decode_block` would surely accept (same header, same checks).
+
+    A handful of reductions over all rows at once decide the common case (every row valid);
+    only when one fails are the same checks made row by row.
+    """
+    obs, act, ret, disc, nxt, prio = cols
+    act = act.view("<u4")  # negative actions are huge unsigned
+    # magic, version, dtype, obs_dim and count: the first 12 header bytes are fixed
+    want = np.frombuffer(HEADER.pack(MAGIC, VERSION, OBS_FLOAT32, dim, count, 0, 0, 0, 0)[:12], "<u4")
+    head = arr[:, :12].view("<u4")
+    limit = num_actions if num_actions is not None else 1 << 31
+    # a float32 sum is finite only if every term is (an overflowing sum sends the rows to the
+    # exact check in decode_block)
+    with np.errstate(all="ignore"):
+        if ((head == want).all() and np.isfinite(obs.sum() + nxt.sum() + ret.sum() + disc.sum() + prio.sum())
+                and int(act.max()) < limit and disc.min() >= 0.0 and disc.max() <= 1.0 and prio.min() > 0.0):
+            return np.ones(arr.shape[0], dtype=bool)
+        r = arr.shape[0]
+        obs, nxt = obs.reshape(r, -1), nxt.reshape(r, -1)
+        act, ret, disc, prio = (a.reshape(r, count) for a in (act, ret, disc, prio))
+        ok = (head == want).all(axis=1)
+        ok &= np.isfinite(obs.sum(axis=1) + nxt.sum(axis=1) + ret.sum(axis=1) + disc.sum(axis=1) + prio.sum(axis=1))
+        ok &= act.max(axis=1) < limit
+        ok &= disc.min(axis=1) >= 0.0
+        ok &= disc.max(axis=1) <= 1.0
+        ok &= prio.min(axis=1) > 0.0
+    return ok
+
+
+def _run_block(cols: tuple, run: list[int], count: int) -> Block:
+    """One block of the given rows (consecutive valid entries) out of the batch's columns."""
+    lo, hi = run[0], run[-1] + 1
+    if hi - lo == len(run):
+        sl = slice(lo * count, hi * count)
+        return Block(*(c[sl] for c in cols))
+    idx = (np.asarray(run, np.int64)[:, None] * count + np.arange(count)).ravel()
+    return Block(*(c.take(idx, axis=0) for c in cols))
