@@ -25,5 +25,11 @@ train: venv
 test: venv
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(ARGS)
 
+# Each benchmark prints a table and, last, one JSON line (see benchmarks/*.py --help).
+bench: venv
+	$(BIN)/python benchmarks/replay.py --quick
+	$(BIN)/python benchmarks/actors.py --quick
+	$(BIN)/python benchmarks/learner.py --quick
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import redis
 
-from .codec import HEADER_SIZE, Block, decode_batch
+from .codec import HEADER_SIZE, Block, BlockError, decode_batch, decode_block
 from .connection import RETRYABLE, connect, with_backoff
 from .keys import Keys
 from .rate_limiter import SampleToInsertRatio
@@ -49,6 +49,7 @@ class ReplayShard:
         self.spec = spec
         self.keys = Keys(namespace)
         self.stream = self.keys.stream(spec.shard_id)
+        self.counts_key = self.keys.counts(spec.shard_id)
         self.group = self.keys.group(spec.shard_id)
         self.consumer = "consumer"
         self.redis_url = redis_url
@@ -128,12 +129,22 @@ class ReplayShard:
             start = "(" + _s(entries[-1][0])
             if _s(entries[-1][0]) == last:
                 break
-        # delivered-but-unacknowledged entries are now in memory: acknowledge them
+        # delivered-but-unacknowledged entries (the previous shard died between insert and ack)
+        # are now in memory: acknowledge them, counting them as ingested now
         while True:
             pending = r.xpending_range(self.stream, self.group, min="-", max="+", count=1000)
             if not pending:
                 break
-            r.xack(self.stream, self.group, *[p["message_id"] for p in pending])
+            ids = [p["message_id"] for p in pending]
+            good = bad = 0
+            for entry_id in ids:
+                got = r.xrange(self.stream, min=entry_id, max=entry_id)
+                try:
+                    good += len(decode_block(_payload(got[0][1]) if got else None, self.spec.obs_dim,
+                                             self.spec.num_actions))
+                except BlockError:
+                    bad += 1
+            self._ack(ids, ingested=good, rejected=bad)
         self.counters["rebuilt"] += n
         log.info("shard %d: rebuilt %d transitions from %s (epoch %d)", self.spec.shard_id, n, self.stream, self.epoch)
         return n
@@ -190,8 +201,7 @@ class ReplayShard:
                          and self._room_after(batch))
                 if ahead:
                     conn.send_command(*args)
-                self._consume_entries([fields for _, fields in batch], count_insert=True)
-                self._ack([entry_id for entry_id, _ in batch])
+                self._consume_and_ack(batch, count_insert=True)
                 done += len(batch)
                 batch = (_stream_entries(conn.read_response()) or None) if ahead else None
         except BaseException:
@@ -201,10 +211,23 @@ class ReplayShard:
             pool.release(conn)
         return done
 
-    def _ack(self, entry_ids: list) -> None:
+    def _ack(self, entry_ids: list, ingested: int = 0, rejected: int = 0) -> None:
         """Acknowledge entries whose blocks were inserted (or rejected): the one place both
-        ingest paths acknowledge through."""
-        self.redis.xack(self.stream, self.group, *entry_ids)
+        ingest paths acknowledge through. The durable counters move in the same transaction, so
+        ``appended = ingested + pending`` holds in Redis whatever crashes or restarts."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(self.stream, self.group, *entry_ids)
+        if ingested:
+            pipe.hincrby(self.counts_key, "ingested", int(ingested))
+        if rejected:
+            pipe.hincrby(self.counts_key, "rejected_entries", int(rejected))
+        pipe.execute()
+
+    def _consume_and_ack(self, batch: list, count_insert: bool) -> int:
+        before = sum(self.rejected.values())
+        n = self._consume_entries([fields for _, fields in batch], count_insert=count_insert)
+        self._ack([entry_id for entry_id, _ in batch], ingested=n, rejected=sum(self.rejected.values()) - before)
+        return n
 
     def _wait_for_insert_room(self) -> bool:
         """Block while the rate limiter holds inserts; False once the shard is stopping."""
@@ -234,8 +257,7 @@ class ReplayShard:
         if not resp:
             return 0
         entries = resp[0][1]
-        self._consume_entries([fields for _, fields in entries], count_insert=True)
-        self._ack([entry_id for entry_id, _ in entries])
+        self._consume_and_ack(entries, count_insert=True)
         return len(entries)
 
     def _consume(self, fields, count_insert: bool) -> int:
