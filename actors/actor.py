@@ -107,7 +107,9 @@ class ApexActor:
 
     def run(self, max_env_steps: Optional[int] = None) -> dict:
         """Act until :meth:`stop` (or ``max_env_steps`` of this actor); flushes what it holds at the end."""
-        got = self.weights.wait_first(timeout=30.0)
+        # act at once with whatever weights are there (the initial ones if the learner has not
+        # published yet); newer versions arrive through the non-blocking poll
+        got = self.weights.wait_first(timeout=0.0)
         if got is not None:
             self._load(*got)
         self.reset()

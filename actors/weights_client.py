@@ -48,7 +48,7 @@ class WeightsClient:
         """Block up to ``timeout`` s for any published version (used once at start)."""
         import time
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             try:
                 got = weights_store.fetch_if_newer(self.redis, self.keys, -1)
             except Exception:
@@ -56,8 +56,9 @@ class WeightsClient:
             if got is not None:
                 self.latest_seen = got[0]
                 return got
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(0.1)
-        return None
 
     @property
     def lag(self) -> int:

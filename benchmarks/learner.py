@@ -40,7 +40,7 @@ def filled_shard(n: int, seed: int = 0) -> ReplayShard:
 def bare_loop(batch_size: int, updates: int, device: torch.device, settings: LearnerSettings) -> float:
     net = build_network(SPEC, settings.hidden_sizes, settings.dueling).to(device)
     target = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr, foreach=True)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(16):
@@ -57,7 +57,7 @@ def bare_loop(batch_size: int, updates: int, device: torch.device, settings: Lea
         loss, _ = td_loss(q, b["action"], t, b["weights"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip, foreach=True)
         opt.step()
 
     for i in range(20):

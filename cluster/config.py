@@ -69,7 +69,7 @@ class ActorsConfig:
     epsilon_base: float = _f(0.5, in_range(0.0, 1.0))
     epsilon_alpha: float = _f(6.0, non_negative())
     n_step: int = _f(3, _rule(lambda v: 1 <= v <= 100, "must be between 1 and 100"))
-    gamma: float = _f(0.99, _rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    gamma: float = _f(0.98, _rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     block_size: int = _f(256, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
     weights_update_period: int = _f(50, positive())
     max_backlog_blocks: int = _f(64, positive())
@@ -80,7 +80,7 @@ class ActorsConfig:
 @dataclass
 class ReplayConfig:
     shards: int = _f(1, _rule(lambda v: 1 <= v <= 256, "must be between 1 and 256"))
-    capacity: int = _f(200_000, _rule(lambda v: v >= 1, "must be >= 1"))
+    capacity: int = _f(50_000, _rule(lambda v: v >= 1, "must be >= 1"))
     redis_urls: list[str] = _f([])
     priority_alpha: float = _f(0.6, in_range(0.0, 1.0))
     beta_start: float = _f(0.4, in_range(0.0, 1.0))
@@ -94,13 +94,13 @@ class ReplayConfig:
 
 @dataclass
 class LearnerConfig:
-    batch_size: int = _f(256, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
+    batch_size: int = _f(512, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
     device: str = _f("auto", one_of("auto", "cpu", "cuda"))
-    lr: float = _f(1e-3, positive())
-    hidden_sizes: list[int] = _f([128, 128], _rule(lambda v: len(v) >= 1 and all(h > 0 for h in v),
+    lr: float = _f(4e-3, positive())
+    hidden_sizes: list[int] = _f([64, 64], _rule(lambda v: len(v) >= 1 and all(h > 0 for h in v),
                                                   "must be a non-empty list of positive integers"))
     dueling: bool = _f(False)
-    target_update_period: int = _f(250, positive())
+    target_update_period: int = _f(100, positive())
     grad_clip: float = _f(10.0, non_negative())
     publish_every: int = _f(25, positive())
     prefetch: int = _f(4, _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64"))

@@ -159,9 +159,9 @@ class Launcher:
         import ray
         from actors.envs import env_spec
 
-        from .services import ActorService as ApexActor
-        from .services import LearnerService as Learner
-        from .services import ShardService as ReplayShard
+        from .services.actor import ActorService as ApexActor
+        from .services.learner import LearnerService as Learner
+        from .services.shard import ShardService as ReplayShard
 
         cfg = self.cfg
         self.spec = env_spec(cfg.env.id)
@@ -175,8 +175,8 @@ class Launcher:
             self.shards.append(Member("shard", k, h))
         for m in self.shards:
             m.run_ref = m.handle.run.remote()
-        # wait until every shard has rebuilt and created its consumer group
-        ray.get([m.handle.stats.remote() for m in self.shards], timeout=120)
+        # no waiting for the shards: actors may append before a shard exists (its consumer group
+        # then starts at the stream's first entry) and the learner retries until shards answer
 
         resume_state = None
         if self.resume and self.run_dir.checkpoint.exists():

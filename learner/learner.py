@@ -70,7 +70,7 @@ class Learner:
         self.config = config or {}
         self.online = build_network(spec, settings.hidden_sizes, settings.dueling).to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.lr)
+        self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.lr, foreach=True)
         self.shards = list(shards)
         self.updates = 0
         self.weights_version = 0
@@ -187,7 +187,7 @@ class Learner:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.s.grad_clip, foreach=True)
         self.opt.step()
         self.updates += 1
         if self.updates % self.s.target_update_period == 0:
