@@ -37,13 +37,13 @@ class ActorSettings:
     epsilon_base: float = 0.5
     epsilon_alpha: float = 6.0
     n_step: int = 3
-    gamma: float = 0.99
+    gamma: float = 0.98
     block_size: int = 256
     weights_update_period: int = 50
     max_backlog_blocks: int = 64
     stream_maxlen: int = 10_000
     seed: int = 0
-    hidden_sizes: list = field(default_factory=lambda: [128, 128])
+    hidden_sizes: list = field(default_factory=lambda: [64, 64])
     dueling: bool = False
     torch_threads: int = 1
 

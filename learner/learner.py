@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LearnerSettings:
-    batch_size: int = 256
-    lr: float = 1e-3
-    hidden_sizes: list = field(default_factory=lambda: [128, 128])
+    batch_size: int = 512
+    lr: float = 4e-3
+    hidden_sizes: list = field(default_factory=lambda: [64, 64])
     dueling: bool = False
-    target_update_period: int = 250
+    target_update_period: int = 100
     grad_clip: float = 10.0
     publish_every: int = 25
     prefetch: int = 4
