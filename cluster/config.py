@@ -101,6 +101,7 @@ class LearnerConfig:
                                                   "must be a non-empty list of positive integers"))
     dueling: bool = _f(False)
     target_update_period: int = _f(100, positive())
+    target_tau: float = _f(0.0, in_range(0.0, 1.0))
     grad_clip: float = _f(10.0, non_negative())
     publish_every: int = _f(25, positive())
     prefetch: int = _f(4, _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64"))

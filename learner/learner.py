@@ -36,6 +36,7 @@ class LearnerSettings:
     hidden_sizes: list = field(default_factory=lambda: [64, 64])
     dueling: bool = False
     target_update_period: int = 100
+    target_tau: float = 0.0
     grad_clip: float = 10.0
     publish_every: int = 25
     prefetch: int = 4
@@ -190,7 +191,10 @@ class Learner:
             torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.s.grad_clip, foreach=True)
         self.opt.step()
         self.updates += 1
-        if self.updates % self.s.target_update_period == 0:
+        if self.s.target_tau > 0:  # Polyak averaging every update
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), self.s.target_tau)
+        elif self.updates % self.s.target_update_period == 0:
             self.target.load_state_dict(self.online.state_dict())
         extra["loss"] = loss.detach()
         return extra

@@ -71,6 +71,10 @@ def test_train_end_to_end(tmp_path):
     assert (run_dir / "checkpoint.pt").stat().st_size > 0
     assert (run_dir / "config.yaml").exists() and (run_dir / "curve.png").stat().st_size > 1000
     assert "env steps" in r.stdout and "apexq: done" in r.stdout
+    # every transition accounted for: appended = ingested + pending, and nothing lost
+    acct = json.loads((run_dir / "accounting.json").read_text())
+    assert acct["balanced"] and acct["appended"] > 0 and acct["appended"] == acct["ingested"] + acct["pending"]
+    assert acct["lost_in_redis"] == 0 and "balanced" in r.stdout
     time.sleep(1)
     assert platform_pids() <= before, "a Redis or Ray process outlived the run"
     # the policy evaluates from the run directory
@@ -105,6 +109,8 @@ def test_signal_stops_gracefully_with_a_checkpoint(tmp_path, sig):
     assert took < 15, f"graceful stop took {took:.1f}s"
     assert "interrupted" in out and "Traceback" not in out
     assert (run_dir / "checkpoint.pt").exists()
+    acct = json.loads((run_dir / "accounting.json").read_text())
+    assert acct["balanced"] and acct["appended"] > 0, acct
     time.sleep(1)
     assert platform_pids() <= before
 

@@ -67,3 +67,14 @@ def test_corrupt_checkpoint_is_refused_cleanly(tmp_path):
     torch.save({"format": "something else"}, p)
     with pytest.raises(CheckpointError, match="not an apexq checkpoint"):
         load(p)
+
+
+def test_polyak_target_update_by_hand(tmp_path):
+    sh = shard_with()
+    lr = make(tmp_path, sh, target_tau=0.25)
+    before = [p.detach().clone() for p in lr.target.parameters()]
+    from learner.prefetch import PrefetchSampler
+    sp = PrefetchSampler([sh], 32, 1, lr.device, lr.beta)
+    lr.step(sp.sample_once()[0])
+    for t0, t1, o in zip(before, lr.target.parameters(), lr.online.parameters()):
+        torch.testing.assert_close(t1, t0 + 0.25 * (o.detach() - t0))
