@@ -75,6 +75,7 @@ class ActorsConfig:
     max_backlog_blocks: int = _f(64, positive())
     num_cpus: float = _f(0.5, non_negative())
     torch_threads: int = _f(1, positive())
+    spread: bool = _f(True)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class LearnerConfig:
     checkpoint_every_s: float = _f(30.0, positive())
     num_cpus: float = _f(1.0, non_negative())
     torch_threads: int = _f(1, positive())
+    custom_resource: Optional[str] = _f(None)
 
 
 @dataclass

@@ -182,16 +182,19 @@ class Launcher:
         if self.resume and self.run_dir.checkpoint.exists():
             from learner.checkpoint import load
             resume_state = load(self.run_dir.checkpoint)
-        learner_cls = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=1 if has_gpu else 0,
-                                                  max_concurrency=4, max_restarts=-1)
+        learner_opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=1 if has_gpu else 0, max_concurrency=4,
+                            max_restarts=-1)
+        if cfg.learner.custom_resource:
+            learner_opts["resources"] = {cfg.learner.custom_resource: 1}
+        learner_cls = ray.remote(Learner).options(**learner_opts)
         proxies = [RayShardProxy(self.shard_name(m.index)) for m in self.shards]
         lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns,
                                 str(self.run_dir.checkpoint), resume_state, cfg.to_dict(), True)
         self.learner = Member("learner", 0, lh)
         self.learner.run_ref = lh.run.remote()
 
-        actor_cls = ray.remote(ApexActor).options(num_cpus=cfg.actors.num_cpus, max_concurrency=4,
-                                                  max_restarts=-1)
+        actor_cls = ray.remote(ApexActor).options(num_cpus=cfg.actors.num_cpus, max_concurrency=4, max_restarts=-1,
+                                                  scheduling_strategy="SPREAD" if cfg.actors.spread else "DEFAULT")
         for i in range(cfg.actors.num):
             url = shard_redis_url(cfg, i % cfg.replay.shards, self.redis_url)
             h = actor_cls.remote(actor_settings(cfg, i), url, ns, self.spec)
@@ -200,6 +203,19 @@ class Launcher:
             self.actors.append(m)
         self.members = self.shards + [self.learner] + self.actors
         self.start_metrics()
+        self.record_placement()
+
+    def record_placement(self) -> None:
+        """Write which node each component landed on (runs/<id>/placement.json)."""
+        import json
+        import ray
+        try:
+            nodes = ray.get([m.handle.node_id.remote() for m in self.members], timeout=120)
+        except Exception as exc:
+            log.warning("could not record placement: %s", exc)
+            return
+        placement = [{"kind": m.kind, "index": m.index, "node_id": n} for m, n in zip(self.members, nodes)]
+        (self.run_dir.path / "placement.json").write_text(json.dumps(placement, indent=1))
 
     # -- metrics -----------------------------------------------------------------------------
 

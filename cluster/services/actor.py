@@ -3,8 +3,12 @@ from __future__ import annotations
 from actors.actor import ApexActor
 
 from ..metrics import serve_component
+from . import current_node_id
 
 
 class ActorService(ApexActor):
     def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
         return serve_component("actor", self.s.actor_id, self.stats, host, port)
+
+    def node_id(self) -> str:
+        return current_node_id()
