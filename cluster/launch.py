@@ -4,6 +4,7 @@ Only this module calls ``ray.remote``; every component is a plain class.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,7 +12,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -83,10 +83,6 @@ class ClusterConfigError(RuntimeError):
     """A setting that cannot work on the cluster found; reported as one line, exit 2."""
 
 
-class Interrupted(Exception):
-    pass
-
-
 class Launcher:
     def __init__(self, cfg: Config, run_dir: RunDir, address: Optional[str] = None,
                  redis_url: Optional[str] = None, resume: bool = False, out=sys.stdout):
@@ -97,7 +93,6 @@ class Launcher:
         self.resume = resume
         self.out = out
         self.redis_server = None
-        self.ray_started = False
         self.members: list[Member] = []
         self.learner: Optional[Member] = None
         self.shards: list[Member] = []
@@ -138,7 +133,6 @@ class Launcher:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=True, configure_logging=True)
             install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
-            self.ray_started = True
 
     def start_redis(self) -> None:
         from replay_server.connection import check
@@ -207,7 +201,6 @@ class Launcher:
 
     def record_placement(self) -> None:
         """Write which node each component landed on (runs/<id>/placement.json)."""
-        import json
         import ray
         try:
             nodes = ray.get([m.handle.node_id.remote() for m in self.members], timeout=120)
@@ -251,7 +244,6 @@ class Launcher:
         self.write_file_sd()
 
     def write_file_sd(self) -> None:
-        import json
         path = self.run_dir.path / "prometheus_targets.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.endpoint.sd_document(), indent=1))
@@ -513,7 +505,7 @@ class Launcher:
             "in_flight_lost": sum(st.get("in_flight", 0) for st in self.dead_actor_stats),
             "actor_restarts": len(self.dead_actor_stats), "shards": shards,
         }
-        (self.run_dir.path / "accounting.json").write_text(__import__("json").dumps(acct, indent=1))
+        (self.run_dir.path / "accounting.json").write_text(json.dumps(acct, indent=1))
         return acct
 
     def _backlog(self) -> int:

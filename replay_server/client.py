@@ -1,7 +1,6 @@
 """What actors call: append encoded blocks to a shard's stream, with backpressure."""
 from __future__ import annotations
 
-import threading
 import time
 from typing import Callable
 

@@ -260,10 +260,6 @@ class ReplayShard:
         self._consume_and_ack(entries, count_insert=True)
         return len(entries)
 
-    def _consume(self, fields, count_insert: bool) -> int:
-        """Decode, validate and insert one stream entry; returns the transitions inserted."""
-        return self._consume_entries([fields], count_insert)
-
     def _consume_entries(self, entries: list, count_insert: bool) -> int:
         """Decode, validate and insert the fields of many stream entries at once.
 

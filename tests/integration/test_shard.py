@@ -62,8 +62,6 @@ def test_actor_to_shard_to_sample_and_priority_updates(redis_server):
 
 def test_update_for_an_evicted_item_is_ignored(redis_server):
     shard = ReplayShard(spec(capacity=100), redis_server.url, "t2")
-    shard.rebuild_only = True
-    shard.redis = None
     shard.epoch = 1
     keys_old = shard.insert(block(100))
     shard.insert(block(100, start=1000))        # overwrites every slot
