@@ -37,51 +37,77 @@ def filled_shard(n: int, seed: int = 0) -> ReplayShard:
     return shard
 
 
-def bare_loop(batch_size: int, updates: int, device: torch.device, settings: LearnerSettings) -> float:
-    net = build_network(SPEC, settings.hidden_sizes, settings.dueling).to(device)
-    target = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=settings.lr, foreach=True)
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(16):
-        obs = torch.rand(batch_size, 2, generator=g).to(device)
-        batches.append({"obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (batch_size,), generator=g).to(device),
-                        "ret": torch.randn(batch_size, generator=g).to(device),
-                        "discount": torch.full((batch_size,), 0.97).to(device), "weights": torch.rand(batch_size, generator=g).to(device)})
+class BareLoop:
+    """The same forward/backward/step as the learner, on pre-made batches already on the device."""
 
-    def one(b):
-        q_all = net(torch.cat([b["obs"], b["next_obs"]]))
-        q, qn = q_all[:batch_size], q_all[batch_size:].detach()
+    def __init__(self, batch_size: int, device: torch.device, settings: LearnerSettings):
+        self.B, self.device = batch_size, device
+        self.net = build_network(SPEC, settings.hidden_sizes, settings.dueling).to(device)
+        self.target = copy.deepcopy(self.net).requires_grad_(False)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr, foreach=True)
+        self.clip = settings.grad_clip
+        g = torch.Generator().manual_seed(0)
+        self.batches = []
+        for _ in range(16):
+            obs = torch.rand(batch_size, 2, generator=g).to(device)
+            self.batches.append({
+                "obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (batch_size,), generator=g).to(device),
+                "ret": torch.randn(batch_size, generator=g).to(device),
+                "discount": torch.full((batch_size,), 0.97).to(device), "weights": torch.rand(batch_size, generator=g).to(device)})
+        self.run(20)
+
+    def one(self, b) -> None:
+        q_all = self.net(torch.cat([b["obs"], b["next_obs"]]))
+        q, qn = q_all[:self.B], q_all[self.B:].detach()
         with torch.no_grad():
-            t = double_dqn_targets(b["ret"], b["discount"], qn, target(b["next_obs"]))
+            t = double_dqn_targets(b["ret"], b["discount"], qn, self.target(b["next_obs"]))
         loss, _ = td_loss(q, b["action"], t, b["weights"])
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip, foreach=True)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip, foreach=True)
+        self.opt.step()
 
-    for i in range(20):
-        one(batches[i % 16])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(updates):
-        one(batches[i % 16])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return updates / (time.perf_counter() - t0)
+    def run(self, updates: int) -> float:
+        """Seconds for ``updates`` updates."""
+        t0 = time.perf_counter()
+        for i in range(updates):
+            self.one(self.batches[i % 16])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
 
-def real_learner(batch_size: int, updates: int, device: str, shard: ReplayShard) -> float:
-    s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9)
-    learner = Learner(s, SPEC, [shard])
-    learner.run(max_updates=20)  # warm-up (starts and stops the prefetch pipeline)
-    learner._stop.clear()
-    t0 = time.perf_counter()
-    learner.run(max_updates=20 + updates)
-    if learner.device.type == "cuda":
-        torch.cuda.synchronize()
-    return updates / (time.perf_counter() - t0)
+class RealLearner:
+    """The learner's own run loop: prefetch pipeline, update, priorities sent back to the shard."""
+
+    def __init__(self, batch_size: int, device: str, shard: ReplayShard):
+        s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9)
+        self.learner = Learner(s, SPEC, [shard])
+        self.run(20)  # warm-up
+
+    def run(self, updates: int) -> float:
+        lr = self.learner
+        lr._stop.clear()
+        t0 = time.perf_counter()
+        lr.run(max_updates=lr.updates + updates)
+        if lr.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shard: ReplayShard) -> tuple:
+    """Interleave rounds of the two loops (this machine's speed drifts); medians of the rounds."""
+    bare = BareLoop(batch_size, device, LearnerSettings(batch_size=batch_size))
+    real = RealLearner(batch_size, str(device), shard)
+    per = max(1, updates // rounds)
+    bare_rates, real_rates, ratios = [], [], []
+    for _ in range(rounds):
+        b = per / bare.run(per)
+        r = per / real.run(per)
+        bare_rates.append(b)
+        real_rates.append(r)
+        ratios.append(r / b)
+    return float(np.median(real_rates)), float(np.median(bare_rates)), float(np.median(ratios))
 
 
 def main() -> None:
@@ -93,20 +119,22 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    updates = 60 if args.smoke else (1500 if args.quick else 5000)
+    updates = 60 if args.smoke else (2000 if args.quick else 6000)
+    rounds = 2 if args.smoke else 10
     if device.type == "cuda":
         updates *= 4
     shard = filled_shard(20_000 if args.smoke else 200_000)
     figures: dict = {"device": str(device), "torch_threads": args.threads}
     rows = []
     for bs in (128, 512):
-        bare = bare_loop(bs, updates, device, LearnerSettings(batch_size=bs))
-        real = real_learner(bs, updates, str(device), shard)
-        rows.append((bs, real, bare, real / bare))
+        real, bare, eff = measure(bs, updates, rounds, device, shard)
+        rows.append((bs, real, bare, eff))
         figures[f"updates_per_s_b{bs}"] = round(real, 1)
         figures[f"bare_updates_per_s_b{bs}"] = round(bare, 1)
-        figures[f"efficiency_b{bs}"] = round(real / bare, 3)
-    print(f"{'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}")
+        figures[f"efficiency_b{bs}"] = round(eff, 3)
+    figures["rounds"] = rounds
+    print(f"{'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}, "
+          f"medians of {rounds} interleaved rounds")
     for bs, real, bare, eff in rows:
         print(f"{bs:>6} {real:>14.1f} {bare:>11.1f} {eff:>10.1%}")
     figures["batch_size"] = 512

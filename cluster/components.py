@@ -45,7 +45,7 @@ def learner_settings(cfg: Config) -> LearnerSettings:
         batch_size=l.batch_size, lr=l.lr, hidden_sizes=list(l.hidden_sizes), dueling=l.dueling,
         target_update_period=l.target_update_period, target_tau=l.target_tau, grad_clip=l.grad_clip,
         publish_every=l.publish_every, prefetch=l.prefetch, batches_per_request=l.batches_per_request, checkpoint_every_s=l.checkpoint_every_s,
-        device=l.device, torch_threads=l.torch_threads, beta_start=r.beta_start,
+        device=l.device, torch_threads=l.torch_threads, compile=l.compile, cuda_graphs=l.cuda_graphs, beta_start=r.beta_start,
         beta_anneal_updates=r.beta_anneal_updates, priority_eps=r.priority_eps, seed=cfg.seed)
 
 

@@ -110,6 +110,8 @@ class LearnerConfig:
     checkpoint_every_s: float = _f(30.0, positive())
     num_cpus: float = _f(1.0, non_negative())
     torch_threads: int = _f(1, positive())
+    compile: bool = _f(False)
+    cuda_graphs: bool = _f(False)
     custom_resource: Optional[str] = _f(None)
 
 

@@ -44,6 +44,8 @@ class LearnerSettings:
     checkpoint_every_s: float = 30.0
     device: str = "auto"
     torch_threads: int = 1
+    compile: bool = False
+    cuda_graphs: bool = False
     beta_start: float = 0.4
     beta_anneal_updates: int = 20_000
     priority_eps: float = 1e-6
@@ -71,11 +73,14 @@ class Learner:
         self.config = config or {}
         self.online = build_network(spec, settings.hidden_sizes, settings.dueling).to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self._online_fwd, self._target_fwd = self._compiled(settings)
         self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.lr, foreach=True)
         self.shards = list(shards)
         self.updates = 0
         self.weights_version = 0
         self.extra: dict = {}
+        # the prefetch sampler's generator lives here so that checkpoints carry its state
+        self.sample_rng = np.random.default_rng([settings.seed, 7])
         self.checkpoint_path = checkpoint_path
         if resume is None and restore_if_exists and checkpoint_path and os.path.exists(checkpoint_path):
             resume = ckpt.load(checkpoint_path)  # a restarted learner continues from its last checkpoint
@@ -98,8 +103,28 @@ class Learner:
         self.priority_errors = 0
         self._prio_buf: list = []
         self.sampler: Optional[PrefetchSampler] = None
+        # shards living in this process are sampled and updated on the training thread (see prefetch.py)
+        self.local_shards = all(getattr(sh, "in_process", False) for sh in self.shards)
         self._last_ckpt = time.monotonic()
         self.publish()
+
+    def _compiled(self, s: LearnerSettings):
+        """Forward functions for the update: eager, torch.compile'd, or compiled with CUDA graphs.
+
+        Parameters stay owned by the plain modules, so checkpoints and published weights are the
+        same whichever mode runs.
+        """
+        graphs = s.cuda_graphs
+        self._graphs = False
+        if graphs and self.device.type != "cuda":
+            log.warning("learner.cuda_graphs needs a CUDA device; the learner runs on %s without them", self.device)
+            graphs = False
+        if not (s.compile or graphs):
+            return self.online, self.target
+        mode = "reduce-overhead" if graphs else "default"  # reduce-overhead = CUDA graphs via cudagraph trees
+        log.info("compiling the Q-network forward with torch.compile(mode=%r)", mode)
+        self._graphs = graphs
+        return torch.compile(self.online, mode=mode), torch.compile(self.target, mode=mode)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -107,7 +132,9 @@ class Learner:
         return {"format": "apexq-checkpoint-v1", "online": self.online.state_dict(),
                 "target": self.target.state_dict(), "optimizer": self.opt.state_dict(),
                 "updates": self.updates, "weights_version": self.weights_version,
-                "torch_rng": torch.get_rng_state(), "settings": asdict(self.s), "spec": self.spec,
+                "torch_rng": torch.get_rng_state(), "numpy_rng": self.rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "settings": asdict(self.s), "spec": self.spec,
                 "config": self.config, "extra": dict(self.extra)}
 
     def load_state(self, state: dict) -> None:
@@ -119,6 +146,14 @@ class Learner:
         self.extra = dict(state.get("extra", {}))
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+        if state.get("numpy_rng"):
+            self.sample_rng.bit_generator.state = state["numpy_rng"]
+        if state.get("cuda_rng") and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def rng_state(self) -> dict:
+        """The minibatch sampler's numpy generator state (plain ints and strings: loads with weights_only)."""
+        return self.sample_rng.bit_generator.state
 
     def save_checkpoint(self, extra: Optional[dict] = None, wait_export: bool = True) -> Optional[str]:
         """Write the checkpoint (atomic) and, beside it, the exported greedy policy ``policy.pt2``.
@@ -179,10 +214,12 @@ class Learner:
     def step(self, batch: dict) -> dict:
         """One update on a prepared batch (tensors on the device). Returns the new |TD| priorities."""
         B = batch["obs"].shape[0]
-        q_all = self.online(torch.cat([batch["obs"], batch["next_obs"]]))
+        if self._graphs:  # the previous step's graph outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
+        q_all = self._online_fwd(torch.cat([batch["obs"], batch["next_obs"]]))
         q, q_next_online = q_all[:B], q_all[B:].detach()
         with torch.no_grad():
-            q_next_target = self.target(batch["next_obs"])
+            q_next_target = self._target_fwd(batch["next_obs"])
             targets = double_dqn_targets(batch["ret"], batch["discount"], q_next_online, q_next_target)
         loss, extra = td_loss(q, batch["action"], targets, batch["weights"])
         self.opt.zero_grad(set_to_none=True)
@@ -210,20 +247,24 @@ class Learner:
             keys = np.concatenate([b[0] for b in buf])
             shard_of = np.concatenate([b[1] for b in buf])
             pr = np.concatenate([b[2] for b in buf])
-            for i in np.unique(shard_of):
-                m = shard_of == i
+            for i in (range(1) if len(self.shards) == 1 else np.unique(shard_of)):
+                m = slice(None) if len(self.shards) == 1 else shard_of == i
                 try:
                     self.shards[int(i)].update_priorities(keys[m], pr[m])
                 except Exception as exc:
                     self.priority_errors += 1
                     log.debug("priority update to shard %d failed: %s", i, exc)
-        self._bg.submit(send)
+        if self.local_shards:  # same process: a thread would only add GIL hand-offs
+            send()
+        else:
+            self._bg.submit(send)
 
     def run(self, max_updates: Optional[int] = None) -> dict:
         """Train until :meth:`stop` (or ``max_updates``); writes a checkpoint at the end."""
         self.sampler = PrefetchSampler(self.shards, self.s.batch_size, self.s.prefetch, self.device,
-                                       self.beta, seed=self.s.seed,
-                                       batches_per_request=self.s.batches_per_request).start()
+                                       self.beta, rng=self.sample_rng,
+                                       batches_per_request=self.s.batches_per_request,
+                                       inline=self.local_shards).start()
         try:
             while not self._stop.is_set():
                 batch = self.sampler.get(timeout=0.5)

@@ -4,6 +4,7 @@ B = batch size, A = number of actions.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +25,13 @@ def importance_weights(prob: torch.Tensor, size: int, beta: float) -> torch.Tens
     """``w_i = (size * P(i)) ** -beta``, normalised by the batch maximum. prob: [B] -> [B]."""
     w = (size * prob) ** (-beta)
     return w / w.max()
+
+
+def importance_weights_np(prob: np.ndarray, size: int, beta: float) -> np.ndarray:
+    """:func:`importance_weights` for ``k`` minibatches at once in numpy: prob [k, B] -> float32 [k, B],
+    each row normalised by its own maximum."""
+    w = (size * prob) ** (-beta)
+    return (w / w.max(axis=1, keepdims=True)).astype(np.float32)
 
 
 def td_loss(q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

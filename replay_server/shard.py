@@ -45,6 +45,7 @@ class ShardSpec:
 
 
 class ReplayShard:
+    in_process = True  # a plain object in the caller's process (a Ray proxy for it is not)
     def __init__(self, spec: ShardSpec, redis_url: str, namespace: str, seed: int = 0):
         self.spec = spec
         self.keys = Keys(namespace)
