@@ -1,4 +1,4 @@
-"""The ``apexq`` command line: ``apexq train`` and ``apexq evaluate``."""
+"""The ``apexq`` command line: ``apexq train``, ``apexq evaluate`` and ``apexq replay-server``."""
 from __future__ import annotations
 
 import time
@@ -33,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--single-process", action="store_true",
                    help="run actors, replay and learner in this one process (no Ray, no Redis): for debugging "
                         "and as a baseline")
+    r = sub.add_parser("replay-server", help="run one replay shard outside Ray, reached through Redis "
+                                             "(for runs with replay.external: true)")
+    r.add_argument("--redis-url", required=True, help="the Redis the run's actors append to (redis:// or rediss://)")
+    r.add_argument("--shard", type=int, required=True, metavar="K", help="which shard, 0 <= K < replay.shards")
+    r.add_argument("--config", help="the run's YAML config (default: configs/mountaincar.yaml)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, as for train")
+    r.add_argument("--namespace", help="the run's Redis key namespace (default: replay.namespace)")
+    r.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = any free port)")
     e = sub.add_parser("evaluate", help="greedy evaluation of a run's policy")
     e.add_argument("target", help="a run directory or a checkpoint file")
     e.add_argument("--episodes", type=int, default=100)
@@ -74,6 +83,8 @@ def cmd_train(args) -> int:
     from .launch import ClusterConfigError, train
     from .redis_server import RedisNotFound
     from replay_server.connection import RedisAuthError
+    if args.single_process and cfg.replay.external:
+        raise UserError("replay.external: --single-process keeps its shards in the process; set replay.external=false")
     try:
         if args.single_process:
             from .serial import train_serial
@@ -109,6 +120,64 @@ def cmd_train(args) -> int:
     if str(summary.get("stop_reason", "")).startswith("gave up") or not summary.get("checkpoint"):
         return 1
     return 0
+
+
+def cmd_replay_server(args) -> int:
+    """One shard as its own process: ingest its stream, answer the learner's requests through Redis."""
+    import signal
+    import threading
+
+    from actors.envs import EnvSpecError, env_spec
+    from replay_server.connection import RedisAuthError, check, redact
+    from replay_server.rpc import ShardRpcServer
+    from replay_server.shard import ReplayShard
+
+    from .components import shard_spec
+    cfg = load_config(args.config, args.overrides)
+    if not 0 <= args.shard < cfg.replay.shards:
+        raise UserError(f"--shard: must be between 0 and replay.shards-1={cfg.replay.shards - 1}, got {args.shard}")
+    ns = args.namespace or cfg.replay.namespace
+    if not ns:
+        raise UserError("--namespace: give the run's namespace (or set replay.namespace in the config)")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UserError(f"--metrics-port: must be between 0 and 65535, got {args.metrics_port}")
+    try:
+        spec = env_spec(cfg.env.id)
+        check(args.redis_url)
+    except (EnvSpecError, RedisAuthError, ConnectionError) as exc:
+        raise UserError(str(exc)) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    shard = ReplayShard(shard_spec(cfg, args.shard, spec), args.redis_url, ns, cfg.seed * 1000 + args.shard)
+    info = shard.start()
+    server = ShardRpcServer(shard, args.redis_url, ns).start()
+
+    def stats() -> dict:
+        return {**shard.stats(), **server.stats()}
+    where = ""
+    if args.metrics_port is not None:
+        from .metrics import serve_component
+        where = f" | metrics at http://{serve_component('shard', args.shard, stats, cfg.metrics.host, args.metrics_port)}/metrics"
+    print(f"apexq replay-server: shard {args.shard} of {cfg.replay.shards} | namespace {ns} | "
+          f"{redact(args.redis_url)} | rebuilt {info['rebuilt']} transitions | capacity {shard.spec.capacity}{where}",
+          flush=True)
+    status = 0
+    while not stop.wait(10.0):
+        if not shard.ping() or not server.alive():
+            print("apexq replay-server: error: a worker thread died; exiting so a supervisor restarts it",
+                  file=sys.stderr, flush=True)
+            status = 1
+            break
+        st = stats()
+        print(f"apexq replay-server: size {st['size']} | inserted {st['inserted']} | sampled {st['sampled']} | "
+              f"requests {st['rpc_requests']} | rejected {st['rejected_total'] + st['rpc_rejected_total']}", flush=True)
+    server.stop()
+    shard.stop()
+    st = stats()
+    print(f"apexq replay-server: stopped | size {st['size']} | inserted {st['inserted']} | sampled {st['sampled']}",
+          flush=True)
+    return status
 
 
 def _load_policy_for_eval(target: Path, env_override):
@@ -179,6 +248,8 @@ def main(argv=None) -> int:
             return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "replay-server":
+            return cmd_replay_server(args)
     except (ConfigError, UserError) as exc:
         print(f"apexq: error: {exc}", file=sys.stderr)
         return 2

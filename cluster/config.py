@@ -91,6 +91,9 @@ class ReplayConfig:
     min_size_to_sample: int = _f(2000, positive())
     error_buffer: float = _f(20_000.0, positive())
     num_cpus: float = _f(0.5, non_negative())
+    external: bool = _f(False)
+    namespace: Optional[str] = _f(None, _rule(lambda v: v is None or (0 < len(v) <= 64 and all(
+        c.isalnum() or c in "-_." for c in v)), "must be 1-64 letters, digits, '-', '_' or '.'"))
 
 
 @dataclass
@@ -263,6 +266,9 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.replay.redis_urls and len(cfg.replay.redis_urls) != cfg.replay.shards:
         raise ConfigError(f"replay.redis_urls: has {len(cfg.replay.redis_urls)} URLs but "
                           f"replay.shards is {cfg.replay.shards}; give one URL per shard or none")
+    if cfg.replay.external and cfg.replay.namespace is None:
+        raise ConfigError("replay.namespace: replay.external shards need a namespace that the run and every "
+                          "`apexq replay-server` are given (e.g. --set replay.namespace=myrun)")
     per_shard = cfg.replay.capacity // cfg.replay.shards
     if per_shard < cfg.learner.batch_size:
         raise ConfigError(f"replay.capacity: {cfg.replay.capacity} over {cfg.replay.shards} shards "

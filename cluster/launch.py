@@ -96,6 +96,7 @@ class Launcher:
         self.members: list[Member] = []
         self.learner: Optional[Member] = None
         self.shards: list[Member] = []
+        self.external_shards: list[Member] = []  # replay.external: not ours to restart or stop
         self.actors: list[Member] = []
         self.t0 = time.monotonic()
         self.launch_wall = time.time()
@@ -113,6 +114,10 @@ class Launcher:
 
     def start_platform(self) -> None:
         from replay_server.connection import check
+        if self.cfg.replay.external and self.redis_url is None and not self.cfg.replay.redis_urls:
+            raise ClusterConfigError(
+                "replay.external: standalone replay servers cannot reach the run's private Redis; pass --redis-url "
+                "(the Redis given to `apexq replay-server`) or set replay.redis_urls")
         if self.redis_url is not None:  # a given Redis must answer before anything starts
             check(self.redis_url)
         import ray
@@ -159,10 +164,10 @@ class Launcher:
 
         cfg = self.cfg
         self.spec = env_spec(cfg.env.id)
-        ns = self.run_dir.run_id
+        ns = self.namespace
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.learner.device != "cpu"
         shard_cls = ray.remote(ReplayShard)
-        for k in range(cfg.replay.shards):
+        for k in range(cfg.replay.shards if not cfg.replay.external else 0):
             h = shard_cls.options(name=self.shard_name(k), num_cpus=cfg.replay.num_cpus, max_concurrency=8,
                                   max_restarts=-1).remote(shard_spec(cfg, k, self.spec), shard_redis_url(cfg, k, self.redis_url), ns,
                                  cfg.seed * 1000 + k)
@@ -181,7 +186,13 @@ class Launcher:
         if cfg.learner.custom_resource:
             learner_opts["resources"] = {cfg.learner.custom_resource: 1}
         learner_cls = ray.remote(Learner).options(**learner_opts)
-        proxies = [RayShardProxy(self.shard_name(m.index)) for m in self.shards]
+        if cfg.replay.external:  # standalone `apexq replay-server` processes, reached through Redis
+            from replay_server.rpc import RedisShardClient
+            proxies = [RedisShardClient(shard_redis_url(cfg, k, self.redis_url), ns, k, self.spec["obs_dim"])
+                       for k in range(cfg.replay.shards)]
+            self.external_shards = [Member("shard", k, p) for k, p in enumerate(proxies)]
+        else:
+            proxies = [RayShardProxy(self.shard_name(m.index)) for m in self.shards]
         lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns,
                                 str(self.run_dir.checkpoint), resume_state, cfg.to_dict(), True)
         self.learner = Member("learner", 0, lh)
@@ -249,6 +260,11 @@ class Launcher:
         tmp.write_text(json.dumps(self.endpoint.sd_document(), indent=1))
         os.replace(tmp, path)
 
+    @property
+    def namespace(self) -> str:
+        """Prefix of the run's Redis keys: replay.namespace, or the run id."""
+        return self.cfg.replay.namespace or self.run_dir.run_id
+
     def shard_name(self, k: int) -> str:
         return f"apexq-{self.run_dir.run_id}-shard-{k}"
 
@@ -309,6 +325,12 @@ class Launcher:
 
     def gather_stats(self, timeout: float = 5.0) -> None:
         import ray
+        for m in self.external_shards:
+            try:
+                m.last_stats = m.handle.stats(timeout=min(timeout, 3.0))
+                m.last_seen = time.monotonic()
+            except Exception as exc:
+                log.warning("standalone replay shard %d did not answer stats: %s", m.index, exc)
         refs = {id(m): m.handle.stats.remote() for m in self.members}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
         ready_set = set(ready)
@@ -331,7 +353,7 @@ class Launcher:
         env_steps = self.offset["env_steps"] + sum(s.get("env_steps", 0) for s in a)
         episodes = self.offset["episodes"] + sum(s.get("episodes", 0) for s in a)
         rets = [r for s in a for r in s.get("returns", [])]
-        sh = [m.last_stats for m in self.shards]
+        sh = [m.last_stats for m in self.shards + self.external_shards]
         ls = self.learner.last_stats
         rec = {
             "time_s": round(self.offset["time_s"] + self.elapsed(), 3),
@@ -377,7 +399,7 @@ class Launcher:
         from replay_server.keys import Keys
         try:
             client = connect(self.redis_url)
-            got = weights_store.fetch_if_newer(client, Keys(self.run_dir.run_id), -1)
+            got = weights_store.fetch_if_newer(client, Keys(self.namespace), -1)
             client.close()
         except Exception as exc:
             log.warning("evaluation skipped: %s", exc)
@@ -484,7 +506,7 @@ class Launcher:
         for k in range(self.cfg.replay.shards):
             try:
                 c = connect(shard_redis_url(self.cfg, k, self.redis_url))
-                shards.append(reconcile(c, self.run_dir.run_id, k))
+                shards.append(reconcile(c, self.namespace, k))
                 c.close()
             except Exception as exc:
                 log.warning("accounting for shard %d failed: %s", k, exc)
@@ -511,7 +533,7 @@ class Launcher:
     def _backlog(self) -> int:
         from replay_server.connection import connect
         from replay_server.keys import Keys
-        keys = Keys(self.run_dir.run_id)
+        keys = Keys(self.namespace)
         total = 0
         for k in range(self.cfg.replay.shards):
             try:

@@ -39,6 +39,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "apexq_replay_rate_limiter_waits_total": ("counter", "Rate-limiter waits (side=insert: the shard held back ingest; side=sample: a sample waited).", ("shard", "side")),
     "apexq_replay_priority_updates_total": ("counter", "Priority updates applied.", ("shard",)),
     "apexq_replay_stale_priority_updates_total": ("counter", "Priority updates ignored because the item was evicted.", ("shard",)),
+    "apexq_replay_rpc_requests_total": ("counter", "Sample and stats requests served by a standalone shard (apexq replay-server).", ("shard",)),
+    "apexq_replay_rpc_rejected_total": ("counter", "Malformed or forged requests a standalone shard dropped, by reason.", ("shard", "reason")),
     # learner
     "apexq_learner_updates_total": ("counter", "Gradient updates done by the learner.", ()),
     "apexq_learner_transitions_sampled_total": ("counter", "Transitions the learner trained on.", ()),
@@ -116,6 +118,12 @@ class StatsCollector:
         yield f
         yield self._emit("apexq_replay_priority_updates_total", s["priority_updates"], i)
         yield self._emit("apexq_replay_stale_priority_updates_total", s["priority_updates_stale"], i)
+        if "rpc_requests" in s:  # standalone shards only
+            yield self._emit("apexq_replay_rpc_requests_total", s["rpc_requests"], i)
+            f = _family("apexq_replay_rpc_rejected_total")
+            for reason, n in s.get("rpc_rejected", {}).items():
+                f.add_metric([i, reason], float(n))
+            yield f
 
     def _learner(self, s):
         yield self._emit("apexq_learner_updates_total", s["updates"])

@@ -25,6 +25,18 @@ class Keys:
         """Hash of the shard's durable counters: ingested transitions, rejected entries."""
         return f"apexq:{self.namespace}:shard:{shard}:counts"
 
+    def rpc(self, shard: int) -> str:
+        """List of sample/stats requests to a standalone shard (``apexq replay-server``)."""
+        return f"apexq:{self.namespace}:shard:{shard}:rpc"
+
+    def prio(self, shard: int) -> str:
+        """List of priority updates to a standalone shard."""
+        return f"apexq:{self.namespace}:shard:{shard}:prio"
+
+    def reply(self, shard: int, client: str) -> str:
+        """A requester's own list of replies from a standalone shard."""
+        return f"apexq:{self.namespace}:shard:{shard}:reply:{client}"
+
     @property
     def weights(self) -> str:
         return f"apexq:{self.namespace}:weights"
