@@ -81,6 +81,7 @@ def cmd_train(args) -> int:
     except OSError as exc:
         raise UserError(f"--run-dir {rd.path}: cannot write there ({exc.strerror or exc})") from None
     from .launch import ClusterConfigError, train
+    from .run_dir import RunDirError
     from .redis_server import RedisNotFound
     from replay_server.connection import RedisAuthError
     if args.single_process and cfg.replay.external:
@@ -96,7 +97,7 @@ def cmd_train(args) -> int:
         else:
             summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume),
                             launch_time=LAUNCH_TIME)
-    except (RedisNotFound, RedisAuthError, ConnectionError, ClusterConfigError) as exc:
+    except (RedisNotFound, RedisAuthError, ConnectionError, ClusterConfigError, RunDirError) as exc:
         raise UserError(str(exc)) from None
     from .plots import write_curve
     records = rd.read_metrics()
@@ -117,7 +118,7 @@ def cmd_train(args) -> int:
     print(f"apexq: done ({summary.get('stop_reason')}) | env steps {final.get('env_steps', 0)} | "
           f"updates {final.get('updates', 0)} | inserted {final.get('transitions_inserted', 0)} | "
           f"sampled {final.get('transitions_sampled', 0)} | checkpoint {summary.get('checkpoint')} | run {rd.path}")
-    if str(summary.get("stop_reason", "")).startswith("gave up") or not summary.get("checkpoint"):
+    if str(summary.get("stop_reason", "")).startswith(("gave up", "run directory failed")) or not summary.get("checkpoint"):
         return 1
     return 0
 

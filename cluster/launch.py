@@ -18,7 +18,7 @@ import numpy as np
 
 from .components import actor_settings, learner_settings, shard_redis_url, shard_spec
 from .config import Config
-from .run_dir import RunDir
+from .run_dir import RunDir, RunDirError
 
 log = logging.getLogger("apexq")
 
@@ -219,7 +219,7 @@ class Launcher:
             log.warning("could not record placement: %s", exc)
             return
         placement = [{"kind": m.kind, "index": m.index, "node_id": n} for m, n in zip(self.members, nodes)]
-        (self.run_dir.path / "placement.json").write_text(json.dumps(placement, indent=1))
+        self.run_dir.write_json("placement.json", placement)
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -255,10 +255,7 @@ class Launcher:
         self.write_file_sd()
 
     def write_file_sd(self) -> None:
-        path = self.run_dir.path / "prometheus_targets.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.endpoint.sd_document(), indent=1))
-        os.replace(tmp, path)
+        self.run_dir.write_json("prometheus_targets.json", self.endpoint.sd_document())
 
     @property
     def namespace(self) -> str:
@@ -434,6 +431,8 @@ class Launcher:
             if now >= next_tick or self.solved_at is not None:
                 self.gather_stats()
                 self.check_heartbeats()
+                if self.learner.last_stats.get("checkpoint_error"):  # e.g. the disk is full
+                    raise RunDirError(self.learner.last_stats["checkpoint_error"])
                 rec = self.record(prev)
                 rec["eval_time_s"] = round(eval_time, 3)
                 self.run_dir.append_metrics(rec)
@@ -486,14 +485,20 @@ class Launcher:
             summary["checkpoint"] = path
         except Exception as exc:
             log.error("final checkpoint failed: %s", exc)
-            print(f"apexq: final checkpoint failed: {exc}", file=self.out, flush=True)
+            path = None
         self.gather_stats()
+        if path is None:
+            why = self.learner.last_stats.get("checkpoint_error") or "the learner did not answer"
+            print(f"apexq: final checkpoint failed: {why}", file=self.out, flush=True)
         rec = self.record(None)
         for m in self.shards:
             m.handle.stop.remote()
         ray.wait([m.run_ref for m in self.shards], num_returns=len(self.shards), timeout=10)
-        self.run_dir.write_state(extra)
-        self.run_dir.append_metrics({**rec, "final": True})
+        try:
+            self.run_dir.write_state(extra)
+            self.run_dir.append_metrics({**rec, "final": True})
+        except RunDirError as exc:
+            print(f"apexq: could not write the final record: {exc}", file=self.out, flush=True)
         summary["record"] = rec
         summary["accounting"] = self.accounting()
         return summary
@@ -527,7 +532,10 @@ class Launcher:
             "in_flight_lost": sum(st.get("in_flight", 0) for st in self.dead_actor_stats),
             "actor_restarts": len(self.dead_actor_stats), "shards": shards,
         }
-        (self.run_dir.path / "accounting.json").write_text(json.dumps(acct, indent=1))
+        try:
+            self.run_dir.write_json("accounting.json", acct)
+        except RunDirError as exc:
+            print(f"apexq: could not write accounting.json: {exc}", file=self.out, flush=True)
         return acct
 
     def _backlog(self) -> int:
@@ -594,6 +602,10 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
         except SupervisorGaveUp as exc:
             launcher.stop_reason = f"gave up: {exc}"
             print(f"apexq: error: {exc}", file=out, flush=True)
+        except RunDirError as exc:
+            launcher.stop_reason = f"run directory failed: {exc}"
+            print(f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
+                  f"apexq train --resume {run_dir.path}", file=out, flush=True)
         finally:
             try:
                 summary = launcher.shutdown_components()

@@ -13,6 +13,10 @@ import yaml
 from .config import Config, dump_config
 
 
+class RunDirError(RuntimeError):
+    """Writing the run directory failed (disk full, read-only, removed); one line for the user."""
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -48,9 +52,44 @@ class RunDir:
         probe.unlink()
         (self.path / "config.yaml").write_text(dump_config(cfg))
 
+    def _failed(self, name: str, exc: OSError) -> RunDirError:
+        return RunDirError(f"{self.path}: {exc.strerror or exc} while writing {name}")
+
     def append_metrics(self, record: dict) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one line, all or nothing: a write cut short (disk full) is truncated away again."""
+        data = (json.dumps(record) + "\n").encode()
+        try:
+            fd = os.open(self.metrics, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise self._failed(self.metrics.name, exc) from None
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(28, "No space left on device")
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise self._failed(self.metrics.name, exc) from None
+        finally:
+            os.close(fd)
+
+    def write_json(self, name: str, obj) -> None:
+        """Write ``name`` atomically (temporary file, then rename): the previous version survives a failure."""
+        path = self.path / name
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(obj, indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise self._failed(name, exc) from None
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():
@@ -66,9 +105,7 @@ class RunDir:
         return out
 
     def write_state(self, state: dict) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_file)
+        self.write_json(self.state_file.name, state)
 
     def read_state(self) -> Optional[dict]:
         if not self.state_file.exists():

@@ -101,6 +101,7 @@ class Learner:
         self._stop = threading.Event()
         self.metrics = {"loss": None, "td_abs": None, "q_mean": None}
         self.priority_errors = 0
+        self.checkpoint_error: Optional[str] = None
         self._prio_buf: list = []
         self.sampler: Optional[PrefetchSampler] = None
         # shards living in this process are sampled and updated on the training thread (see prefetch.py)
@@ -165,8 +166,15 @@ class Learner:
             self.extra.update(extra)
         if not self.checkpoint_path:
             return None
-        ckpt.save_atomic(self.state(), self.checkpoint_path)
         self._last_ckpt = time.monotonic()
+        try:
+            ckpt.save_atomic(self.state(), self.checkpoint_path)
+        except OSError as exc:  # disk full, folder gone: the previous checkpoint is still whole
+            self.checkpoint_error = (f"{os.path.dirname(self.checkpoint_path)}: {exc.strerror or exc} while "
+                                     f"writing {os.path.basename(self.checkpoint_path)}")
+            log.error("checkpoint failed: %s", self.checkpoint_error)
+            return None
+        self.checkpoint_error = None
         policy_path = os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2")
         snapshot = copy.deepcopy(self.online).to("cpu")
         running = self._export_future is not None and not self._export_future.done()
@@ -298,4 +306,5 @@ class Learner:
         return {"updates": self.updates, "weights_version": self.weights_version,
                 "transitions_sampled": sp.sampled if sp else 0, "sample_waits": sp.waits if sp else 0,
                 "beta": self.beta(), "device": str(self.device), "priority_errors": self.priority_errors,
+                "checkpoint_error": self.checkpoint_error,
                 **self.metrics}

@@ -182,3 +182,71 @@ def test_bad_input_at_every_door_is_one_line(tmp_path, redis_server):
         assert r.returncode == 2, (args, r.stdout[-500:], r.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith(prefix), (args, r.stderr)
     assert (bad / "checkpoint.pt").read_bytes() == b"garbage"   # nothing already stored was touched
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that can really fill up (needs mount rights, as root in CI)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(path: Path) -> Path:
+    """Write a file until the disk is full."""
+    filler = path / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_full_disk_stops_the_run_with_one_line_and_keeps_what_was_stored(tiny_disk):
+    """The run directory's disk fills mid-run: one clear error line, non-zero exit, no traceback; the
+    last checkpoint and every metrics line already written stay intact, and the run resumes once
+    there is space again."""
+    run_dir = tiny_disk / "run"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *short_run_args(run_dir, 200),
+                          "--set", "learner.checkpoint_every_s=2", "--set", "train.progress_every_s=1"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import torch
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            ckpt = run_dir / "checkpoint.pt"
+            if ckpt.exists() and torch.load(ckpt, weights_only=True)["updates"] > 0:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no checkpoint with updates appeared")
+        filler = fill(tiny_disk)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("apexq: error:")]
+    assert len(errors) == 1 and "No space left on device while writing" in errors[0], out[-3000:]
+    assert f"apexq train --resume {run_dir}" in errors[0]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)     # whole, not a torn write
+    assert saved["updates"] > 0
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line) for line in lines)           # no half-written record
+    assert not list(run_dir.glob("*.tmp"))
+    # space again: the run goes on from its checkpoint
+    filler.unlink()
+    last_time = json.loads(lines[-1])["time_s"]
+    r = apexq("train", "--resume", str(run_dir), "--set", f"train.max_seconds={last_time + 12}", timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["updates"] > saved["updates"]
