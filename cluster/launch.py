@@ -4,7 +4,6 @@ Only this module calls ``ray.remote``; every component is a plain class.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
