@@ -15,6 +15,9 @@ AOF everysec) and one Python process (this one, same client library) measure:
                       in a loop (no read-ahead), for reference;
 * ``sample_tps``      ``ReplayShard.sample(512)`` then ``update_priorities`` of the same keys
                       on a full shard, transitions/s;
+* ``rpc_sample_tps``  the same sampling (4 minibatches of ``--batch`` per request, as the learner
+                      asks) from an ``apexq replay-server`` process through Redis, with a priority
+                      update per request: what a learner gets from a standalone shard (info);
 * ``shard_memory_ratio``  peak bytes allocated (tracemalloc: numpy arrays and Python objects)
                       while a shard is built and fills to 1M transitions from the stream,
                       divided by the raw bytes of 1M transitions (32 B each for MountainCar);
@@ -155,6 +158,37 @@ def sample_loop(shard: ReplayShard, calls: int, batch: int, chunk: int = 200, se
     return both, alone
 
 
+def rpc_sample_loop(url: str, capacity: int, calls: int, batch: int, chunk: int = 10) -> list:
+    """Transitions/s sampled from an ``apexq replay-server`` subprocess (it rebuilds the stream's window)."""
+    import subprocess
+    from replay_server.rpc import RedisShardClient
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "replay-server", "--redis-url", url, "--shard", "0",
+         "--namespace", NAMESPACE, "--set", f"replay.capacity={capacity}", "--set", "replay.min_size_to_sample=1",
+         "--set", "replay.samples_per_insert=1000", "--set", "replay.error_buffer=1e15",
+         "--set", f"learner.batch_size={min(batch, capacity)}"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if "apexq replay-server: shard 0" not in line:
+            raise RuntimeError(f"replay-server did not start: {line}{proc.stderr.read()[-2000:]}")
+        client = RedisShardClient(url, NAMESPACE, 0, OBS_DIM)
+        client.sample(4 * batch, timeout=5.0)
+        rates = []
+        for _ in range(max(1, calls // chunk)):
+            t0 = time.perf_counter()
+            for _ in range(chunk):
+                res = client.sample(4 * batch, timeout=5.0)
+                client.update_priorities(res["keys"], np.abs(res["ret"]))
+            rates.append(chunk * 4 * batch / (time.perf_counter() - t0))
+        client.close()
+        return rates
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
@@ -217,6 +251,9 @@ def main() -> None:
 
         # 3. sampling on the full shard
         both_rates, alone_rates = sample_loop(shard, sample_calls, args.batch)
+
+        # 4. the same through a standalone shard process (apexq replay-server) and Redis
+        rpc_rates = rpc_sample_loop(server.url, capacity, max(20, sample_calls // 10), args.batch)
     finally:
         server.stop()
 
@@ -231,6 +268,7 @@ def main() -> None:
         "raw_xadd_tps": round(med(xadd_rates)),
         "sample_tps": round(med(both_rates)),
         "sample_only_tps": round(med(alone_rates)),
+        "rpc_sample_tps": round(med(rpc_rates)),
         "shard_memory_ratio": round(shard_ratio, 3),
         "redis_memory_ratio": round(redis_ratio, 3),
         "shard_peak_bytes": int(shard_peak),
@@ -271,6 +309,8 @@ def main() -> None:
         ("shard first fill (cold ring, traced)", f"{figures['first_fill_tps'] / M:8.2f} M/s", "info"),
         (f"sample({args.batch}) + update_priorities", f"{figures['sample_tps'] / M:8.2f} M/s", ">= 1 M/s"),
         (f"sample({args.batch}) alone", f"{figures['sample_only_tps'] / M:8.2f} M/s", "info"),
+        (f"replay-server via Redis, 4x{args.batch} + priorities", f"{figures['rpc_sample_tps'] / M:8.2f} M/s",
+         f"info: {figures['rpc_sample_tps'] / figures['sample_tps']:.0%} of in-process"),
         (f"shard peak memory, {held:,} transitions", f"{shard_peak / 2**20:8.1f} MiB",
          f"{shard_ratio:.2f}x raw (<= 2)"),
         (f"Redis used_memory, {stream_len * bs:,} in stream", f"{redis_bytes / 2**20:8.1f} MiB",

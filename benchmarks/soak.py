@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--tolerance-pct", type=float, default=5.0)
     ap.add_argument("--tolerance-mb", type=float, default=8.0)
     args = ap.parse_args()
-    seconds = 100.0 if args.quick else args.seconds
+    seconds = 80.0 if args.quick else args.seconds
     work = Path(tempfile.mkdtemp(prefix="apexq-soak-"))
     (work / "redis").mkdir()
     server = RedisServer(find_server(), data_dir=str(work / "redis")).start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,9 @@ def _type_name(tp) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, tp) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
@@ -215,6 +219,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise wrong
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e15" (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         if not math.isfinite(value):

@@ -105,6 +105,7 @@ class Launcher:
         self.solved_at: Optional[float] = None
         self.stop_reason = "finished"
         self._stop = threading.Event()
+        self.interrupt = threading.Event()  # set by SIGINT/SIGTERM while the loop runs
         self.endpoint = None
         self.dead_actor_stats: list[dict] = []
         self.first_env_step_s: Optional[float] = None
@@ -413,8 +414,11 @@ class Launcher:
         next_tick = time.monotonic() + min(cfg.train.progress_every_s, 2.0)
         next_eval = time.monotonic() + cfg.eval.every_seconds if cfg.eval.every_seconds > 0 else float("inf")
         eval_time = 0.0
+        _RUNNING["launcher"] = self
         while not self._stop.is_set():
             time.sleep(0.1)
+            if self.interrupt.is_set():
+                raise KeyboardInterrupt  # from a known place: see install_signal_handlers
             self.supervise()
             now = time.monotonic()
             if now >= next_eval:
@@ -570,11 +574,25 @@ class Launcher:
                 self.offset[k] = state.get(k, 0)
 
 
+_RUNNING: dict = {"launcher": None}
+
+
 def install_signal_handlers() -> None:
-    """SIGTERM behaves like Ctrl-C: the main thread unwinds through the graceful stop."""
+    """SIGINT and SIGTERM stop the run gracefully.
+
+    While the components run, the first signal only sets a flag that the driver's loop turns
+    into the graceful stop at its next tick (every 0.1 s): an exception raised at an arbitrary
+    point, e.g. inside a Ray call, could leave a lock held and hang the shutdown. Before the
+    loop (start-up), and for a second signal, they interrupt at once (KeyboardInterrupt).
+    """
     def handler(signum, frame):
+        launcher = _RUNNING["launcher"]
+        if launcher is not None and not launcher.interrupt.is_set():
+            launcher.interrupt.set()
+            return
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=False, out=sys.stdout,
@@ -614,6 +632,8 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
                 launcher.stop_platform()
     except KeyboardInterrupt:
         launcher.stop_platform()
+    finally:
+        _RUNNING["launcher"] = None
     summary["stop_reason"] = launcher.stop_reason
     summary["solved_at_s"] = launcher.solved_at
     return summary

@@ -103,7 +103,11 @@ def test_signal_stops_gracefully_with_a_checkpoint(tmp_path, sig):
         pytest.fail("the run never started updating")
     t0 = time.monotonic()
     p.send_signal(sig)
-    out, _ = p.communicate(timeout=60)
+    try:
+        out, _ = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        p.kill()
+        pytest.fail(f"no exit 60 s after {sig.name}: {(exc.output or b'')[-3000:]!r}")
     took = time.monotonic() - t0
     assert p.returncode == 0, out[-3000:]
     assert took < 15, f"graceful stop took {took:.1f}s"

@@ -55,7 +55,10 @@ def test_killed_actor_and_shard_are_replaced_and_nothing_acknowledged_is_lost(tm
         # the shard is rebuilt from Redis with at least what it held before the kill
         assert wait(lambda: records(run_dir)[-1]["restarts"] >= 2, 60)
         assert wait(lambda: records(run_dir)[-1]["replay_size"] >= size_before, 60), records(run_dir)[-1]
-        out, _ = p.communicate(timeout=180)
+        n = len(records(run_dir))
+        assert wait(lambda: len(records(run_dir)) >= n + 3, 30)  # a few more seconds of training
+        p.send_signal(signal.SIGTERM)  # then a graceful stop (no need to wait for max_seconds)
+        out, _ = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
@@ -93,7 +96,9 @@ def test_redis_killed_and_restarted_with_aof_the_run_continues(tmp_path):
                               and r["transitions_inserted"] > before["transitions_inserted"]
                               and r["updates"] > before["updates"]], 60)
         assert after, "the run did not continue after the Redis restart"
-        out, _ = p.communicate(timeout=180)
+        assert wait(lambda: records(run_dir)[-1]["time_s"] > after[0]["time_s"] + 4, 30)
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
@@ -105,6 +110,6 @@ def test_redis_killed_and_restarted_with_aof_the_run_continues(tmp_path):
     # (AOF everysec; a SIGKILLed server usually loses nothing, the data is in the page cache)
     assert acct["lost_in_redis"] <= rate * 1.0 + 2 * 256, (acct, rate)
     last = records(run_dir)[-1]
-    assert last["env_steps"] > before["env_steps"] + rate * 5
+    assert last["env_steps"] > before["env_steps"] + rate * 2
     assert min(last["actor_weights_versions"]) > before["weights_version"]  # weights flow again
     print(f"lost_in_redis={acct['lost_in_redis']} at {rate:.0f} env steps/s")

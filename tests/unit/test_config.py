@@ -39,6 +39,11 @@ def test_overrides_coerce_types():
                                  "learner.hidden_sizes=[64, 64]", "learner.dueling=true"])
     assert cfg.actors.num == 4 and cfg.train.stop_at_return == -110.0 and cfg.train.max_env_steps is None
     assert cfg.learner.hidden_sizes == [64, 64] and cfg.learner.dueling is True
+    # YAML 1.1 reads 1e15 (no dot) as a string: a float key still takes it as the number
+    cfg = load_config(overrides=["replay.error_buffer=1e15", "learner.lr=5E-4"])
+    assert cfg.replay.error_buffer == 1e15 and cfg.learner.lr == 5e-4
+    with pytest.raises(ConfigError, match="replay.error_buffer: expected a number, got '1e15x'"):
+        load_config(overrides=["replay.error_buffer=1e15x"])
 
 
 def test_deadlocking_rate_limiter_is_refused():
