@@ -101,3 +101,19 @@ def test_compiled_update_matches_eager(tmp_path):
         torch.testing.assert_close(a["td"], b["td"], rtol=1e-4, atol=1e-5)
     for pa, pb in zip(eager.online.parameters(), compiled.online.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_repeated_exports_carry_the_current_weights(tmp_path):
+    """Later checkpoints re-save the traced program with new weights: the file follows the network."""
+    from learner.export import PolicyExporter
+    from learner.network import build_network
+    net = build_network(SPEC, [16, 16], True)
+    exporter = PolicyExporter()
+    x = torch.randn(32, 2) * torch.tensor([0.5, 0.03])
+    exporter.save(net, tmp_path / "policy.pt2")
+    torch.testing.assert_close(load_policy(tmp_path / "policy.pt2")(x), net(x))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    exporter.save(net, tmp_path / "policy.pt2")
+    torch.testing.assert_close(load_policy(tmp_path / "policy.pt2")(x), net(x))
