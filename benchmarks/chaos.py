@@ -16,14 +16,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.redis_server import RedisServer, find_server  # noqa: E402
+from owned_run import Run, start_owned_run  # noqa: E402
 from replay_server.accounting import reconcile  # noqa: E402
 from replay_server.connection import connect  # noqa: E402
 
@@ -39,20 +38,6 @@ def rss_mb(pattern: str) -> float:
     out = subprocess.run(["ps", "-eo", "rss=,args="], capture_output=True, text=True).stdout
     vals = [int(l.split()[0]) / 1024 for l in out.splitlines() if pattern in l]
     return max(vals) if vals else 0.0
-
-
-class Run:
-    def __init__(self, run_dir: Path):
-        self.metrics = run_dir / "metrics.jsonl"
-
-    def records(self) -> list[dict]:
-        if not self.metrics.exists():
-            return []
-        return [json.loads(l) for l in self.metrics.read_text().splitlines() if l.strip()]
-
-    def last(self) -> dict:
-        r = self.records()
-        return r[-1] if r else {}
 
 
 def wait_until(pred, timeout: float) -> bool:
@@ -79,16 +64,9 @@ def main() -> None:
     args = ap.parse_args()
     seconds = 110.0 if args.quick else args.seconds
     rng = random.Random(args.seed)
-    work = Path(tempfile.mkdtemp(prefix="apexq-chaos-"))
-    (work / "redis").mkdir()
-    server = RedisServer(find_server(), data_dir=str(work / "redis")).start()
-    run_dir = work / "run"
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
-           "--set", f"train.max_seconds={seconds}", "--set", "train.progress_every_s=1", "--set", "metrics.port=0",
-           "--set", "learner.checkpoint_every_s=8", "--set", "eval.every_seconds=8"]
     t_launch = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, run_dir, proc = start_owned_run("apexq-chaos-", seconds, [
+        "train.progress_every_s=1", "learner.checkpoint_every_s=8", "eval.every_seconds=8"])
     run = Run(run_dir)
     faults: list[dict] = []
     peak = {k: 0.0 for k in PROCESS}

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.redis_server import RedisServer, find_server  # noqa: E402
+from owned_run import Run, start_owned_run  # noqa: E402
 
 KINDS = {"actor": "ray::ActorService", "shard": "ray::ShardService", "learner": "ray::LearnerService"}
 
@@ -71,28 +69,19 @@ def main() -> None:
     ap.add_argument("--tolerance-mb", type=float, default=8.0)
     args = ap.parse_args()
     seconds = 80.0 if args.quick else args.seconds
-    work = Path(tempfile.mkdtemp(prefix="apexq-soak-"))
-    (work / "redis").mkdir()
-    server = RedisServer(find_server(), data_dir=str(work / "redis")).start()
-    run_dir = work / "run"
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
-           "--set", f"train.max_seconds={seconds}", "--set", "train.progress_every_s=2", "--set", "metrics.port=0",
-           "--set", f"replay.capacity={args.capacity}", "--set", "replay.min_size_to_sample=1000",
-           "--set", "learner.checkpoint_every_s=10", "--set", "eval.every_seconds=15"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = run_dir / "metrics.jsonl"
+    server, run_dir, proc = start_owned_run("apexq-soak-", seconds, [
+        "train.progress_every_s=2", f"replay.capacity={args.capacity}", "replay.min_size_to_sample=1000",
+        "learner.checkpoint_every_s=10", "eval.every_seconds=15"])
+    run = Run(run_dir)
     samples: list[tuple[float, dict]] = []
     full_at = None
     t0 = time.monotonic()
     try:
         while proc.poll() is None:
             time.sleep(args.interval)
-            if full_at is None and metrics.exists():
-                recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-                if recs and recs[-1].get("replay_size", 0) >= args.capacity:
-                    full_at = time.monotonic() - t0
-                    print(f"soak: replay full at {full_at:.0f}s; watching memory", flush=True)
+            if full_at is None and run.last().get("replay_size", 0) >= args.capacity:
+                full_at = time.monotonic() - t0
+                print(f"soak: replay full at {full_at:.0f}s; watching memory", flush=True)
             if full_at is not None:
                 samples.append((time.monotonic() - t0, sample(proc.pid, server.proc.pid)))
                 if len(samples) % 15 == 0:

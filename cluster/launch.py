@@ -322,13 +322,13 @@ class Launcher:
 
     def gather_stats(self, timeout: float = 5.0) -> None:
         import ray
-        for m in self.external_shards:
+        refs = {id(m): m.handle.stats.remote() for m in self.members}
+        for m in self.external_shards:  # asked while the Ray components answer
             try:
                 m.last_stats = m.handle.stats(timeout=min(timeout, 3.0))
                 m.last_seen = time.monotonic()
             except Exception as exc:
                 log.warning("standalone replay shard %d did not answer stats: %s", m.index, exc)
-        refs = {id(m): m.handle.stats.remote() for m in self.members}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
         ready_set = set(ready)
         for m in self.members:

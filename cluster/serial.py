@@ -22,7 +22,7 @@ from replay_server.shard import ReplayShard
 
 from .components import actor_settings, learner_settings, shard_spec
 from .config import Config
-from .run_dir import RunDir
+from .run_dir import RunDir, RunDirError
 
 
 class DirectWriter:
@@ -79,7 +79,7 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
     for a in actors:
         a._load(*a.weights.poll())
         a.reset()
-    sampler = PrefetchSampler(shards, cfg.learner.batch_size, 1, learner.device, learner.beta, seed=cfg.seed,
+    sampler = PrefetchSampler(shards, cfg.learner.batch_size, 1, learner.device, learner.beta, rng=learner.sample_rng,
                               timeout=0.0)
     print(f"apexq: single-process run {run_dir.run_id} in {run_dir.path} | env {cfg.env.id} | "
           f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs | ready in {time.monotonic() - t0:.1f}s",
@@ -101,10 +101,7 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
                     break
                 batch = got[0]
                 extra = learner.step(batch)
-                pr = extra["td"].abs().cpu().numpy()
-                for k in np.unique(batch["shard"]):
-                    m = batch["shard"] == k
-                    shards[int(k)].update_priorities(batch["keys"][m], pr[m])
+                learner.send_priorities(batch["keys"], batch["shard"], extra["td"])
                 if learner.updates % cfg.learner.publish_every == 0:
                     learner.publish()
                 if learner.updates % 10 == 0:
@@ -151,6 +148,12 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
                 break
     except KeyboardInterrupt:
         stop_reason = "interrupted"
-    learner.save_checkpoint({"time_s": time.monotonic() - t0, "env_steps": sum(a.env_steps for a in actors)})
-    return {"stop_reason": stop_reason, "solved_at_s": solved_at, "checkpoint": str(run_dir.checkpoint),
+    except RunDirError as exc:
+        stop_reason = f"run directory failed: {exc}"
+        print(f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
+              f"apexq train --resume {run_dir.path}", file=out, flush=True)
+    path = learner.save_checkpoint({"time_s": time.monotonic() - t0, "env_steps": sum(a.env_steps for a in actors)})
+    if path is None:
+        print(f"apexq: final checkpoint failed: {learner.checkpoint_error}", file=out, flush=True)
+    return {"stop_reason": stop_reason, "solved_at_s": solved_at, "checkpoint": path,
             "eval_time_s": eval_time, "record": prev or {}}

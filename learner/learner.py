@@ -133,7 +133,7 @@ class Learner:
         return {"format": "apexq-checkpoint-v1", "online": self.online.state_dict(),
                 "target": self.target.state_dict(), "optimizer": self.opt.state_dict(),
                 "updates": self.updates, "weights_version": self.weights_version,
-                "torch_rng": torch.get_rng_state(), "numpy_rng": self.rng_state(),
+                "torch_rng": torch.get_rng_state(), "numpy_rng": self.sample_rng.bit_generator.state,
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "settings": asdict(self.s), "spec": self.spec,
                 "config": self.config, "extra": dict(self.extra)}
@@ -152,18 +152,14 @@ class Learner:
         if state.get("cuda_rng") and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def rng_state(self) -> dict:
-        """The minibatch sampler's numpy generator state (plain ints and strings: loads with weights_only)."""
-        return self.sample_rng.bit_generator.state
-
-    def save_checkpoint(self, extra: Optional[dict] = None, wait_export: bool = True) -> Optional[str]:
+    def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
         """Write the checkpoint (atomic) and, beside it, the exported greedy policy ``policy.pt2``.
 
         The export runs on the calling (training) thread: about 0.1-0.3 s for the default
         network after a one-time 2 s warm-up. On a second thread it raced with the update --
         torch.export switches process-wide dispatch state, and an optimizer step running
-        meanwhile failed (seen once as a TypeError inside Adam). ``wait_export`` is kept for
-        callers; the export is always complete when this returns.
+        meanwhile failed (seen once as a TypeError inside Adam). Returns None (and records
+        ``checkpoint_error``) when the checkpoint could not be written.
         """
         if extra:
             self.extra.update(extra)
@@ -237,7 +233,7 @@ class Learner:
         extra["loss"] = loss.detach()
         return extra
 
-    def _send_priorities(self, keys: np.ndarray, shard_of: np.ndarray, td: torch.Tensor) -> None:
+    def send_priorities(self, keys: np.ndarray, shard_of: np.ndarray, td: torch.Tensor) -> None:
         """Queue new priorities; they leave in one call per shard every ``batches_per_request`` updates."""
         self._prio_buf.append((keys, shard_of, new_priorities(td, 0.0).cpu().numpy()))
         if len(self._prio_buf) < self.s.batches_per_request:
@@ -272,14 +268,14 @@ class Learner:
                 if batch is None:
                     continue
                 extra = self.step(batch)
-                self._send_priorities(batch["keys"], batch["shard"], extra["td"])
+                self.send_priorities(batch["keys"], batch["shard"], extra["td"])
                 if self.updates % 10 == 0:
                     self.metrics = {"loss": float(extra["loss"]), "td_abs": float(extra["td"].abs().mean()),
                                     "q_mean": float(extra["q_taken"].mean())}
                 if self.updates % self.s.publish_every == 0:
                     self.publish()
                 if time.monotonic() - self._last_ckpt >= self.s.checkpoint_every_s:
-                    self.save_checkpoint(wait_export=False)
+                    self.save_checkpoint()
                 if max_updates is not None and self.updates >= max_updates:
                     break
         finally:

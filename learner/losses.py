@@ -21,17 +21,14 @@ def double_dqn_targets(ret: torch.Tensor, discount: torch.Tensor, q_next_online:
     return ret + discount * q_next_target.gather(1, best).squeeze(1)
 
 
-def importance_weights(prob: torch.Tensor, size: int, beta: float) -> torch.Tensor:
-    """``w_i = (size * P(i)) ** -beta``, normalised by the batch maximum. prob: [B] -> [B]."""
-    w = (size * prob) ** (-beta)
-    return w / w.max()
+def importance_weights(prob: np.ndarray, size: int, beta: float) -> np.ndarray:
+    """``w_i = (size * P(i)) ** -beta``, normalised by the minibatch maximum.
 
-
-def importance_weights_np(prob: np.ndarray, size: int, beta: float) -> np.ndarray:
-    """:func:`importance_weights` for ``k`` minibatches at once in numpy: prob [k, B] -> float32 [k, B],
-    each row normalised by its own maximum."""
-    w = (size * prob) ** (-beta)
-    return (w / w.max(axis=1, keepdims=True)).astype(np.float32)
+    prob: [B] or [k, B] (k minibatches at once, each row normalised by its own maximum) ->
+    float32 of the same shape.
+    """
+    w = (size * np.asarray(prob, np.float64)) ** (-beta)
+    return (w / w.max(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def td_loss(q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

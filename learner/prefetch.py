@@ -26,15 +26,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .losses import importance_weights_np
+from .losses import importance_weights
 
 log = logging.getLogger(__name__)
 
 
 class PrefetchSampler:
     def __init__(self, shards: Sequence, batch_size: int, depth: int, device: torch.device,
-                 beta: Callable[[], float], seed: int = 0, rng: Optional[np.random.Generator] = None, timeout: float = 1.0, batches_per_request: int = 1,
-                 inline: bool = False):
+                 beta: Callable[[], float], rng: Optional[np.random.Generator] = None, timeout: float = 1.0,
+                 batches_per_request: int = 1, inline: bool = False):
         self.shards = list(shards)
         self.batch_size = batch_size
         # one request per shard brings this many minibatches: remote-call overhead is paid once
@@ -42,7 +42,7 @@ class PrefetchSampler:
         self.device = device
         self.beta = beta
         self.timeout = timeout
-        self.rng = rng if rng is not None else np.random.default_rng([seed, 7])
+        self.rng = rng if rng is not None else np.random.default_rng(0)
         self.totals = np.ones(len(self.shards))
         self.sizes = np.zeros(len(self.shards), np.int64)
         # one queue item = the minibatches of one request (fewer hand-offs between the threads)
@@ -163,7 +163,7 @@ class PrefetchSampler:
             shard_of, gprob = shard_of[perm], gprob[perm]
         self.sampled += int(len(shard_of))
         # importance weights of all k minibatches at once, each normalised by its own maximum
-        w = importance_weights_np(gprob.reshape(k, B), size, self.beta())
+        w = importance_weights(gprob.reshape(k, B), size, self.beta())
         pin = self.device.type == "cuda"
 
         def dev(a, dtype=None):

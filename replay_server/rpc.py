@@ -191,12 +191,10 @@ class ShardRpcServer:
             if res is None:
                 msg = encode({"id": rid, "ok": False})
             else:
-                cols = (res["keys"].astype("<i8", copy=False), res["obs"].astype("<f4", copy=False),
-                        res["action"].astype("<i4", copy=False), res["ret"].astype("<f4", copy=False),
-                        res["discount"].astype("<f4", copy=False), res["next_obs"].astype("<f4", copy=False),
-                        np.asarray(res["prob"], "<f8"))
-                msg = encode({"id": rid, "ok": True, "n": int(len(res["keys"])), "total": float(res["total"]),
-                              "size": int(res["size"])}, cols)
+                head = {"id": rid, "ok": True, "n": int(len(res["keys"])), "total": float(res["total"]),
+                        "size": int(res["size"])}
+                layout = _sample_layout(self.shard.spec.obs_dim)(head)  # the dtypes the client checks
+                msg = encode(head, tuple(np.asarray(res[c], dt) for c, (dt, _) in zip(SAMPLE_COLUMNS, layout)))
         elif op == "stats":
             st = {**self.shard.stats(), **self.stats()}
             msg = encode({"id": rid, "ok": True, "stats": st})

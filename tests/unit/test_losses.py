@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -17,11 +18,16 @@ def test_double_dqn_targets_by_hand():
 
 
 def test_importance_weights_by_hand():
-    prob = torch.tensor([0.1, 0.2, 0.4])
+    prob = np.array([0.1, 0.2, 0.4])
     w = importance_weights(prob, size=10, beta=0.5)
     raw = [(10 * 0.1) ** -0.5, (10 * 0.2) ** -0.5, (10 * 0.4) ** -0.5]
+    assert w.dtype == np.float32
     assert w.tolist() == pytest.approx([r / raw[0] for r in raw])
     assert w.tolist() == pytest.approx([1.0, 0.5 ** 0.5, 0.25 ** 0.5])
+    # several minibatches at once: each row is normalised by its own maximum
+    w2 = importance_weights(np.array([[0.1, 0.2, 0.4], [0.4, 0.4, 0.2]]), size=10, beta=1.0)
+    assert w2.tolist()[0] == pytest.approx([1.0, 0.5, 0.25])
+    assert w2.tolist()[1] == pytest.approx([0.5, 0.5, 1.0])
 
 
 def test_weighted_huber_loss_and_priorities_by_hand():
