@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import torch
 
-from learner.network import build_network
 from replay_server.client import StreamWriter
 from replay_server.codec import Block
 
 from .envs import final_observations, make_vector_env
 from .exploration import apex_epsilons
 from .nstep import NStepAccumulator
+from .policy import NumpyQPolicy, initial_priorities
 from .weights_client import WeightsClient
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,6 @@ class ActorSettings:
     seed: int = 0
     hidden_sizes: list = field(default_factory=lambda: [64, 64])
     dueling: bool = False
-    torch_threads: int = 1
-
-
-def priorities(net: torch.nn.Module, obs, action, ret, discount, next_obs) -> np.ndarray:
-    """Initial priority |G + d * max_a Q(s', a) - Q(s, a)| with the actor's network (> 0)."""
-    with torch.no_grad():
-        q = net(torch.from_numpy(obs)).gather(1, torch.from_numpy(action.astype(np.int64))[:, None])[:, 0]
-        q_next = net(torch.from_numpy(next_obs)).max(dim=1).values
-        td = torch.from_numpy(ret).float() + torch.from_numpy(discount).float() * q_next - q
-    return np.maximum(np.abs(td.numpy()), 1e-6).astype(np.float32)
 
 
 class ApexActor:
@@ -62,11 +51,11 @@ class ApexActor:
                  writer=None, weights=None):
         """``writer``/``weights`` replace the Redis stream writer and weights client (single-process mode)."""
         self.s = settings
-        torch.set_num_threads(settings.torch_threads)
         self.spec = spec
         self.env = make_vector_env(settings.env_id, settings.num_envs)
-        self.net = build_network(spec, settings.hidden_sizes, settings.dueling)
-        self.net.eval()
+        # numpy forward pass (no torch in actor processes); random weights until the first publish
+        self.policy = NumpyQPolicy(spec, settings.hidden_sizes, settings.dueling,
+                                   rng=np.random.default_rng([settings.seed, 2, settings.actor_id]))
         eps_all = apex_epsilons(settings.total_envs, settings.epsilon_base, settings.epsilon_alpha)
         self.epsilons = eps_all[settings.env_offset: settings.env_offset + settings.num_envs]
         self.rng = np.random.default_rng([settings.seed, 1, settings.actor_id])
@@ -132,9 +121,7 @@ class ApexActor:
         s = self.s
         obs = self._obs
         E = s.num_envs
-        with torch.inference_mode():
-            q = self.net(torch.from_numpy(obs))
-        actions = q.argmax(dim=1).numpy()
+        actions = self.policy.greedy(obs)
         explore = self.rng.random(E) < self.epsilons
         if explore.any():
             actions = actions.copy()
@@ -170,7 +157,7 @@ class ApexActor:
             self._flush(1)
 
     def _load(self, version: int, state: dict) -> None:
-        self.net.load_state_dict(state)
+        self.policy.load_state(state)
         self.weights.version = version
 
     def _flush(self, min_size: int) -> None:
@@ -189,7 +176,7 @@ class ApexActor:
             act = cols["action"][sl].astype(np.int32)
             ret = cols["ret"][sl].astype(np.float32)
             disc = cols["discount"][sl].astype(np.float32)
-            prio = priorities(self.net, obs, act, ret, disc, nxt)
+            prio = initial_priorities(self.policy, obs, act, ret, disc, nxt)
             block = Block(obs, act, ret, disc, nxt, prio, actor_id=self.s.actor_id,
                           weights_version=max(0, self.weights.version), block_seq=self.block_seq)
             self.writer.append(block, stop=lambda: False)

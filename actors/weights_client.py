@@ -1,4 +1,4 @@
-"""Non-blocking weight updates for actors: fetches happen on a background thread."""
+"""Non-blocking weight updates for actors: fetches happen on a background thread; weights arrive as numpy."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +24,7 @@ class WeightsClient:
 
     def _fetch(self, have: int):
         latest = weights_store.published_version(self.redis, self.keys)
-        got = weights_store.fetch_if_newer(self.redis, self.keys, have) if latest > have else None
+        got = weights_store.fetch_if_newer(self.redis, self.keys, have, as_numpy=True) if latest > have else None
         return latest, got
 
     def poll(self) -> Optional[tuple[int, dict]]:
@@ -50,7 +50,7 @@ class WeightsClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                got = weights_store.fetch_if_newer(self.redis, self.keys, -1)
+                got = weights_store.fetch_if_newer(self.redis, self.keys, -1, as_numpy=True)
             except Exception:
                 got = None
             if got is not None:

@@ -111,7 +111,7 @@ def gym_loop_sps(seconds: float, epsilon: float = 0.1) -> float:
 
     from learner.network import build_network
     spec, s = spec_and_settings(1)
-    torch.set_num_threads(s.torch_threads)
+    torch.set_num_threads(1)
     net = build_network(spec, s.hidden_sizes, s.dueling).eval()
     env = gym.make(ENV_ID)
     rng = np.random.default_rng(0)

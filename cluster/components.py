@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from actors.actor import ActorSettings
-from learner.learner import LearnerSettings
+from learner.settings import LearnerSettings
 from replay_server.shard import ShardSpec
 
 from .config import Config
@@ -36,7 +36,7 @@ def actor_settings(cfg: Config, actor_id: int) -> ActorSettings:
         n_step=a.n_step, gamma=a.gamma, block_size=a.block_size,
         weights_update_period=a.weights_update_period, max_backlog_blocks=a.max_backlog_blocks,
         stream_maxlen=stream_maxlen(cfg), seed=cfg.seed, hidden_sizes=list(cfg.learner.hidden_sizes),
-        dueling=cfg.learner.dueling, torch_threads=a.torch_threads)
+        dueling=cfg.learner.dueling)
 
 
 def learner_settings(cfg: Config) -> LearnerSettings:

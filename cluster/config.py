@@ -75,7 +75,6 @@ class ActorsConfig:
     weights_update_period: int = _f(50, positive())
     max_backlog_blocks: int = _f(64, positive())
     num_cpus: float = _f(0.5, non_negative())
-    torch_threads: int = _f(1, positive())
     spread: bool = _f(True)
 
 

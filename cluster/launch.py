@@ -130,23 +130,32 @@ class Launcher:
                 raise ClusterConfigError(
                     "redis.host: the cluster has several nodes but the spawned Redis would listen on loopback only; "
                     "pass --redis-url of a Redis every node reaches, or set redis.host to 0.0.0.0 or this node's address")
+        if self.address:
+            self.start_redis()
+            return
+        # the private Redis process is spawned first and becomes ready while Ray starts
+        self.start_redis(wait=False)
+        need = (self.cfg.actors.num * self.cfg.actors.num_cpus + self.cfg.replay.shards * self.cfg.replay.num_cpus
+                + self.cfg.learner.num_cpus)
+        num_cpus = self.cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=True, configure_logging=True)
+        install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
         self.start_redis()
-        if not self.address:
-            need = (self.cfg.actors.num * self.cfg.actors.num_cpus + self.cfg.replay.shards * self.cfg.replay.num_cpus
-                    + self.cfg.learner.num_cpus)
-            num_cpus = self.cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
-                     log_to_driver=True, configure_logging=True)
-            install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
 
-    def start_redis(self) -> None:
+    def start_redis(self, wait: bool = True) -> None:
+        """Spawn the run's private Redis unless a URL was given; with ``wait``, check every Redis answers."""
         from replay_server.connection import check
-        if self.redis_url is None:
-            from .metrics import node_address
+        if self.redis_url is None and self.redis_server is None:
             from .redis_server import RedisServer, find_server
             binary = find_server(self.cfg.redis.server_path)
             self.redis_server = RedisServer(binary, appendfsync=self.cfg.redis.appendfsync,
-                                            host=self.cfg.redis.host).start()
+                                            host=self.cfg.redis.host).spawn()
+        if not wait:
+            return
+        if self.redis_url is None:
+            from .metrics import node_address
+            self.redis_server.wait_ready()
             self.redis_url = self.redis_server.url_for(node_address(self.cfg.redis.host))
         check(self.redis_url)
         for url in self.cfg.replay.redis_urls:
@@ -389,23 +398,23 @@ class Launcher:
                 f"replay {k(r['replay_size'])} | weights v{r['weights_version']}")
 
     def evaluate_now(self) -> Optional[float]:
+        from actors.policy import NumpyQPolicy
         from learner import weights_store
         from learner.evaluate import evaluate
-        from learner.network import build_network
         from replay_server.connection import connect
         from replay_server.keys import Keys
         try:
             client = connect(self.redis_url)
-            got = weights_store.fetch_if_newer(client, Keys(self.namespace), -1)
+            got = weights_store.fetch_if_newer(client, Keys(self.namespace), -1, as_numpy=True)
             client.close()
         except Exception as exc:
             log.warning("evaluation skipped: %s", exc)
             return None
         if got is None:
             return None
-        net = build_network(self.spec, self.cfg.learner.hidden_sizes, self.cfg.learner.dueling)
-        net.load_state_dict(got[1])
-        returns = evaluate(net, self.cfg.env.id, self.cfg.eval.episodes, seed=self.cfg.seed)
+        policy = NumpyQPolicy(self.spec, self.cfg.learner.hidden_sizes, self.cfg.learner.dueling)
+        policy.load_state(got[1])
+        returns = evaluate(policy, self.cfg.env.id, self.cfg.eval.episodes, seed=self.cfg.seed)
         return float(np.mean(returns))
 
     def loop(self) -> None:

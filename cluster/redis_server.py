@@ -112,10 +112,19 @@ class RedisServer:
         return conf
 
     def start(self, timeout: float = 15.0) -> "RedisServer":
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> "RedisServer":
+        """Start the process without waiting (call from the thread that lives as long as the server:
+        the server gets SIGKILL when the thread that spawned it exits)."""
         conf = self._write_conf()
         self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> "RedisServer":
+        """Block until the server answers PING; a clear error if it exits or stays silent."""
         deadline = time.monotonic() + timeout
         client = redis.Redis(host=self.host, port=self.port, password=self.password,
                              socket_connect_timeout=1.0, socket_timeout=1.0)

@@ -2,25 +2,40 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from actors.envs import make_vector_env
+from actors.policy import NumpyQPolicy
 
 EVAL_SEED_BASE = 2_000_000_000  # actors seed from seed*1_000_003 upwards: far below this
 
 
-def evaluate(net: torch.nn.Module, env_id: str, episodes: int, seed: int = 0,
-             max_steps: int = 100_000) -> np.ndarray:
-    """Returns the undiscounted return of ``episodes`` greedy episodes (seeds actors never use)."""
+def greedy_actions(policy):
+    """obs float32[N, obs_dim] -> int64[N] actions for a NumpyQPolicy or any torch module returning Q."""
+    if isinstance(policy, NumpyQPolicy):
+        return policy.greedy
+    import torch
+    if isinstance(policy, torch.nn.Module):
+        policy.eval()
+
+    def act(obs):
+        with torch.no_grad():
+            return policy(torch.as_tensor(obs, dtype=torch.float32)).argmax(dim=1).numpy()
+    return act
+
+
+def evaluate(policy, env_id: str, episodes: int, seed: int = 0, max_steps: int = 100_000) -> np.ndarray:
+    """Returns the undiscounted return of ``episodes`` greedy episodes (seeds actors never use).
+
+    ``policy``: a :class:`NumpyQPolicy`, or a torch module mapping float32[N, obs_dim] to Q[N, A].
+    """
     from gymnasium.vector import AutoresetMode
+    act = greedy_actions(policy)
     env = make_vector_env(env_id, episodes, autoreset_mode=AutoresetMode.SAME_STEP)
     obs, _ = env.reset(seed=EVAL_SEED_BASE + seed * 100_000)
     returns = np.zeros(episodes)
     active = np.ones(episodes, bool)
-    net.eval()
     for _ in range(max_steps):
-        with torch.no_grad():
-            actions = net(torch.as_tensor(obs, dtype=torch.float32)).argmax(dim=1).numpy()
+        actions = act(obs)
         obs, rew, term, trunc, _ = env.step(actions)
         returns += np.where(active, rew, 0.0)
         active &= ~(term | trunc)

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import numpy as np
@@ -26,31 +26,9 @@ from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .export import PolicyExporter
 from .network import build_network
 from .prefetch import PrefetchSampler
+from .settings import LearnerSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LearnerSettings:
-    batch_size: int = 512
-    lr: float = 4e-3
-    hidden_sizes: list = field(default_factory=lambda: [64, 64])
-    dueling: bool = False
-    target_update_period: int = 100
-    target_tau: float = 0.0
-    grad_clip: float = 10.0
-    publish_every: int = 25
-    prefetch: int = 4
-    batches_per_request: int = 4
-    checkpoint_every_s: float = 30.0
-    device: str = "auto"
-    torch_threads: int = 1
-    compile: bool = False
-    cuda_graphs: bool = False
-    beta_start: float = 0.4
-    beta_anneal_updates: int = 20_000
-    priority_eps: float = 1e-6
-    seed: int = 0
 
 
 def resolve_device(name: str) -> torch.device:

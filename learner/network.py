@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-SCALE_LIMIT = 1e6  # bounds wider than this (or infinite) are left unscaled
+from actors.policy import obs_scaling
 
 
 class QNetwork(nn.Module):
@@ -17,13 +16,9 @@ class QNetwork(nn.Module):
                  dueling: bool = False, obs_low: Sequence[float] | None = None,
                  obs_high: Sequence[float] | None = None):
         super().__init__()
-        low = np.asarray(obs_low if obs_low is not None else [-1.0] * obs_dim, np.float64)
-        high = np.asarray(obs_high if obs_high is not None else [1.0] * obs_dim, np.float64)
-        ok = np.isfinite(low) & np.isfinite(high) & (np.abs(low) < SCALE_LIMIT) & (np.abs(high) < SCALE_LIMIT) & (high > low)
-        center = np.where(ok, (high + low) / 2, 0.0)
-        half = np.where(ok, (high - low) / 2, 1.0)
-        self.register_buffer("obs_center", torch.tensor(center, dtype=torch.float32))
-        self.register_buffer("obs_half_range", torch.tensor(half, dtype=torch.float32))
+        center, half = obs_scaling(obs_dim, obs_low, obs_high)
+        self.register_buffer("obs_center", torch.from_numpy(center))
+        self.register_buffer("obs_half_range", torch.from_numpy(half))
         layers: list[nn.Module] = []
         last = obs_dim
         for h in hidden_sizes:

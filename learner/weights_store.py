@@ -1,28 +1,34 @@
-"""Versioned weights in Redis, serialized with safetensors (plain tensors, never pickle)."""
+"""Versioned weights in Redis, serialized with safetensors (plain tensors, never pickle).
+
+Importing this module does not import torch: actors and the driver read the weights as numpy
+arrays (``fetch_if_newer(..., as_numpy=True)``); only the learner encodes them from tensors.
+"""
 from __future__ import annotations
 
 import json
 import struct
 from typing import Optional
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
 from replay_server.keys import Keys
 
 
 def encode_weights(state_dict: dict, version: int) -> bytes:
+    from safetensors.torch import save as st_save
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     return st_save(tensors, metadata={"version": str(int(version))})
 
 
-def decode_weights(blob: bytes) -> tuple[int, dict]:
+def decode_weights(blob: bytes, as_numpy: bool = False) -> tuple[int, dict]:
+    """(version, state dict of torch tensors, or of numpy arrays with ``as_numpy``)."""
     if len(blob) < 8:
         raise ValueError("weights blob is truncated")
     (n,) = struct.unpack_from("<Q", blob, 0)
     header = json.loads(blob[8:8 + n])
     version = int(header.get("__metadata__", {}).get("version", "0"))
+    if as_numpy:
+        from safetensors.numpy import load as st_load_numpy
+        return version, st_load_numpy(blob)
+    from safetensors.torch import load as st_load
     return version, st_load(blob)
 
 
@@ -40,18 +46,15 @@ def published_version(redis_client, keys: Keys) -> int:
     return int(v) if v is not None else -1
 
 
-def fetch_if_newer(redis_client, keys: Keys, have: int) -> Optional[tuple[int, dict]]:
+def fetch_if_newer(redis_client, keys: Keys, have: int, as_numpy: bool = False) -> Optional[tuple[int, dict]]:
     """(version, state_dict) when Redis holds a version newer than ``have``; else None."""
     if published_version(redis_client, keys) <= have:
         return None
     blob = redis_client.get(keys.weights)
     if blob is None:
         return None
-    version, state = decode_weights(blob)
+    version, state = decode_weights(blob, as_numpy)
     if version <= have:
         return None
     return version, state
 
-
-def load_into(model: torch.nn.Module, state: dict) -> None:
-    model.load_state_dict(state, strict=True)
