@@ -17,7 +17,7 @@ from replay_server.client import StreamWriter
 from replay_server.codec import Block
 
 from .envs import final_observations, make_vector_env
-from .exploration import apex_epsilons
+from .exploration import TemporallyExtendedEpsilonGreedy, apex_epsilons
 from .nstep import NStepAccumulator
 from .policy import NumpyQPolicy, initial_priorities
 from .weights_client import WeightsClient
@@ -35,6 +35,8 @@ class ActorSettings:
     shard: int
     epsilon_base: float = 0.5
     epsilon_alpha: float = 6.0
+    explore_mu: float = 1.5
+    explore_max_duration: int = 1
     n_step: int = 3
     gamma: float = 0.98
     block_size: int = 256
@@ -59,6 +61,8 @@ class ApexActor:
         eps_all = apex_epsilons(settings.total_envs, settings.epsilon_base, settings.epsilon_alpha)
         self.epsilons = eps_all[settings.env_offset: settings.env_offset + settings.num_envs]
         self.rng = np.random.default_rng([settings.seed, 1, settings.actor_id])
+        self.explore = TemporallyExtendedEpsilonGreedy(self.epsilons, spec["num_actions"], self.rng,
+                                                       settings.explore_mu, settings.explore_max_duration)
         self.nstep = NStepAccumulator(settings.num_envs, spec["obs_dim"], settings.n_step, settings.gamma)
         self.writer = writer or StreamWriter(redis_url, namespace, settings.shard, settings.actor_id,
                                              settings.stream_maxlen, settings.max_backlog_blocks)
@@ -121,11 +125,7 @@ class ApexActor:
         s = self.s
         obs = self._obs
         E = s.num_envs
-        actions = self.policy.greedy(obs)
-        explore = self.rng.random(E) < self.epsilons
-        if explore.any():
-            actions = actions.copy()
-            actions[explore] = self.rng.integers(0, self.spec["num_actions"], int(explore.sum()))
+        actions = self.explore.select(self.policy.greedy(obs))
         next_obs, rew, term, trunc, infos = self.env.step(actions)
         if self.first_step_at is None:
             self.first_step_at = time.time()
@@ -139,6 +139,7 @@ class ApexActor:
         self._ep_ret += rew
         done = term | trunc
         if done.any():
+            self.explore.end_episodes(done)
             for i in np.flatnonzero(done):
                 self.returns.append(float(self._ep_ret[i]))
                 self.episodes += 1

@@ -33,6 +33,7 @@ def actor_settings(cfg: Config, actor_id: int) -> ActorSettings:
         actor_id=actor_id, env_id=cfg.env.id, num_envs=a.envs_per_actor,
         env_offset=actor_id * a.envs_per_actor, total_envs=a.num * a.envs_per_actor,
         shard=actor_id % cfg.replay.shards, epsilon_base=a.epsilon_base, epsilon_alpha=a.epsilon_alpha,
+        explore_mu=a.explore_mu, explore_max_duration=a.explore_max_duration,
         n_step=a.n_step, gamma=a.gamma, block_size=a.block_size,
         weights_update_period=a.weights_update_period, max_backlog_blocks=a.max_backlog_blocks,
         stream_maxlen=stream_maxlen(cfg), seed=cfg.seed, hidden_sizes=list(cfg.learner.hidden_sizes),

@@ -69,6 +69,8 @@ class ActorsConfig:
     envs_per_actor: int = _f(32, _rule(lambda v: 1 <= v <= 65536, "must be between 1 and 65536"))
     epsilon_base: float = _f(0.5, in_range(0.0, 1.0))
     epsilon_alpha: float = _f(6.0, non_negative())
+    explore_max_duration: int = _f(50, _rule(lambda v: 1 <= v <= 100_000, "must be between 1 and 100000"))
+    explore_mu: float = _f(1.5, _rule(lambda v: 1.0 < v <= 100.0, "must be in (1, 100]"))
     n_step: int = _f(3, _rule(lambda v: 1 <= v <= 100, "must be between 1 and 100"))
     gamma: float = _f(0.98, _rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     block_size: int = _f(256, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
