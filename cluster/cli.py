@@ -118,6 +118,9 @@ def cmd_train(args) -> int:
     print(f"apexq: done ({summary.get('stop_reason')}) | env steps {final.get('env_steps', 0)} | "
           f"updates {final.get('updates', 0)} | inserted {final.get('transitions_inserted', 0)} | "
           f"sampled {final.get('transitions_sampled', 0)} | checkpoint {summary.get('checkpoint')} | run {rd.path}")
+    if summary.get("checkpoint") and summary.get("best_eval_return") is not None:
+        print(f"apexq: policy.pt2 holds the best evaluated weights: v{summary['best_weights_version']}, "
+              f"greedy mean return {summary['best_eval_return']:.1f} over {cfg.eval.episodes} episodes")
     if str(summary.get("stop_reason", "")).startswith(("gave up", "run directory failed")) or not summary.get("checkpoint"):
         return 1
     return 0
@@ -182,14 +185,14 @@ def cmd_replay_server(args) -> int:
 
 
 def _load_policy_for_eval(target: Path, env_override):
-    """(policy module, env id) from a run directory, a checkpoint.pt or an exported policy.pt2."""
+    """(policy module, env id, updates) from a run directory, a checkpoint.pt or an exported policy.pt2."""
     import yaml
     from learner.checkpoint import CheckpointError, load
     from learner.network import build_network
-    if target.is_dir():
-        path = target / "checkpoint.pt"
-        if not path.exists() and (target / "policy.pt2").exists():
-            path = target / "policy.pt2"
+    if target.is_dir():  # a run: its policy (the best evaluated weights), else its latest checkpoint
+        path = target / "policy.pt2"
+        if not path.exists():
+            path = target / "checkpoint.pt"
     else:
         path = target
     if not path.exists():

@@ -109,6 +109,8 @@ class Launcher:
         self.endpoint = None
         self.dead_actor_stats: list[dict] = []
         self.first_env_step_s: Optional[float] = None
+        # (eval return, weights version, numpy state or None when the learner already holds it)
+        self.best: Optional[tuple] = None
 
     # -- platform ----------------------------------------------------------------------------
 
@@ -190,6 +192,9 @@ class Launcher:
         if self.resume and self.run_dir.checkpoint.exists():
             from learner.checkpoint import load
             resume_state = load(self.run_dir.checkpoint)
+            bp = resume_state.get("best_policy")
+            if bp:
+                self.best = (float(bp["eval_return"]), int(bp["weights_version"]), None)
         learner_opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=1 if has_gpu else 0, max_concurrency=4,
                             max_restarts=-1)
         if cfg.learner.custom_resource:
@@ -415,14 +420,32 @@ class Launcher:
         policy = NumpyQPolicy(self.spec, self.cfg.learner.hidden_sizes, self.cfg.learner.dueling)
         policy.load_state(got[1])
         returns = evaluate(policy, self.cfg.env.id, self.cfg.eval.episodes, seed=self.cfg.seed)
-        return float(np.mean(returns))
+        value = float(np.mean(returns))
+        if self.best is None or value > self.best[0]:
+            self.best = (value, int(got[0]), got[1])
+        self.send_best_policy()
+        return value
+
+    def send_best_policy(self, wait: bool = False) -> None:
+        """Hand the best evaluated weights to the learner (again after a restart lost them)."""
+        if self.best is None or self.best[2] is None or self.learner is None:
+            return
+        if not wait and self.learner.last_stats.get("best_weights_version") == self.best[1]:
+            return
+        ref = self.learner.handle.set_best_policy.remote(self.best[1], self.best[0], self.best[2])
+        if wait:
+            import ray
+            try:
+                ray.get(ref, timeout=10)
+            except Exception as exc:
+                log.warning("could not hand the best policy to the learner: %s", exc)
 
     def loop(self) -> None:
         cfg = self.cfg
         prev = None
         next_tick = time.monotonic() + min(cfg.train.progress_every_s, 2.0)
         next_eval = time.monotonic() + cfg.eval.every_seconds if cfg.eval.every_seconds > 0 else float("inf")
-        eval_time = 0.0
+        self.eval_time = eval_time = 0.0
         _RUNNING["launcher"] = self
         while not self._stop.is_set():
             time.sleep(0.1)
@@ -434,6 +457,7 @@ class Launcher:
                 t = time.monotonic()
                 value = self.evaluate_now()
                 eval_time += time.monotonic() - t
+                self.eval_time = eval_time
                 if value is not None:
                     self.eval_return = value
                     if cfg.train.stop_at_return is not None and value >= cfg.train.stop_at_return:
@@ -492,6 +516,7 @@ class Launcher:
         except Exception as exc:
             log.warning("learner did not stop cleanly: %s", exc)
         extra = {k: rec[k] for k in ("time_s", "env_steps", "episodes", "transitions_inserted", "transitions_sampled")}
+        self.send_best_policy(wait=True)  # policy.pt2 of the final checkpoint comes from it
         try:
             path = ray.get(self.learner.handle.save_checkpoint.remote(extra), timeout=60)
             summary["checkpoint"] = path
@@ -644,5 +669,8 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
     finally:
         _RUNNING["launcher"] = None
     summary["stop_reason"] = launcher.stop_reason
+    if launcher.best is not None:
+        summary["best_eval_return"], summary["best_weights_version"] = launcher.best[0], launcher.best[1]
     summary["solved_at_s"] = launcher.solved_at
+    summary["eval_time_s"] = getattr(launcher, "eval_time", 0.0)
     return summary

@@ -114,6 +114,8 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
                 net = build_network(spec, cfg.learner.hidden_sizes, cfg.learner.dueling)
                 net.load_state_dict(learner.online.state_dict())
                 eval_return = float(np.mean(evaluate(net, cfg.env.id, cfg.eval.episodes, seed=cfg.seed)))
+                if learner.best_policy is None or eval_return > learner.best_policy["eval_return"]:
+                    learner.set_best_policy(learner.weights_version, eval_return, net.state_dict())
                 eval_time += time.monotonic() - t
                 next_eval = time.monotonic() + cfg.eval.every_seconds
                 if cfg.train.stop_at_return is not None and eval_return >= cfg.train.stop_at_return:
@@ -155,5 +157,7 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
     path = learner.save_checkpoint({"time_s": time.monotonic() - t0, "env_steps": sum(a.env_steps for a in actors)})
     if path is None:
         print(f"apexq: final checkpoint failed: {learner.checkpoint_error}", file=out, flush=True)
+    best = learner.best_policy or {}
     return {"stop_reason": stop_reason, "solved_at_s": solved_at, "checkpoint": path,
-            "eval_time_s": eval_time, "record": prev or {}}
+            "eval_time_s": eval_time, "record": prev or {}, "best_eval_return": best.get("eval_return"),
+            "best_weights_version": best.get("weights_version")}

@@ -13,9 +13,7 @@ def greedy_actions(policy):
     """obs float32[N, obs_dim] -> int64[N] actions for a NumpyQPolicy or any torch module returning Q."""
     if isinstance(policy, NumpyQPolicy):
         return policy.greedy
-    import torch
-    if isinstance(policy, torch.nn.Module):
-        policy.eval()
+    import torch  # (the Q-network has no train-mode layers, so no .eval(): exported modules refuse it)
 
     def act(obs):
         with torch.no_grad():

@@ -74,6 +74,9 @@ class Learner:
                 self.weights_version = max(self.weights_version, weights_store.published_version(self.redis, self.keys))
             except Exception as exc:
                 log.warning("could not read the published weights version: %s", exc)
+        self.best_policy: Optional[dict] = None  # the weights with the best greedy evaluation
+        if resume is not None and resume.get("best_policy"):
+            self.best_policy = resume["best_policy"]
         self._bg = ThreadPoolExecutor(1, thread_name_prefix="learner-bg")
         self._exporter = PolicyExporter()
         self._stop = threading.Event()
@@ -114,7 +117,8 @@ class Learner:
                 "torch_rng": torch.get_rng_state(), "numpy_rng": self.sample_rng.bit_generator.state,
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "settings": asdict(self.s), "spec": self.spec,
-                "config": self.config, "extra": dict(self.extra)}
+                "config": self.config, "extra": dict(self.extra),
+                **({"best_policy": self.best_policy} if self.best_policy else {})}
 
     def load_state(self, state: dict) -> None:
         self.online.load_state_dict(state["online"])
@@ -152,8 +156,28 @@ class Learner:
             log.error("checkpoint failed: %s", self.checkpoint_error)
             return None
         self.checkpoint_error = None
-        self._export(self.online, os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2"))
+        self._export(self.policy_network(), os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2"))
         return self.checkpoint_path
+
+    def set_best_policy(self, weights_version: int, eval_return: float, state: dict) -> None:
+        """Keep these weights (numpy arrays or tensors, as evaluated) as the run's policy.
+
+        Called by whoever evaluates when an evaluation beats every earlier one. ``policy.pt2``
+        is exported from them from then on (the latest weights until the first evaluation), as
+        Stable-Baselines3's EvalCallback keeps a best model: DQN's greedy policy can drop
+        between evaluations, and the policy a run hands over should be one that was judged.
+        """
+        tensors = {k: torch.as_tensor(v).detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+        self.best_policy = {"weights_version": int(weights_version), "eval_return": float(eval_return),
+                            "state": tensors}
+
+    def policy_network(self) -> torch.nn.Module:
+        """The network ``policy.pt2`` is exported from: the best evaluated weights, else the online net."""
+        if not self.best_policy:
+            return self.online
+        net = build_network(self.spec, self.s.hidden_sizes, self.s.dueling)
+        net.load_state_dict(self.best_policy["state"])
+        return net
 
     def _export(self, net, path) -> None:
         try:
@@ -274,4 +298,6 @@ class Learner:
                 "transitions_sampled": sp.sampled if sp else 0, "sample_waits": sp.waits if sp else 0,
                 "beta": self.beta(), "device": str(self.device), "priority_errors": self.priority_errors,
                 "checkpoint_error": self.checkpoint_error,
+                "best_eval_return": self.best_policy["eval_return"] if self.best_policy else None,
+                "best_weights_version": self.best_policy["weights_version"] if self.best_policy else None,
                 **self.metrics}

@@ -6,6 +6,7 @@ import torch
 from learner.checkpoint import CheckpointError, load
 from learner.export import load_policy
 from learner.learner import Learner, LearnerSettings
+from learner.network import build_network
 from replay_server.codec import Block
 from replay_server.shard import ReplayShard, ShardSpec
 
@@ -117,3 +118,24 @@ def test_repeated_exports_carry_the_current_weights(tmp_path):
             p.add_(torch.randn_like(p))
     exporter.save(net, tmp_path / "policy.pt2")
     torch.testing.assert_close(load_policy(tmp_path / "policy.pt2")(x), net(x))
+
+
+def test_policy_is_exported_from_the_best_evaluated_weights_and_survives_resume(tmp_path):
+    sh = shard_with()
+    a = make(tmp_path, sh)
+    a.run(max_updates=20)
+    evaluated = {k: v.detach().numpy().copy() for k, v in a.online.state_dict().items()}  # as the driver holds them
+    a.set_best_policy(7, -104.5, evaluated)
+    a.run(max_updates=a.updates + 60)  # training goes on: the online net moves away from the evaluated one
+    a.save_checkpoint()
+    x = torch.randn(256, 2) * torch.tensor([0.5, 0.03])
+    policy = load_policy(tmp_path / "policy.pt2")
+    best = build_network(SPEC, a.s.hidden_sizes, a.s.dueling)
+    best.load_state_dict({k: torch.from_numpy(v) for k, v in evaluated.items()})
+    torch.testing.assert_close(policy(x), best(x))
+    assert not torch.allclose(policy(x), a.online(x))
+    assert a.stats()["best_eval_return"] == -104.5 and a.stats()["best_weights_version"] == 7
+    # the checkpoint carries it (loads with weights_only), so a resumed run keeps exporting it
+    b = Learner(a.s, SPEC, [sh], resume=load(tmp_path / "checkpoint.pt"))
+    assert b.best_policy["weights_version"] == 7 and b.best_policy["eval_return"] == -104.5
+    torch.testing.assert_close(b.policy_network()(x), best(x))
