@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 @dataclass
 class LearnerSettings:
     batch_size: int = 512
-    lr: float = 4e-3
+    lr: float = 2e-3
     hidden_sizes: list = field(default_factory=lambda: [64, 64])
     dueling: bool = False
     target_update_period: int = 100
