@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from replay_server.client import StreamWriter
 from replay_server.codec import Block
@@ -54,6 +55,9 @@ class ApexActor:
         """``writer``/``weights`` replace the Redis stream writer and weights client (single-process mode)."""
         self.s = settings
         self.spec = spec
+        # one BLAS thread: the forward is a few small matmuls, and OpenBLAS's extra threads per
+        # actor process competed with the learner for the cores (2 actors ran 0.32x of 1 here)
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.env = make_vector_env(settings.env_id, settings.num_envs)
         # numpy forward pass (no torch in actor processes); random weights until the first publish
         self.policy = NumpyQPolicy(spec, settings.hidden_sizes, settings.dueling,

@@ -27,8 +27,13 @@ def evaluate(policy, env_id: str, episodes: int, seed: int = 0, max_steps: int =
     ``policy``: a :class:`NumpyQPolicy`, or a torch module mapping float32[N, obs_dim] to Q[N, A].
     """
     from gymnasium.vector import AutoresetMode
-    act = greedy_actions(policy)
-    env = make_vector_env(env_id, episodes, autoreset_mode=AutoresetMode.SAME_STEP)
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"):  # small matmuls; spare the cores training uses
+        return _play(greedy_actions(policy), env_id, episodes, seed, max_steps, AutoresetMode.SAME_STEP)
+
+
+def _play(act, env_id: str, episodes: int, seed: int, max_steps: int, autoreset_mode) -> np.ndarray:
+    env = make_vector_env(env_id, episodes, autoreset_mode=autoreset_mode)
     obs, _ = env.reset(seed=EVAL_SEED_BASE + seed * 100_000)
     returns = np.zeros(episodes)
     active = np.ones(episodes, bool)

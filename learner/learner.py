@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ from .prefetch import PrefetchSampler
 from .settings import LearnerSettings
 
 log = logging.getLogger(__name__)
+
+GIL_SWITCH_INTERVAL_S = 5e-4  # in learner processes with remote shards (see Learner.__init__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,6 +90,12 @@ class Learner:
         self.sampler: Optional[PrefetchSampler] = None
         # shards living in this process are sampled and updated on the training thread (see prefetch.py)
         self.local_shards = all(getattr(sh, "in_process", False) for sh in self.shards)
+        if not self.local_shards:
+            # The prefetch and priority threads hold the GIL for Ray calls while the training
+            # thread is inside torch without it; at CPython's default 5 ms switch interval the
+            # training thread then waits up to 5 ms to get it back. At 0.5 ms a default run on
+            # this 2-core machine went from 143-166 to 169-199 updates/s (same run, same settings).
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._last_ckpt = time.monotonic()
         self.publish()
 
