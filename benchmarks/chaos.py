@@ -77,8 +77,10 @@ def main() -> None:
             raise SystemExit("chaos: the run never started training")
         order = kinds[:]
         rng.shuffle(order)
-        while proc.poll() is None and time.monotonic() - t_launch < seconds - args.every:
+        while proc.poll() is None:
             time.sleep(args.every)
+            if time.monotonic() - t_launch > seconds - args.every:
+                break  # too close to the end of the run to watch a recovery
             for k in PROCESS:
                 peak[k] = max(peak[k], rss_mb(PROCESS[k]))
             peak["redis"] = max(peak["redis"], rss_mb(Path(server.binary).name))
