@@ -57,7 +57,7 @@ class ApexActor:
         self.spec = spec
         # one BLAS thread: the forward is a few small matmuls, and OpenBLAS's extra threads per
         # actor process competed with the learner for the cores (2 actors ran 0.32x of 1 here)
-        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        threadpool_limits(limits=1, user_api="blas")  # process-wide, for this process's lifetime
         self.env = make_vector_env(settings.env_id, settings.num_envs)
         # numpy forward pass (no torch in actor processes); random weights until the first publish
         self.policy = NumpyQPolicy(spec, settings.hidden_sizes, settings.dueling,

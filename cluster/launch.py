@@ -111,6 +111,7 @@ class Launcher:
         self.first_env_step_s: Optional[float] = None
         # (eval return, weights version, numpy state or None when the learner already holds it)
         self.best: Optional[tuple] = None
+        self.eval_time = 0.0  # seconds spent evaluating (excluded from time to solve)
 
     # -- platform ----------------------------------------------------------------------------
 
@@ -445,7 +446,7 @@ class Launcher:
         prev = None
         next_tick = time.monotonic() + min(cfg.train.progress_every_s, 2.0)
         next_eval = time.monotonic() + cfg.eval.every_seconds if cfg.eval.every_seconds > 0 else float("inf")
-        self.eval_time = eval_time = 0.0
+        eval_time = self.eval_time
         _RUNNING["launcher"] = self
         while not self._stop.is_set():
             time.sleep(0.1)
@@ -672,5 +673,5 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
     if launcher.best is not None:
         summary["best_eval_return"], summary["best_weights_version"] = launcher.best[0], launcher.best[1]
     summary["solved_at_s"] = launcher.solved_at
-    summary["eval_time_s"] = getattr(launcher, "eval_time", 0.0)
+    summary["eval_time_s"] = launcher.eval_time
     return summary

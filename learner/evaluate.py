@@ -28,21 +28,17 @@ def evaluate(policy, env_id: str, episodes: int, seed: int = 0, max_steps: int =
     """
     from gymnasium.vector import AutoresetMode
     from threadpoolctl import threadpool_limits
-    with threadpool_limits(limits=1, user_api="blas"):  # small matmuls; spare the cores training uses
-        return _play(greedy_actions(policy), env_id, episodes, seed, max_steps, AutoresetMode.SAME_STEP)
-
-
-def _play(act, env_id: str, episodes: int, seed: int, max_steps: int, autoreset_mode) -> np.ndarray:
-    env = make_vector_env(env_id, episodes, autoreset_mode=autoreset_mode)
+    act = greedy_actions(policy)
+    env = make_vector_env(env_id, episodes, autoreset_mode=AutoresetMode.SAME_STEP)
     obs, _ = env.reset(seed=EVAL_SEED_BASE + seed * 100_000)
     returns = np.zeros(episodes)
     active = np.ones(episodes, bool)
-    for _ in range(max_steps):
-        actions = act(obs)
-        obs, rew, term, trunc, _ = env.step(actions)
-        returns += np.where(active, rew, 0.0)
-        active &= ~(term | trunc)
-        if not active.any():
-            break
+    with threadpool_limits(limits=1, user_api="blas"):  # small matmuls; spare the cores training uses
+        for _ in range(max_steps):
+            obs, rew, term, trunc, _ = env.step(act(obs))
+            returns += np.where(active, rew, 0.0)
+            active &= ~(term | trunc)
+            if not active.any():
+                break
     env.close()
     return returns
