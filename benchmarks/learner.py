@@ -7,7 +7,6 @@ can run on a GPU machine as it is. Prints a table, then one JSON line:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -19,8 +18,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from learner.learner import Learner, LearnerSettings, resolve_device  # noqa: E402
-from learner.losses import double_dqn_targets, td_loss  # noqa: E402
-from learner.network import build_network  # noqa: E402
 from replay_server.codec import Block  # noqa: E402
 from replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
 
@@ -38,14 +35,12 @@ def filled_shard(n: int, seed: int = 0) -> ReplayShard:
 
 
 class BareLoop:
-    """The same forward/backward/step as the learner, on pre-made batches already on the device."""
+    """The learner's own update (``Learner.step``: forward, backward, clipping, Adam, target sync)
+    on pre-made batches already on the device -- no sampling, no importance weights, no priorities."""
 
     def __init__(self, batch_size: int, device: torch.device, settings: LearnerSettings):
-        self.B, self.device = batch_size, device
-        self.net = build_network(SPEC, settings.hidden_sizes, settings.dueling).to(device)
-        self.target = copy.deepcopy(self.net).requires_grad_(False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=settings.lr, foreach=True)
-        self.clip = settings.grad_clip
+        self.learner = Learner(settings, SPEC, [])
+        self.device = self.learner.device
         g = torch.Generator().manual_seed(0)
         self.batches = []
         for _ in range(16):
@@ -56,22 +51,11 @@ class BareLoop:
                 "discount": torch.full((batch_size,), 0.97).to(device), "weights": torch.rand(batch_size, generator=g).to(device)})
         self.run(20)
 
-    def one(self, b) -> None:
-        q_all = self.net(torch.cat([b["obs"], b["next_obs"]]))
-        q, qn = q_all[:self.B], q_all[self.B:].detach()
-        with torch.no_grad():
-            t = double_dqn_targets(b["ret"], b["discount"], qn, self.target(b["next_obs"]))
-        loss, _ = td_loss(q, b["action"], t, b["weights"])
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip, foreach=True)
-        self.opt.step()
-
     def run(self, updates: int) -> float:
         """Seconds for ``updates`` updates."""
         t0 = time.perf_counter()
         for i in range(updates):
-            self.one(self.batches[i % 16])
+            self.learner.step(self.batches[i % 16])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -80,8 +64,9 @@ class BareLoop:
 class RealLearner:
     """The learner's own run loop: prefetch pipeline, update, priorities sent back to the shard."""
 
-    def __init__(self, batch_size: int, device: str, shard: ReplayShard):
-        s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9)
+    def __init__(self, batch_size: int, device: str, shard: ReplayShard, threads: int = 1):
+        s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9,
+                            torch_threads=threads)
         self.learner = Learner(s, SPEC, [shard])
         self.run(20)  # warm-up
 
@@ -95,10 +80,12 @@ class RealLearner:
         return time.perf_counter() - t0
 
 
-def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shard: ReplayShard) -> tuple:
+def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shard: ReplayShard,
+            threads: int = 1) -> tuple:
     """Interleave rounds of the two loops (this machine's speed drifts); medians of the rounds."""
-    bare = BareLoop(batch_size, device, LearnerSettings(batch_size=batch_size))
-    real = RealLearner(batch_size, str(device), shard)
+    bare = BareLoop(batch_size, device, LearnerSettings(batch_size=batch_size, device=str(device),
+                                                                torch_threads=threads))
+    real = RealLearner(batch_size, str(device), shard, threads)
     per = max(1, updates // rounds)
     bare_rates, real_rates, ratios = [], [], []
     for _ in range(rounds):
@@ -127,7 +114,7 @@ def main() -> None:
     figures: dict = {"device": str(device), "torch_threads": args.threads}
     rows = []
     for bs in (128, 512):
-        real, bare, eff = measure(bs, updates, rounds, device, shard)
+        real, bare, eff = measure(bs, updates, rounds, device, shard, args.threads)
         rows.append((bs, real, bare, eff))
         figures[f"updates_per_s_b{bs}"] = round(real, 1)
         figures[f"bare_updates_per_s_b{bs}"] = round(bare, 1)

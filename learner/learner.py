@@ -26,6 +26,7 @@ from . import weights_store
 from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .export import PolicyExporter
 from .network import build_network
+from .optim import FlatGradients, make_adam
 from .prefetch import PrefetchSampler
 from .settings import LearnerSettings
 
@@ -56,7 +57,8 @@ class Learner:
         self.online = build_network(spec, settings.hidden_sizes, settings.dueling).to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self._online_fwd, self._target_fwd = self._compiled(settings)
-        self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.lr, foreach=True)
+        self.opt = make_adam(self.online.parameters(), settings.lr)
+        self.grads = FlatGradients(self.online.parameters())
         self.shards = list(shards)
         self.updates = 0
         self.weights_version = 0
@@ -230,10 +232,10 @@ class Learner:
             q_next_target = self._target_fwd(batch["next_obs"])
             targets = double_dqn_targets(batch["ret"], batch["discount"], q_next_online, q_next_target)
         loss, extra = td_loss(q, batch["action"], targets, batch["weights"])
-        self.opt.zero_grad(set_to_none=True)
+        self.grads.zero_()
         loss.backward()
         if self.s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.s.grad_clip, foreach=True)
+            self.grads.clip_(self.s.grad_clip)
         self.opt.step()
         self.updates += 1
         if self.s.target_tau > 0:  # Polyak averaging every update
