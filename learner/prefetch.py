@@ -167,7 +167,10 @@ class PrefetchSampler:
         pin = self.device.type == "cuda"
 
         def dev(a, dtype=None):
-            t = torch.from_numpy(np.ascontiguousarray(a))
+            # arrays that came through Ray are read-only views of its object store; torch
+            # warns on those (it cannot promise not to write), so they are copied: a few KB
+            a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a, order="C")
+            t = torch.from_numpy(a)
             if dtype is not None:
                 t = t.to(dtype)
             if pin:

@@ -139,3 +139,22 @@ def test_policy_is_exported_from_the_best_evaluated_weights_and_survives_resume(
     b = Learner(a.s, SPEC, [sh], resume=load(tmp_path / "checkpoint.pt"))
     assert b.best_policy["weights_version"] == 7 and b.best_policy["eval_return"] == -104.5
     torch.testing.assert_close(b.policy_network()(x), best(x))
+
+
+def test_read_only_sample_arrays_convert_without_warning(recwarn):
+    # arrays a remote shard returns through Ray are read-only; torch warns on those unless copied
+    from learner.prefetch import PrefetchSampler
+    sh = shard_with()
+
+    class ReadOnly:
+        def sample(self, n, timeout):
+            res = sh.sample(n, timeout)
+            for v in res.values():
+                if isinstance(v, np.ndarray):
+                    v.flags.writeable = False
+            return res
+
+    sampler = PrefetchSampler([ReadOnly()], 16, 1, torch.device("cpu"), lambda: 0.5, inline=True)
+    batch = sampler.get(timeout=1.0)
+    assert batch is not None and batch["obs"].shape == (16, 2)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
