@@ -109,6 +109,7 @@ class Launcher:
         self.endpoint = None
         self.dead_actor_stats: list[dict] = []
         self.first_env_step_s: Optional[float] = None
+        self.first_update_s: Optional[float] = None
         # (eval return, weights version, numpy state or None when the learner already holds it)
         self.best: Optional[tuple] = None
         self.eval_time = 0.0  # seconds spent evaluating (excluded from time to solve)
@@ -388,6 +389,10 @@ class Launcher:
             self.first_env_step_s = round(min(firsts) - self.launch_wall, 2)
             print(f"apexq: first environment step {self.first_env_step_s:.1f}s after launch", file=self.out, flush=True)
         rec["first_env_step_s"] = self.first_env_step_s
+        if ls.get("first_update_at") and self.first_update_s is None:
+            self.first_update_s = round(ls["first_update_at"] - self.launch_wall, 2)
+            print(f"apexq: first learner update {self.first_update_s:.1f}s after launch", file=self.out, flush=True)
+        rec["first_update_s"] = self.first_update_s
         if prev is not None:
             dt = max(1e-6, rec["time_s"] - prev["time_s"])
             rec["env_steps_per_s"] = round((rec["env_steps"] - prev["env_steps"]) / dt, 1)

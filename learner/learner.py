@@ -87,6 +87,7 @@ class Learner:
         self._stop = threading.Event()
         self.metrics = {"loss": None, "td_abs": None, "q_mean": None}
         self.priority_errors = 0
+        self.first_update_at: Optional[float] = None  # wall clock (time.time()) of this process's first update
         self.checkpoint_error: Optional[str] = None
         self._prio_buf: list = []
         self.sampler: Optional[PrefetchSampler] = None
@@ -238,6 +239,8 @@ class Learner:
             self.grads.clip_(self.s.grad_clip)
         self.opt.step()
         self.updates += 1
+        if self.first_update_at is None:
+            self.first_update_at = time.time()
         if self.s.target_tau > 0:  # Polyak averaging every update
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), self.s.target_tau)
@@ -308,7 +311,7 @@ class Learner:
         return {"updates": self.updates, "weights_version": self.weights_version,
                 "transitions_sampled": sp.sampled if sp else 0, "sample_waits": sp.waits if sp else 0,
                 "beta": self.beta(), "device": str(self.device), "priority_errors": self.priority_errors,
-                "checkpoint_error": self.checkpoint_error,
+                "checkpoint_error": self.checkpoint_error, "first_update_at": self.first_update_at,
                 "best_eval_return": self.best_policy["eval_return"] if self.best_policy else None,
                 "best_weights_version": self.best_policy["weights_version"] if self.best_policy else None,
                 **self.metrics}

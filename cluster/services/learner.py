@@ -1,14 +1,46 @@
 from __future__ import annotations
 
-from learner.learner import Learner
+from typing import Optional
 
 from ..metrics import serve_component
 from . import current_node_id
 
 
-class LearnerService(Learner):
+class LearnerService:
+    """The learner as a Ray actor: a thin shell that builds ``learner.learner.Learner`` in its own process.
+
+    Not a subclass, so that the driver, which needs this class to create the actor, never
+    imports torch: that import takes ~2.8 s here, and it used to delay the creation of every
+    component of a run (the learner's own process imports torch anyway).
+    """
+
+    def __init__(self, *args, **kwargs):
+        from learner.learner import Learner
+        self.impl = Learner(*args, **kwargs)
+
+    def run(self, max_updates: Optional[int] = None) -> dict:
+        return self.impl.run(max_updates)
+
+    def stop(self) -> None:
+        self.impl.stop()
+
+    def ping(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        return self.impl.stats()
+
+    def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
+        return self.impl.save_checkpoint(extra)
+
+    def set_best_policy(self, weights_version: int, eval_return: float, state: dict) -> None:
+        self.impl.set_best_policy(weights_version, eval_return, state)
+
+    def set_extra(self, extra: dict) -> None:
+        self.impl.set_extra(extra)
+
     def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        return serve_component("learner", 0, self.stats, host, port)
+        return serve_component("learner", 0, self.impl.stats, host, port)
 
     def node_id(self) -> str:
         return current_node_id()
