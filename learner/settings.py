@@ -14,8 +14,8 @@ class LearnerSettings:
     target_tau: float = 0.0
     grad_clip: float = 10.0
     publish_every: int = 25
-    prefetch: int = 4
-    batches_per_request: int = 4
+    prefetch: int = 8
+    batches_per_request: int = 8
     checkpoint_every_s: float = 30.0
     device: str = "auto"
     torch_threads: int = 1
