@@ -32,7 +32,11 @@ def make_adam(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Ad
 
 
 class FlatGradients:
-    """Gradients of ``params`` (same device and dtype) held in one contiguous buffer."""
+    """Gradients of ``params`` (same device and dtype) held in one contiguous buffer.
+
+    Use :meth:`zero_`, never ``optimizer.zero_grad()``: that sets ``.grad`` to None, and
+    backward would then put the gradients in fresh tensors outside the buffer.
+    """
 
     def __init__(self, params: Iterable[torch.nn.Parameter]):
         self.params = [p for p in params if p.requires_grad]
@@ -42,18 +46,10 @@ class FlatGradients:
         if any(p.device != first.device or p.dtype != first.dtype for p in self.params):
             raise ValueError("FlatGradients needs every parameter on one device with one dtype")
         self.buffer = torch.zeros(sum(p.numel() for p in self.params), device=first.device, dtype=first.dtype)
-        self.attach()
-
-    def attach(self) -> None:
-        """(Re)point every ``.grad`` into the buffer, e.g. after something set them to None."""
         offset = 0
         for p in self.params:
             p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-
-    def attached(self) -> bool:
-        ptr, size = self.buffer.data_ptr(), self.buffer.numel() * self.buffer.element_size()
-        return all(p.grad is not None and ptr <= p.grad.data_ptr() < ptr + size for p in self.params)
 
     def zero_(self) -> None:
         self.buffer.zero_()
