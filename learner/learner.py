@@ -26,7 +26,7 @@ from . import weights_store
 from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .export import PolicyExporter
 from .network import build_network
-from .optim import FlatGradients, make_adam
+from .optim import FlatAdam
 from .prefetch import PrefetchSampler
 from .settings import LearnerSettings
 
@@ -56,9 +56,9 @@ class Learner:
         self.config = config or {}
         self.online = build_network(spec, settings.hidden_sizes, settings.dueling).to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
+        # before torch.compile sees the parameters: the optimizer re-homes them into one buffer
+        self.opt = FlatAdam(self.online.parameters(), settings.lr)
         self._online_fwd, self._target_fwd = self._compiled(settings)
-        self.opt = make_adam(self.online.parameters(), settings.lr)
-        self.grads = FlatGradients(self.online.parameters())
         self.shards = list(shards)
         self.updates = 0
         self.weights_version = 0
@@ -179,7 +179,9 @@ class Learner:
         Stable-Baselines3's EvalCallback keeps a best model: DQN's greedy policy can drop
         between evaluations, and the policy a run hands over should be one that was judged.
         """
-        tensors = {k: torch.as_tensor(v).detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+        # numpy arrays that came through Ray are read-only: np.array copies them (torch warns otherwise)
+        tensors = {k: v.detach().to("cpu", torch.float32).clone() if isinstance(v, torch.Tensor)
+                   else torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
         self.best_policy = {"weights_version": int(weights_version), "eval_return": float(eval_return),
                             "state": tensors}
 
@@ -233,10 +235,10 @@ class Learner:
             q_next_target = self._target_fwd(batch["next_obs"])
             targets = double_dqn_targets(batch["ret"], batch["discount"], q_next_online, q_next_target)
         loss, extra = td_loss(q, batch["action"], targets, batch["weights"])
-        self.grads.zero_()
+        self.opt.zero_grad()
         loss.backward()
         if self.s.grad_clip > 0:
-            self.grads.clip_(self.s.grad_clip)
+            self.opt.clip_grad_norm_(self.s.grad_clip)
         self.opt.step()
         self.updates += 1
         if self.first_update_at is None:

@@ -1,61 +1,137 @@
-"""The update's optimizer plumbing: fused Adam, and all gradients in one buffer.
+"""The update's optimizer: Adam over parameters and gradients that each live in one flat buffer.
 
 The Q-networks here are small (two 64-unit layers by default), so an update on CPU is mostly
-per-op overhead, not arithmetic. Two changes cut ops without changing the math:
+per-op overhead, not arithmetic, and ``torch.optim.Adam`` pays a lot of it:
 
-* ``make_adam``: Adam with ``fused=True`` (one kernel for all parameters, on CPU and CUDA)
-  where this torch supports it, ``foreach=True`` otherwise.
-* ``FlatGradients``: every parameter's ``.grad`` is a view into one flat buffer. Autograd then
-  accumulates into those views in place, so zeroing is one ``zero_()``, the global gradient
-  norm one ``vector_norm`` and clipping one ``mul_`` -- the same numbers as
-  ``torch.nn.utils.clip_grad_norm_`` (which computes one norm per tensor, then the norm of
-  those) without its per-tensor bookkeeping.
+* its first ``add_param_group`` imports ``torch._dynamo`` (its methods are wrapped in
+  ``torch._disable_dynamo``): 1.5-2.4 s of every learner's start-up on this 2-core machine,
+  on the critical path to the first update;
+* each ``step()`` goes through profiling hooks, grad-mode guards and per-group bookkeeping
+  before its kernel: 12% of the distributed learner's wall time in a py-spy profile.
 
-Measured with `python benchmarks/learner.py --quick` (default network, one torch thread, this
-2-core machine), before -> after this module and the functional forward in network.py: the
-bare update 358 -> 505-571 updates/s at batch 512 and 654 -> 806-923 at batch 128; the learner
-fed by its pipeline 287 -> 363-431 and 512 -> 621-714.
+``FlatAdam`` moves every parameter into a view of one contiguous buffer and every gradient into
+a view of another. Autograd accumulates into the gradient views in place, so zeroing is one
+``zero_()``, the global gradient norm one ``vector_norm``, clipping one ``mul_`` (the numbers of
+``torch.nn.utils.clip_grad_norm_``) and the Adam step five in-place ops on whole buffers. The
+math is torch.optim.Adam's with its defaults (no weight decay, no AMSGrad): the tests check it
+against hand-computed values and against ``torch.optim.Adam`` step by step. ``state_dict()`` is
+in torch.optim.Adam's format, so checkpoints written before this class still resume.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 
 
-def make_adam(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device without a fused kernel
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+class FlatAdam:
+    """Adam for ``params`` (same device and dtype), re-homed into one flat buffer.
 
-
-class FlatGradients:
-    """Gradients of ``params`` (same device and dtype) held in one contiguous buffer.
-
-    Use :meth:`zero_`, never ``optimizer.zero_grad()``: that sets ``.grad`` to None, and
-    backward would then put the gradients in fresh tensors outside the buffer.
+    After construction each parameter's ``.data`` is a view of :attr:`flat` and its ``.grad`` a
+    view of :attr:`grad`. In-place writes (``load_state_dict`` of the module, ``copy_``) keep
+    that; anything that replaces ``.data`` or sets ``.grad`` to None (``optimizer.zero_grad()``
+    of another optimizer, ``module.to()`` to another device) detaches the parameter from the
+    buffers, so move the module before building this.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter]):
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple = (0.9, 0.999),
+                 eps: float = 1e-8):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
-            raise ValueError("FlatGradients needs at least one trainable parameter")
+            raise ValueError("FlatAdam needs at least one trainable parameter")
         first = self.params[0]
         if any(p.device != first.device or p.dtype != first.dtype for p in self.params):
-            raise ValueError("FlatGradients needs every parameter on one device with one dtype")
-        self.buffer = torch.zeros(sum(p.numel() for p in self.params), device=first.device, dtype=first.dtype)
+            raise ValueError("FlatAdam needs every parameter on one device with one dtype")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        n = sum(p.numel() for p in self.params)
+        self.flat = torch.empty(n, device=first.device, dtype=first.dtype)
+        self.grad = torch.zeros_like(self.flat)
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+        self._denom = torch.empty_like(self.flat)
+        self.slices: list[slice] = []
         offset = 0
-        for p in self.params:
-            p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
+        with torch.no_grad():
+            for p in self.params:
+                s = slice(offset, offset + p.numel())
+                view = self.flat[s].view_as(p)
+                view.copy_(p)
+                p.data = view
+                p.grad = self.grad[s].view_as(p)
+                self.slices.append(s)
+                offset = s.stop
+        self.steps = 0
 
-    def zero_(self) -> None:
-        self.buffer.zero_()
+    def zero_grad(self) -> None:
+        self.grad.zero_()
 
-    def clip_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale all gradients by ``min(1, max_norm / (norm + 1e-6))``; returns the norm before clipping."""
-        norm = torch.linalg.vector_norm(self.buffer)
-        self.buffer.mul_((max_norm / (norm + 1e-6)).clamp_(max=1.0))
+        norm = torch.linalg.vector_norm(self.grad)
+        self.grad.mul_((max_norm / (norm + 1e-6)).clamp_(max=1.0))
         return norm
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+        self.steps += 1
+        b1, b2 = self.betas
+        g = self.grad
+        self.exp_avg.lerp_(g, 1.0 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        torch.sqrt(self.exp_avg_sq, out=self._denom)
+        self._denom.div_(math.sqrt(1.0 - b2 ** self.steps)).add_(self.eps)
+        self.flat.addcdiv_(self.exp_avg, self._denom, value=-self.lr / (1.0 - b1 ** self.steps))
+
+    # -- torch.optim.Adam's state_dict format ------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state = {}
+        if self.steps:
+            for i, (p, s) in enumerate(zip(self.params, self.slices)):
+                state[i] = {"step": torch.tensor(float(self.steps)),
+                            "exp_avg": self.exp_avg[s].view_as(p).clone(),
+                            "exp_avg_sq": self.exp_avg_sq[s].view_as(p).clone()}
+        group = {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": 0.0, "amsgrad": False,
+                 "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None,
+                 "decoupled_weight_decay": False, "params": list(range(len(self.params)))}
+        return {"state": state, "param_groups": [group]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load a state written by this class or by ``torch.optim.Adam`` for the same parameters.
+
+        The learning rate, betas and eps stay those this optimizer was built with (the run's config).
+        """
+        groups = sd.get("param_groups") or []
+        if len(groups) != 1 or len(groups[0].get("params", [])) != len(self.params):
+            raise ValueError(f"optimizer state is for {sum(len(g.get('params', [])) for g in groups)} parameters "
+                             f"in {len(groups)} groups; this network has {len(self.params)} in one")
+        if groups[0].get("amsgrad") or groups[0].get("weight_decay"):
+            raise ValueError("optimizer state uses AMSGrad or weight decay, which this Adam does not")
+        state = sd.get("state") or {}
+        ids = groups[0]["params"]
+        steps = {float(state[k]["step"]) for k in ids if k in state}
+        if len(steps) > 1:
+            raise ValueError(f"optimizer state has parameters at different steps {sorted(steps)}")
+        if not state:
+            self.exp_avg.zero_()
+            self.exp_avg_sq.zero_()
+            self.steps = 0
+            return
+        if len(state) != len(ids) or any(k not in state for k in ids):
+            raise ValueError("optimizer state lacks some parameters' moments")
+        with torch.no_grad():
+            for k, p, s in zip(ids, self.params, self.slices):
+                for name, buf in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                    t = state[k][name]
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise ValueError(f"optimizer state {name} of parameter {k} has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(p.shape)}")
+                    buf[s].copy_(t.reshape(-1))
+        self.steps = int(steps.pop())

@@ -1,4 +1,8 @@
 """Learner: checkpoint round trip, exported policy, training moves Q toward the targets."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +162,20 @@ def test_read_only_sample_arrays_convert_without_warning(recwarn):
     batch = sampler.get(timeout=1.0)
     assert batch is not None and batch["obs"].shape == (16, 2)
     assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def test_read_only_arrays_from_ray_raise_no_torch_warning():
+    """Ray hands numpy arrays over read-only; torch warns once per process on those, so check in a fresh one."""
+    code = (
+        "import numpy as np, torch\n"
+        "from learner.learner import Learner, LearnerSettings\n"
+        "spec = {'obs_dim': 2, 'num_actions': 3, 'obs_low': [-1.2, -0.07], 'obs_high': [0.6, 0.07]}\n"
+        "lr = Learner(LearnerSettings(batch_size=8), spec, [])\n"
+        "state = {k: v.numpy().copy() for k, v in lr.online.state_dict().items()}\n"
+        "for v in state.values():\n"
+        "    v.flags.writeable = False\n"
+        "lr.set_best_policy(3, -100.0, state)\n"
+        "assert torch.equal(lr.best_policy['state']['head.weight'], lr.online.state_dict()['head.weight'])\n")
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]

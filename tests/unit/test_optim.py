@@ -1,64 +1,158 @@
-"""One-buffer gradients and fused Adam: same numbers as the textbook torch calls."""
+"""FlatAdam: parameters and gradients in one buffer each, torch.optim.Adam's numbers."""
 import copy
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from learner.network import QNetwork
-from learner.optim import FlatGradients, make_adam
+from learner.optim import FlatAdam
+
+
+def test_adam_steps_by_hand():
+    # one scalar parameter p = 1.0, lr 0.1, default betas/eps; gradients 0.5 then -1.0
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = FlatAdam([p], lr=0.1)
+    # step 1: m = 0.1*0.5 = 0.05, v = 0.001*0.25 = 0.00025; m_hat = 0.5, v_hat = 0.25 -> p -= 0.1*0.5/(0.5+1e-8)
+    p.grad.fill_(0.5)
+    opt.step()
+    assert p.item() == pytest.approx(1.0 - 0.1 * 0.5 / (0.5 + 1e-8), abs=1e-7)
+    assert p.item() == pytest.approx(0.9, abs=1e-7)
+    # step 2: m = 0.9*0.05 - 0.1 = -0.055, v = 0.999*0.00025 + 0.001 = 0.00124975
+    #         p += 0.1 * (0.055/0.19) / (sqrt(0.00124975/0.001999) + 1e-8) = 0.9 + 0.0366102...
+    opt.zero_grad()
+    p.grad.fill_(-1.0)
+    opt.step()
+    expected = 0.9 + 0.1 * (0.055 / 0.19) / (math.sqrt(0.00124975 / 0.001999) + 1e-8)
+    assert expected == pytest.approx(0.93661, abs=1e-5)
+    assert p.item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_clip_by_hand():
     # loss = 3a + 4b: gradients (3, 4), global norm 5; clipping to 1 gives (0.6, 0.8)
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1, 1))
-    g = FlatGradients([a, b])
-    g.zero_()
+    opt = FlatAdam([a, b], lr=0.1)
+    opt.zero_grad()
     (3 * a.sum() + 4 * b.sum()).backward()
-    assert g.buffer.tolist() == [3.0, 4.0]
-    norm = g.clip_(1.0)
+    assert opt.grad.tolist() == [3.0, 4.0]
+    norm = opt.clip_grad_norm_(1.0)
     assert float(norm) == 5.0
     torch.testing.assert_close(a.grad, torch.tensor([0.6]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, torch.tensor([[0.8]]), rtol=1e-5, atol=1e-6)
     # under the limit nothing changes
-    g.zero_()
+    opt.zero_grad()
     (0.3 * a.sum()).backward()
-    g.clip_(1.0)
+    opt.clip_grad_norm_(1.0)
     assert a.grad.tolist() == pytest.approx([0.3]) and b.grad.tolist() == [[0.0]]
 
 
-def test_backward_accumulates_into_the_buffer_in_place():
+def test_parameters_and_gradients_stay_views_of_the_buffers():
     net = QNetwork(2, 3, (8, 8))
-    g = FlatGradients(net.parameters())
-    for _ in range(2):  # a second update must still write into the same buffer
-        g.zero_()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = FlatAdam(net.parameters(), lr=0.01)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # values kept
+
+    def inside(t, buf):
+        start = buf.data_ptr()
+        return start <= t.data_ptr() < start + buf.numel() * buf.element_size()
+
+    for _ in range(2):  # a second update must still write into the same buffers
+        opt.zero_grad()
         net(torch.randn(5, 2)).pow(2).sum().backward()
-        start, end = g.buffer.data_ptr(), g.buffer.data_ptr() + g.buffer.numel() * g.buffer.element_size()
-        assert all(start <= p.grad.data_ptr() < end for p in net.parameters())  # still views of the buffer
-        assert float(g.buffer.abs().sum()) > 0
-        assert torch.equal(torch.cat([p.grad.reshape(-1) for p in net.parameters()]), g.buffer)
+        assert all(inside(p.grad, opt.grad) and inside(p, opt.flat) for p in net.parameters())
+        assert float(opt.grad.abs().sum()) > 0
+        assert torch.equal(torch.cat([p.grad.reshape(-1) for p in net.parameters()]), opt.grad)
+        opt.step()
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in net.parameters()]), opt.flat)
+    # loading the module's state writes into the buffer too
+    net.load_state_dict(before)
+    assert torch.equal(torch.cat([before[name].reshape(-1) for name, _ in net.named_parameters()]), opt.flat)
 
 
-def test_update_matches_foreach_adam_with_clip_grad_norm():
+def test_updates_match_torch_adam_with_clip_grad_norm():
     torch.manual_seed(0)
     ref = QNetwork(2, 3, (16, 16))
     new = copy.deepcopy(ref)
-    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01, foreach=True)
-    opt_new = make_adam(new.parameters(), 0.01)
-    grads = FlatGradients(new.parameters())
-    for step in range(5):
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01, foreach=False)
+    opt_new = FlatAdam(new.parameters(), 0.01)
+    for _ in range(5):
         x = torch.randn(32, 2) * 3
         opt_ref.zero_grad(set_to_none=True)
         (ref(x) ** 2).mean().backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, foreach=True)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, foreach=False)
         opt_ref.step()
-        grads.zero_()
+        opt_new.zero_grad()
         (new(x) ** 2).mean().backward()
-        grads.clip_(0.5)
+        opt_new.clip_grad_norm_(0.5)
         opt_new.step()
     for p, q in zip(ref.parameters(), new.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # the state is in torch.optim.Adam's format, with the same moments
+    sr, sn = opt_ref.state_dict(), opt_new.state_dict()
+    assert sorted(sr["state"]) == sorted(sn["state"])
+    for k in sr["state"]:
+        assert float(sn["state"][k]["step"]) == 5.0
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sr["state"][k][name], sn["state"][k][name], rtol=1e-5, atol=1e-7)
+
+
+def test_resumes_from_a_torch_adam_state():
+    """Checkpoints written with torch.optim.Adam (before FlatAdam) continue the same trajectory."""
+    torch.manual_seed(1)
+    ref = QNetwork(2, 3, (8,))
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01, fused=True)
+    xs = [torch.randn(16, 2) for _ in range(6)]
+    for x in xs[:3]:
+        opt_ref.zero_grad()
+        ref(x).pow(2).mean().backward()
+        opt_ref.step()
+    new = copy.deepcopy(ref)
+    opt_new = FlatAdam(new.parameters(), 0.01)
+    opt_new.load_state_dict(opt_ref.state_dict())
+    assert opt_new.steps == 3
+    for x in xs[3:]:
+        for net, opt in ((ref, opt_ref), (new, opt_new)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(ref.parameters(), new.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # its own state round-trips
+    again = FlatAdam(copy.deepcopy(new).parameters(), 0.01)
+    again.load_state_dict(opt_new.state_dict())
+    assert again.steps == 6 and torch.equal(again.exp_avg, opt_new.exp_avg)
+
+
+def test_mismatched_state_is_refused():
+    opt = FlatAdam(QNetwork(2, 3, (8,)).parameters(), 0.01)
+    other = torch.optim.Adam(QNetwork(2, 3, (8, 8)).parameters())
+    with pytest.raises(ValueError, match="6 parameters in 1 groups; this network has 4"):
+        opt.load_state_dict(other.state_dict())
+    wrong = FlatAdam(QNetwork(2, 3, (9,)).parameters(), 0.01)
+    wrong.step()
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has shape \(9, 2\), expected \(8, 2\)"):
+        opt.load_state_dict(wrong.state_dict())
 
 
 def test_mixed_devices_or_dtypes_are_refused():
     with pytest.raises(ValueError, match="one device with one dtype"):
-        FlatGradients([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+        FlatAdam([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))], 0.1)
+
+
+def test_learner_start_does_not_import_torch_dynamo():
+    """torch.optim imports torch._dynamo (1.5-2.4 s here): the learner's start-up must not."""
+    code = (
+        "import sys, torch\n"
+        "from learner.learner import Learner, LearnerSettings\n"
+        "spec = {'obs_dim': 2, 'num_actions': 3, 'obs_low': [-1.2, -0.07], 'obs_high': [0.6, 0.07]}\n"
+        "lr = Learner(LearnerSettings(batch_size=8), spec, [])\n"
+        "b = {'obs': torch.zeros(8, 2), 'next_obs': torch.zeros(8, 2), 'action': torch.zeros(8, dtype=torch.long),\n"
+        "     'ret': torch.zeros(8), 'discount': torch.ones(8), 'weights': torch.ones(8)}\n"
+        "lr.step(b)\n"
+        "lr.load_state(lr.state())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
