@@ -9,8 +9,14 @@ Protocol for all three: a 100-episode greedy evaluation (apexq's vector-env eval
 actor uses) every `--eval-every` seconds of training; time to solve = seconds from launch to the
 first evaluation with mean >= -110, evaluation time excluded, start-up included; then the final
 policy is evaluated on 100 fresh episodes (another seed range). Prints a table, then one JSON line.
+Launch is the start of each system's own process (`apexq train`, or a fresh Python process for
+SB3), so the imports of torch and the rest count for all three.
 """
 from __future__ import annotations
+
+import time
+
+PROCESS_START = time.monotonic()  # an SB3 worker's launch: its imports count, as apexq's do
 
 import argparse
 import json
@@ -20,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,20 +71,40 @@ def parse_dict_call(text: str) -> dict:
 
 
 def run_sb3(seed: int, budget: float, eval_every: float) -> dict:
-    """SB3 DQN with rl-zoo3's hyperparameters, judged by the same evaluator on the same schedule."""
+    """One SB3 run in a fresh process, so that its clock starts at launch as apexq's does."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--sb3-worker", str(seed), "--sb3-budget", str(budget),
+           "--eval-every", str(eval_every)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget + 600)
+    if proc.returncode != 0:
+        return {"seed": seed, "solve_s": None, "solve_env_steps": None, "final_return": None,
+                "error": (proc.stderr or proc.stdout)[-500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
+    """SB3 DQN with rl-zoo3's hyperparameters, judged by the same evaluator on the same schedule.
+
+    Time counts from this process's start (``PROCESS_START``): torch's and SB3's imports are
+    part of SB3's start-up as torch's import in the learner is part of apexq's.
+    """
+    import importlib.util
+
     import numpy as np
     import torch
     import yaml
     import gymnasium as gym
-    import rl_zoo3
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
 
     from learner.evaluate import evaluate
 
-    t_launch = time.monotonic()
+    t_launch = PROCESS_START
     torch.set_num_threads(1)
-    hp_file = Path(rl_zoo3.__file__).parent / "hyperparams" / "dqn.yml"
+    # the zoo's hyperparameter file, found without importing rl_zoo3 (and all it imports)
+    zoo = importlib.util.find_spec("rl_zoo3")
+    if zoo is None or not zoo.submodule_search_locations:
+        raise SystemExit("rl_zoo3 is not installed: pip install -e '.[bench]'")
+    hp_file = Path(list(zoo.submodule_search_locations)[0]) / "hyperparams" / "dqn.yml"
     hp = dict(yaml.safe_load(hp_file.read_text())["MountainCar-v0"])
     n_timesteps = int(float(hp.pop("n_timesteps")))  # the schedule (exploration_fraction) depends on it
     hp.pop("policy", None)
@@ -137,7 +162,11 @@ def main() -> None:
                     help="training seconds for SB3 (rl-zoo's 120k steps took ~330 s on this 2-core machine)")
     ap.add_argument("--only", choices=["apexq", "single", "sb3"], action="append",
                     help="run only these systems (repeatable); default all three")
+    ap.add_argument("--sb3-worker", type=int, metavar="SEED", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sb3_worker is not None:
+        print(json.dumps(sb3_worker(args.sb3_worker, args.sb3_budget, args.eval_every)))
+        return
     seeds = args.seeds[:1] if args.quick else args.seeds
     work = Path(tempfile.mkdtemp(prefix="apexq-solve-"))
     results: dict = {"apexq": [], "single": [], "sb3": []}

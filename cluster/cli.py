@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
             if args.resume:
                 from learner.checkpoint import load
                 resume_state = load(rd.checkpoint)
-            summary = train_serial(cfg, rd, resume_state=resume_state)
+            summary = train_serial(cfg, rd, resume_state=resume_state, launch_time=LAUNCH_TIME)
         else:
             summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume),
                             launch_time=LAUNCH_TIME)

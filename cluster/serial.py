@@ -64,8 +64,11 @@ class DirectWeights:
         pass
 
 
-def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Optional[dict] = None) -> dict:
+def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Optional[dict] = None,
+                 launch_time: Optional[float] = None) -> dict:
     t0 = time.monotonic()
+    if launch_time is not None:  # count start-up (imports included) from the command's start, as train() does
+        t0 -= time.time() - launch_time
     spec = env_spec(cfg.env.id)
     shards = [ReplayShard(shard_spec(cfg, k, spec), "", run_dir.run_id, cfg.seed * 1000 + k)
               for k in range(cfg.replay.shards)]
