@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -32,6 +33,92 @@ def filled_shard(n: int, seed: int = 0) -> ReplayShard:
     shard.insert(Block(obs, rng.integers(0, 3, n).astype(np.int32), rng.normal(-3, 1, n).astype(np.float32),
                        np.full(n, 0.99 ** 3, np.float32), obs + 0.01, rng.uniform(0.1, 2, n).astype(np.float32)))
     return shard
+
+
+# -- a shard in its own process, as in the distributed layout ------------------------------------
+# The learner then samples on its prefetch thread and sends priorities from its background thread
+# while the training thread updates; the shard's sum-tree work runs on another core. The transport
+# is a pipe (raw arrays behind a JSON header, nothing pickled) instead of Ray, so that this
+# benchmark still needs torch and numpy alone.
+
+_COLUMNS = (("keys", np.int64, ()), ("obs", np.float32, (2,)), ("action", np.int32, ()), ("ret", np.float32, ()),
+            ("discount", np.float32, ()), ("next_obs", np.float32, (2,)), ("prob", np.float64, ()))
+
+
+def _send(f, header: dict, arrays=()) -> None:
+    f.write(json.dumps(header).encode() + b"\n")
+    for a in arrays:
+        f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+    f.flush()
+
+
+def _read_arrays(f, n: int, columns) -> dict:
+    out = {}
+    for name, dtype, shape in columns:
+        nbytes = n * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        buf = f.read(nbytes)
+        if len(buf) != nbytes:
+            raise EOFError("shard process closed its pipe")
+        out[name] = np.frombuffer(buf, dtype).reshape((n, *shape))  # read-only, as Ray's arrays are
+    return out
+
+
+def serve_shard(capacity: int, seed: int) -> None:
+    """The child's loop: requests on stdin, replies on stdout."""
+    shard = filled_shard(capacity, seed)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        line = inp.readline()
+        if not line:
+            return
+        req = json.loads(line)
+        if req["op"] == "sample":
+            res = shard.sample(req["n"], 1.0)
+            _send(out, {"total": res["total"], "size": res["size"], "shard": res["shard"]},
+                  [res[name] for name, _, _ in _COLUMNS])
+        elif req["op"] == "priorities":
+            got = _read_arrays(inp, req["n"], (("keys", np.int64, ()), ("pr", np.float64, ())))
+            shard.update_priorities(got["keys"], got["pr"])
+        elif req["op"] == "stats":
+            _send(out, {"priority_total": shard.tree.total, "size": shard.size})
+
+
+class ShardProcess:
+    """What the learner sees of a shard served by another process (``in_process`` False)."""
+
+    in_process = False
+
+    def __init__(self, capacity: int, seed: int = 0):
+        import subprocess
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-shard", str(capacity),
+                                      str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._lock = threading.Lock()
+        self.stats()  # waits until the child has filled its shard
+
+    def _ask(self, header: dict) -> dict:
+        _send(self.proc.stdin, header)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError("shard process closed its pipe")
+        return json.loads(line)
+
+    def sample(self, n: int, timeout: float = 1.0) -> dict:
+        with self._lock:
+            head = self._ask({"op": "sample", "n": int(n)})
+            return {**_read_arrays(self.proc.stdout, int(n), _COLUMNS), **head}
+
+    def update_priorities(self, keys, priorities) -> None:
+        with self._lock:
+            _send(self.proc.stdin, {"op": "priorities", "n": int(len(keys))},
+                  [np.asarray(keys, np.int64), np.asarray(priorities, np.float64)])
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self._ask({"op": "stats"})
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 class BareLoop:
@@ -64,7 +151,7 @@ class BareLoop:
 class RealLearner:
     """The learner's own run loop: prefetch pipeline, update, priorities sent back to the shard."""
 
-    def __init__(self, batch_size: int, device: str, shard: ReplayShard, threads: int = 1):
+    def __init__(self, batch_size: int, device: str, shard, threads: int = 1):
         s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9,
                             torch_threads=threads)
         self.learner = Learner(s, SPEC, [shard])
@@ -80,21 +167,23 @@ class RealLearner:
         return time.perf_counter() - t0
 
 
-def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shard: ReplayShard,
-            threads: int = 1) -> tuple:
-    """Interleave rounds of the two loops (this machine's speed drifts); medians of the rounds."""
+def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shards: dict,
+            threads: int = 1) -> dict:
+    """Interleave rounds of the bare loop and the learner fed by each shard layout (this machine's
+    speed drifts); medians of the rounds: {layout: (learner upd/s, bare upd/s, ratio)}."""
     bare = BareLoop(batch_size, device, LearnerSettings(batch_size=batch_size, device=str(device),
                                                                 torch_threads=threads))
-    real = RealLearner(batch_size, str(device), shard, threads)
+    reals = {name: RealLearner(batch_size, str(device), shard, threads) for name, shard in shards.items()}
     per = max(1, updates // rounds)
-    bare_rates, real_rates, ratios = [], [], []
+    rates: dict = {name: ([], [], []) for name in reals}
     for _ in range(rounds):
-        b = per / bare.run(per)
-        r = per / real.run(per)
-        bare_rates.append(b)
-        real_rates.append(r)
-        ratios.append(r / b)
-    return float(np.median(real_rates)), float(np.median(bare_rates)), float(np.median(ratios))
+        for name, real in reals.items():
+            b = per / bare.run(per)
+            r = per / real.run(per)
+            rates[name][0].append(r)
+            rates[name][1].append(b)
+            rates[name][2].append(r / b)
+    return {name: tuple(float(np.median(x)) for x in rs) for name, rs in rates.items()}
 
 
 def main() -> None:
@@ -103,33 +192,50 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--serve-shard", nargs=2, type=int, metavar=("CAPACITY", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_shard:
+        serve_shard(*args.serve_shard)
+        return
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     updates = 60 if args.smoke else (2000 if args.quick else 6000)
     rounds = 2 if args.smoke else 10
     if device.type == "cuda":
         updates *= 4
-    shard = filled_shard(20_000 if args.smoke else 200_000)
+    capacity = 20_000 if args.smoke else 200_000
+    remote = ShardProcess(capacity)
+    # in_process: the shard lives in the learner's process and the pipeline runs on the training
+    # thread (single-process mode); own_process: the distributed layout, the shard on its own core
+    shards = {"in_process": filled_shard(capacity), "own_process": remote}
     figures: dict = {"device": str(device), "torch_threads": args.threads}
     rows = []
-    for bs in (128, 512):
-        real, bare, eff = measure(bs, updates, rounds, device, shard, args.threads)
-        rows.append((bs, real, bare, eff))
-        figures[f"updates_per_s_b{bs}"] = round(real, 1)
-        figures[f"bare_updates_per_s_b{bs}"] = round(bare, 1)
-        figures[f"efficiency_b{bs}"] = round(eff, 3)
+    try:
+        for bs in (128, 512):
+            for layout, (real, bare, eff) in measure(bs, updates, rounds, device, shards, args.threads).items():
+                rows.append((layout, bs, real, bare, eff))
+                sfx = "" if layout == "in_process" else "_shard_process"
+                figures[f"updates_per_s_b{bs}{sfx}"] = round(real, 1)
+                figures[f"bare_updates_per_s_b{bs}{sfx}"] = round(bare, 1)
+                figures[f"efficiency_b{bs}{sfx}"] = round(eff, 3)
+    finally:
+        remote.close()
     figures["rounds"] = rounds
-    print(f"{'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}, "
+    print(f"{'shard':<22} {'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}, "
           f"medians of {rounds} interleaved rounds")
-    for bs, real, bare, eff in rows:
-        print(f"{bs:>6} {real:>14.1f} {bare:>11.1f} {eff:>10.1%}")
+    for layout, bs, real, bare, eff in rows:
+        where = "in learner's process" if layout == "in_process" else "in its own process"
+        print(f"{where:<22} {bs:>6} {real:>14.1f} {bare:>11.1f} {eff:>10.1%}")
     figures["batch_size"] = 512
     figures["updates_per_s"] = figures["updates_per_s_b512"]
     figures["bare_updates_per_s"] = figures["bare_updates_per_s_b512"]
     figures["efficiency"] = figures["efficiency_b512"]
-    eff_min = min(figures["efficiency_b128"], figures["efficiency_b512"])
-    targets = {"efficiency": {"target": ">= 0.90 at batch 128 and 512", "value": eff_min, "met": eff_min >= 0.9}}
+    targets = {}
+    for sfx, what in (("", "shard in the learner's process (single-process layout)"),
+                      ("_shard_process", "shard in its own process (distributed layout)")):
+        eff_min = min(figures[f"efficiency_b128{sfx}"], figures[f"efficiency_b512{sfx}"])
+        targets[f"efficiency{sfx}"] = {"target": f">= 0.90 at batch 128 and 512, {what}", "value": eff_min,
+                                       "met": eff_min >= 0.9}
     print(json.dumps({"benchmark": "learner", "figures": figures, "targets": targets}))
 
 

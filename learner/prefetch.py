@@ -65,6 +65,12 @@ class PrefetchSampler:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
+            # a put blocked on the full queue returns at once instead of at its next 0.2 s timeout
+            while True:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
