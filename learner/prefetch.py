@@ -157,6 +157,15 @@ class PrefetchSampler:
             cat, n = parts[order[0]], len(parts[order[0]]["keys"])
             shard_of = np.full(n, order[0], np.int32)
             gprob = cat["prob"] * (cat["total"] / total_mass)
+            if k > 1:
+                # A shard draws its n = k*B items stratified over its priority mass, in slot order:
+                # cut in k consecutive pieces, minibatch j would hold only the j-th k-th of the mass
+                # (a narrow stretch of the ring, i.e. of time). A random permutation deals every
+                # minibatch items from the whole range; each item's probability is unchanged.
+                perm = self.rng.permutation(n)
+                cat = {key: cat[key].take(perm, axis=0) for key in ("keys", "obs", "action", "ret", "discount",
+                                                                     "next_obs")}
+                gprob = gprob.take(perm)
         else:
             cat = {key: np.concatenate([parts[i][key] for i in order]) for key in
                    ("keys", "obs", "action", "ret", "discount", "next_obs", "prob")}

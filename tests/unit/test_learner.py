@@ -12,7 +12,7 @@ from learner.export import load_policy
 from learner.learner import Learner, LearnerSettings
 from learner.network import build_network
 from replay_server.codec import Block
-from replay_server.shard import ReplayShard, ShardSpec
+from replay_server.shard import SEQ_MASK, ReplayShard, ShardSpec
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 
@@ -179,3 +179,19 @@ def test_read_only_arrays_from_ray_raise_no_torch_warning():
     out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_every_minibatch_of_a_request_spans_the_whole_replay():
+    """One request of k minibatches is one stratified draw of k*B items in slot order; each
+    minibatch must still come from the whole buffer, not from the j-th k-th of it."""
+    from learner.prefetch import PrefetchSampler
+    sh = shard_with(n=2000)  # equal priorities: slot i holds the i-th 1/2000 of the mass
+    sampler = PrefetchSampler([sh], 64, 4, torch.device("cpu"), lambda: 0.5, inline=True, batches_per_request=4,
+                              rng=np.random.default_rng(3))
+    for _ in range(4):
+        batch = sampler.get(timeout=1.0)
+        slots = (batch["keys"] & SEQ_MASK) % 2000
+        quarters = np.bincount(slots // 500, minlength=4)
+        # 64 items drawn evenly over 4 quarters: each quarter gets about 16; none may be empty
+        # (without mixing, minibatch j held only quarter j: counts like [64, 0, 0, 0])
+        assert quarters.min() >= 5, quarters
