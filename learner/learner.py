@@ -24,7 +24,7 @@ from replay_server.keys import Keys
 from . import checkpoint as ckpt
 from . import weights_store
 from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
-from .export import PolicyExporter
+from .export import BackgroundExporter
 from .network import build_network
 from .optim import FlatAdam
 from .prefetch import PrefetchSampler
@@ -83,7 +83,7 @@ class Learner:
         if resume is not None and resume.get("best_policy"):
             self.best_policy = resume["best_policy"]
         self._bg = ThreadPoolExecutor(1, thread_name_prefix="learner-bg")
-        self._exporter = PolicyExporter()
+        self._exporter = BackgroundExporter(spec, settings.hidden_sizes, settings.dueling)
         self._stop = threading.Event()
         self.metrics = {"loss": None, "td_abs": None, "q_mean": None}
         self.priority_errors = 0
@@ -146,14 +146,12 @@ class Learner:
         if state.get("cuda_rng") and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
+    def save_checkpoint(self, extra: Optional[dict] = None, wait: bool = True) -> Optional[str]:
         """Write the checkpoint (atomic) and, beside it, the exported greedy policy ``policy.pt2``.
 
-        The export runs on the calling (training) thread: about 0.1-0.3 s for the default
-        network after a one-time 2 s warm-up. On a second thread it raced with the update --
-        torch.export switches process-wide dispatch state, and an optimizer step running
-        meanwhile failed (seen once as a TypeError inside Adam). Returns None (and records
-        ``checkpoint_error``) when the checkpoint could not be written.
+        The export runs in a helper process (see :class:`BackgroundExporter`); ``wait`` returns
+        only once ``policy.pt2`` is written (the periodic checkpoints of :meth:`run` do not wait).
+        Returns None (and records ``checkpoint_error``) when the checkpoint could not be written.
         """
         if extra:
             self.extra.update(extra)
@@ -168,7 +166,13 @@ class Learner:
             log.error("checkpoint failed: %s", self.checkpoint_error)
             return None
         self.checkpoint_error = None
-        self._export(self.policy_network(), os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2"))
+        path = os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2")
+        done = self._exporter.submit(self.policy_network().state_dict(), path)
+        if wait:
+            try:
+                done.result(timeout=300)
+            except Exception as exc:  # the checkpoint itself is written; the policy file is a convenience
+                log.warning("policy export to %s failed: %s", path, exc)
         return self.checkpoint_path
 
     def set_best_policy(self, weights_version: int, eval_return: float, state: dict) -> None:
@@ -192,12 +196,6 @@ class Learner:
         net = build_network(self.spec, self.s.hidden_sizes, self.s.dueling)
         net.load_state_dict(self.best_policy["state"])
         return net
-
-    def _export(self, net, path) -> None:
-        try:
-            self._exporter.save(net, path)
-        except Exception as exc:  # the checkpoint itself is written; the policy file is a convenience
-            log.warning("policy export to %s failed: %s", path, exc)
 
     def set_extra(self, extra: dict) -> None:
         self.extra.update(extra)
@@ -293,7 +291,7 @@ class Learner:
                 if self.updates % self.s.publish_every == 0:
                     self.publish()
                 if time.monotonic() - self._last_ckpt >= self.s.checkpoint_every_s:
-                    self.save_checkpoint()
+                    self.save_checkpoint(wait=False)
                 if max_updates is not None and self.updates >= max_updates:
                     break
         finally:

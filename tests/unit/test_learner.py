@@ -195,3 +195,31 @@ def test_every_minibatch_of_a_request_spans_the_whole_replay():
         # 64 items drawn evenly over 4 quarters: each quarter gets about 16; none may be empty
         # (without mixing, minibatch j held only quarter j: counts like [64, 0, 0, 0])
         assert quarters.min() >= 5, quarters
+
+
+def test_background_exporter_follows_the_weights_and_survives_its_helper_dying(tmp_path):
+    from learner.export import BackgroundExporter
+    net = build_network(SPEC, [16], False)
+    exp = BackgroundExporter(SPEC, [16], False)
+    x = torch.randn(32, 2) * torch.tensor([0.5, 0.03])
+    path = tmp_path / "policy.pt2"
+    try:
+        exp.submit(net.state_dict(), path).result(timeout=300)
+        torch.testing.assert_close(load_policy(path)(x), net(x))
+        helper = exp._proc
+        assert helper is not None and helper.poll() is None  # exported by the helper, which stays up
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        exp.submit(net.state_dict(), path).result(timeout=300)
+        torch.testing.assert_close(load_policy(path)(x), net(x))
+        assert exp._proc is helper  # the same helper: no second trace
+        helper.kill()
+        helper.wait()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(0.5)
+        exp.submit(net.state_dict(), path).result(timeout=300)  # a new helper, or this process
+        torch.testing.assert_close(load_policy(path)(x), net(x))
+    finally:
+        exp.close()
