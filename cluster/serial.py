@@ -69,6 +69,9 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
     t0 = time.monotonic()
     if launch_time is not None:  # count start-up (imports included) from the command's start, as train() does
         t0 -= time.time() - launch_time
+    # a resumed run goes on counting seconds and env steps from its checkpoint
+    saved = dict((resume_state or {}).get("extra") or {})
+    time_off, steps_off = float(saved.get("time_s", 0.0)), int(saved.get("env_steps", 0))
     spec = env_spec(cfg.env.id)
     shards = [ReplayShard(shard_spec(cfg, k, spec), "", run_dir.run_id, cfg.seed * 1000 + k)
               for k in range(cfg.replay.shards)]
@@ -111,7 +114,7 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
                     learner.metrics = {"loss": float(extra["loss"]), "td_abs": float(extra["td"].abs().mean()),
                                        "q_mean": float(extra["q_taken"].mean())}
             now = time.monotonic()
-            elapsed = now - t0
+            elapsed = time_off + now - t0
             if now >= next_eval:
                 t = time.monotonic()
                 net = build_network(spec, cfg.learner.hidden_sizes, cfg.learner.dueling)
@@ -122,9 +125,12 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
                 eval_time += time.monotonic() - t
                 next_eval = time.monotonic() + cfg.eval.every_seconds
                 if cfg.train.stop_at_return is not None and eval_return >= cfg.train.stop_at_return:
-                    solved_at = time.monotonic() - t0
+                    solved_at = time_off + time.monotonic() - t0
                     stop_reason = f"eval return {eval_return:.1f} >= train.stop_at_return"
-            env_steps = sum(a.env_steps for a in actors)
+            env_steps = steps_off + sum(a.env_steps for a in actors)
+            learner.checkpoint_if_due({"time_s": round(elapsed, 3), "env_steps": env_steps})
+            if learner.checkpoint_error:  # e.g. the disk is full
+                raise RunDirError(learner.checkpoint_error)
             if now >= next_tick or solved_at is not None:
                 rets = [r for a in actors for r in a.returns]
                 rec = {"time_s": round(elapsed, 3), "env_steps": env_steps, "updates": learner.updates,
@@ -157,7 +163,8 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
         stop_reason = f"run directory failed: {exc}"
         print(f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
               f"apexq train --resume {run_dir.path}", file=out, flush=True)
-    path = learner.save_checkpoint({"time_s": time.monotonic() - t0, "env_steps": sum(a.env_steps for a in actors)})
+    path = learner.save_checkpoint({"time_s": round(time_off + time.monotonic() - t0, 3),
+                                    "env_steps": steps_off + sum(a.env_steps for a in actors)})
     if path is None:
         print(f"apexq: final checkpoint failed: {learner.checkpoint_error}", file=out, flush=True)
     best = learner.best_policy or {}

@@ -175,6 +175,11 @@ class Learner:
                 log.warning("policy export to %s failed: %s", path, exc)
         return self.checkpoint_path
 
+    def checkpoint_if_due(self, extra: Optional[dict] = None) -> None:
+        """The periodic checkpoint: every ``checkpoint_every_s``, without waiting for the policy export."""
+        if time.monotonic() - self._last_ckpt >= self.s.checkpoint_every_s:
+            self.save_checkpoint(extra, wait=False)
+
     def set_best_policy(self, weights_version: int, eval_return: float, state: dict) -> None:
         """Keep these weights (numpy arrays or tensors, as evaluated) as the run's policy.
 
@@ -290,8 +295,7 @@ class Learner:
                                     "q_mean": float(extra["q_taken"].mean())}
                 if self.updates % self.s.publish_every == 0:
                     self.publish()
-                if time.monotonic() - self._last_ckpt >= self.s.checkpoint_every_s:
-                    self.save_checkpoint(wait=False)
+                self.checkpoint_if_due()
                 if max_updates is not None and self.updates >= max_updates:
                     break
         finally:

@@ -158,6 +158,48 @@ def test_killed_run_resumes_with_its_counters(tmp_path):
     assert final["updates"] > before_updates
 
 
+@pytest.mark.slow
+def test_killed_single_process_run_resumes_with_its_counters(tmp_path):
+    """--single-process checkpoints periodically too; SIGKILLed, it resumes its counters."""
+    import torch
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *short_run_args(run_dir, 300), "--single-process"],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    ckpt = run_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    saved = None
+    while time.monotonic() < deadline:
+        if ckpt.exists():
+            saved = torch.load(ckpt, weights_only=True)
+            if saved["updates"] > 0 and saved["extra"].get("env_steps", 0) > 0:
+                break
+        time.sleep(0.5)
+    else:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("no periodic checkpoint with updates appeared")
+    os.killpg(p.pid, signal.SIGKILL)  # the run and its policy-export helper
+    p.wait()
+    saved = torch.load(ckpt, weights_only=True)
+    before_updates, before_steps = saved["updates"], saved["extra"]["env_steps"]
+    before_time = saved["extra"]["time_s"]
+    assert before_time > 0
+    r = apexq("train", "--resume", str(run_dir), "--single-process", "--set",
+              f"train.max_seconds={before_time + 12}", timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = records[[i for i, x in enumerate(records) if x["updates"] >= before_updates][0]:]
+    resumed = [x for x in resumed if x["time_s"] > before_time]
+    assert resumed, "no records after the resume"
+    assert all(x["updates"] >= before_updates and x["env_steps"] >= before_steps for x in resumed)
+    assert resumed[-1]["env_steps"] > before_steps and resumed[-1]["updates"] > before_updates
+    final = torch.load(ckpt, weights_only=True)
+    assert final["updates"] > before_updates and final["extra"]["env_steps"] > before_steps
+    assert final["extra"]["time_s"] > before_time
+    assert (run_dir / "policy.pt2").exists()
+
+
 def test_bad_input_at_every_door_is_one_line(tmp_path, redis_server):
     from cluster.redis_server import free_port
     cases = []
