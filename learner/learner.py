@@ -27,7 +27,7 @@ from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .export import BackgroundExporter
 from .network import build_network
 from .optim import FlatAdam
-from .prefetch import PrefetchSampler
+from .prefetch import PrefetchSampler, undeal
 from .settings import LearnerSettings
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,10 @@ class Learner:
             keys = np.concatenate([b[0] for b in buf])
             shard_of = np.concatenate([b[1] for b in buf])
             pr = np.concatenate([b[2] for b in buf])
+            if len(self.shards) == 1 and len({len(b[0]) for b in buf}) == 1:
+                # these minibatches were most likely one request, dealt round-robin by the sampler:
+                # undealt, the keys are back in slot order (if not, the shard just sorts them)
+                keys, pr = undeal(keys, len(buf)), undeal(pr, len(buf))
             for i in (range(1) if len(self.shards) == 1 else np.unique(shard_of)):
                 m = slice(None) if len(self.shards) == 1 else shard_of == i
                 try:
