@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from learner.learner import Learner, LearnerSettings, resolve_device  # noqa: E402
+from replay_server import rpc  # noqa: E402
 from replay_server.codec import Block  # noqa: E402
 from replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
 
@@ -38,49 +40,44 @@ def filled_shard(n: int, seed: int = 0) -> ReplayShard:
 # -- a shard in its own process, as in the distributed layout ------------------------------------
 # The learner then samples on its prefetch thread and sends priorities from its background thread
 # while the training thread updates; the shard's sum-tree work runs on another core. The transport
-# is a pipe (raw arrays behind a JSON header, nothing pickled) instead of Ray, so that this
-# benchmark still needs torch and numpy alone.
-
-_COLUMNS = (("keys", np.int64, ()), ("obs", np.float32, (2,)), ("action", np.int32, ()), ("ret", np.float32, ()),
-            ("discount", np.float32, ()), ("next_obs", np.float32, (2,)), ("prob", np.float64, ()))
+# is a pipe instead of Ray, so that this benchmark still needs torch and numpy alone; the messages
+# are those of replay_server.rpc (a JSON header and raw arrays, nothing pickled), each behind its
+# 4-byte length.
 
 
-def _send(f, header: dict, arrays=()) -> None:
-    f.write(json.dumps(header).encode() + b"\n")
-    for a in arrays:
-        f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+def _write(f, msg: bytes) -> None:
+    f.write(struct.pack("<I", len(msg)) + msg)
     f.flush()
 
 
-def _read_arrays(f, n: int, columns) -> dict:
-    out = {}
-    for name, dtype, shape in columns:
-        nbytes = n * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        buf = f.read(nbytes)
-        if len(buf) != nbytes:
-            raise EOFError("shard process closed its pipe")
-        out[name] = np.frombuffer(buf, dtype).reshape((n, *shape))  # read-only, as Ray's arrays are
-    return out
+def _read(f) -> bytes:
+    head = f.read(4)
+    if len(head) != 4:
+        raise EOFError("shard process closed its pipe")
+    return f.read(struct.unpack("<I", head)[0])
 
 
 def serve_shard(capacity: int, seed: int) -> None:
     """The child's loop: requests on stdin, replies on stdout."""
     shard = filled_shard(capacity, seed)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sample_layout = rpc._sample_layout(SPEC["obs_dim"])
     while True:
-        line = inp.readline()
-        if not line:
+        try:
+            data = _read(inp)
+        except EOFError:
             return
-        req = json.loads(line)
-        if req["op"] == "sample":
-            res = shard.sample(req["n"], 1.0)
-            _send(out, {"total": res["total"], "size": res["size"], "shard": res["shard"]},
-                  [res[name] for name, _, _ in _COLUMNS])
-        elif req["op"] == "priorities":
-            got = _read_arrays(inp, req["n"], (("keys", np.int64, ()), ("pr", np.float64, ())))
-            shard.update_priorities(got["keys"], got["pr"])
-        elif req["op"] == "stats":
-            _send(out, {"priority_total": shard.tree.total, "size": shard.size})
+        head, _ = rpc.decode(data, header_only=True)
+        if head["op"] == "sample":
+            res = shard.sample(head["n"], 1.0)
+            reply = {"n": len(res["keys"]), "total": res["total"], "size": res["size"]}
+            _write(out, rpc.encode(reply, tuple(np.asarray(res[c], dt) for c, (dt, _) in
+                                                zip(rpc.SAMPLE_COLUMNS, sample_layout(reply)))))
+        elif head["op"] == "priorities":
+            _, (keys, pr) = rpc.decode(data, rpc._prio_layout)
+            shard.update_priorities(keys, pr)
+        elif head["op"] == "stats":
+            _write(out, rpc.encode({"priority_total": shard.tree.total, "size": shard.size}))
 
 
 class ShardProcess:
@@ -93,28 +90,25 @@ class ShardProcess:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-shard", str(capacity),
                                       str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lock = threading.Lock()
+        self._layout = rpc._sample_layout(SPEC["obs_dim"])
         self.stats()  # waits until the child has filled its shard
-
-    def _ask(self, header: dict) -> dict:
-        _send(self.proc.stdin, header)
-        line = self.proc.stdout.readline()
-        if not line:
-            raise EOFError("shard process closed its pipe")
-        return json.loads(line)
 
     def sample(self, n: int, timeout: float = 1.0) -> dict:
         with self._lock:
-            head = self._ask({"op": "sample", "n": int(n)})
-            return {**_read_arrays(self.proc.stdout, int(n), _COLUMNS), **head}
+            _write(self.proc.stdin, rpc.encode({"op": "sample", "n": int(n)}))
+            head, arrays = rpc.decode(_read(self.proc.stdout), self._layout)  # read-only arrays, as Ray's
+        return {**dict(zip(rpc.SAMPLE_COLUMNS, arrays)), "total": head["total"], "size": head["size"], "shard": 0}
 
     def update_priorities(self, keys, priorities) -> None:
+        keys = np.asarray(keys, "<i8")
         with self._lock:
-            _send(self.proc.stdin, {"op": "priorities", "n": int(len(keys))},
-                  [np.asarray(keys, np.int64), np.asarray(priorities, np.float64)])
+            _write(self.proc.stdin, rpc.encode({"op": "priorities", "n": int(keys.size)},
+                                               (keys, np.asarray(priorities, "<f4"))))
 
     def stats(self) -> dict:
         with self._lock:
-            return self._ask({"op": "stats"})
+            _write(self.proc.stdin, rpc.encode({"op": "stats"}))
+            return rpc.decode(_read(self.proc.stdout), header_only=True)[0]
 
     def close(self) -> None:
         self.proc.stdin.close()

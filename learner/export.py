@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -91,7 +90,6 @@ class BackgroundExporter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="learner-export")
         self._proc: subprocess.Popen | None = None
         self._fallback = PolicyExporter()
-        self._lock = threading.Lock()
         self._finalizer = None
 
     def submit(self, state: dict, path: str | Path) -> Future:
@@ -100,20 +98,20 @@ class BackgroundExporter:
         return self._pool.submit(self._export, snapshot, str(path))
 
     def _export(self, state: dict, path: str) -> str:
-        with self._lock:
-            try:
-                return self._export_in_helper(state, path)
-            except Exception as exc:
-                log.warning("policy export helper failed (%s); exporting in the learner's process", exc)
-                self._stop_helper()
-            try:
-                from .network import build_network
-                net = build_network(self.arch["spec"], self.arch["hidden_sizes"], self.arch["dueling"])
-                net.load_state_dict(state)
-                return str(self._fallback.save(net, path))
-            except Exception as exc:  # nobody may wait on a periodic export: say so here
-                log.warning("policy export to %s failed: %s", path, exc)
-                raise
+        # runs on the one thread of self._pool: exports never overlap
+        try:
+            return self._export_in_helper(state, path)
+        except Exception as exc:
+            log.warning("policy export helper failed (%s); exporting in the learner's process", exc)
+            self._stop_helper()
+        try:
+            from .network import build_network
+            net = build_network(self.arch["spec"], self.arch["hidden_sizes"], self.arch["dueling"])
+            net.load_state_dict(state)
+            return str(self._fallback.save(net, path))
+        except Exception as exc:  # nobody may wait on a periodic export: say so here
+            log.warning("policy export to %s failed: %s", path, exc)
+            raise
 
     def _export_in_helper(self, state: dict, path: str) -> str:
         from safetensors.torch import save
@@ -163,8 +161,7 @@ def serve(inp, out) -> None:
     except OSError:
         pass
     torch.set_num_threads(1)
-    exporter, arch = PolicyExporter(), None
-    net = None
+    exporter = net = arch = None
     while True:
         line = inp.readline()
         if not line:
