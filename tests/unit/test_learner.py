@@ -248,3 +248,18 @@ def test_priorities_of_a_request_go_back_in_slot_order(tmp_path):
     for keys in seen:
         slots = (keys & SEQ_MASK) % 2000
         assert np.all(np.diff(slots) >= 0), slots
+
+
+def test_priorities_leave_once_per_request_paired_with_their_keys(tmp_path):
+    """TD errors are buffered as tensors and sent as |td| in one call per ``batches_per_request``
+    updates; whatever order the call uses, each key keeps its own minibatch item's |td|."""
+    sh = shard_with(n=2000)
+    seen = []
+    sh.update_priorities = lambda keys, pr: seen.append((np.array(keys), np.array(pr)))
+    lr = make(tmp_path, sh, batches_per_request=2)
+    lr.send_priorities(np.array([10, 11, 12]), np.zeros(3, np.int32), torch.tensor([0.5, -2.0, 0.0]))
+    assert seen == []  # the first minibatch of the request waits for the second
+    lr.send_priorities(np.array([20, 21, 22]), np.zeros(3, np.int32), torch.tensor([-0.25, 3.0, -1.5]))
+    assert len(seen) == 1
+    keys, pr = seen[0]
+    assert dict(zip(keys.tolist(), pr.tolist())) == {10: 0.5, 11: 2.0, 12: 0.0, 20: 0.25, 21: 3.0, 22: 1.5}
