@@ -179,17 +179,8 @@ class Launcher:
         self.spec = env_spec(cfg.env.id)
         ns = self.namespace
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.learner.device != "cpu"
-        shard_cls = ray.remote(ReplayShard)
-        for k in range(cfg.replay.shards if not cfg.replay.external else 0):
-            h = shard_cls.options(name=self.shard_name(k), num_cpus=cfg.replay.num_cpus, max_concurrency=8,
-                                  max_restarts=-1).remote(shard_spec(cfg, k, self.spec), shard_redis_url(cfg, k, self.redis_url), ns,
-                                 cfg.seed * 1000 + k)
-            self.shards.append(Member("shard", k, h))
-        for m in self.shards:
-            m.run_ref = m.handle.run.remote()
-        # no waiting for the shards: actors may append before a shard exists (its consumer group
-        # then starts at the stream's first entry) and the learner retries until shards answer
-
+        # the learner first: its process start and torch import are the longest path to the first
+        # update; it finds the shards by name, retrying until they answer
         resume_state = None
         if self.resume and self.run_dir.checkpoint.exists():
             from learner.checkpoint import load
@@ -208,11 +199,22 @@ class Launcher:
                        for k in range(cfg.replay.shards)]
             self.external_shards = [Member("shard", k, p) for k, p in enumerate(proxies)]
         else:
-            proxies = [RayShardProxy(self.shard_name(m.index)) for m in self.shards]
+            proxies = [RayShardProxy(self.shard_name(k)) for k in range(cfg.replay.shards)]
         lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns,
                                 str(self.run_dir.checkpoint), resume_state, cfg.to_dict(), True)
         self.learner = Member("learner", 0, lh)
         self.learner.run_ref = lh.run.remote()
+
+        shard_cls = ray.remote(ReplayShard)
+        for k in range(cfg.replay.shards if not cfg.replay.external else 0):
+            h = shard_cls.options(name=self.shard_name(k), num_cpus=cfg.replay.num_cpus, max_concurrency=8,
+                                  max_restarts=-1).remote(shard_spec(cfg, k, self.spec), shard_redis_url(cfg, k, self.redis_url), ns,
+                                 cfg.seed * 1000 + k)
+            self.shards.append(Member("shard", k, h))
+        for m in self.shards:
+            m.run_ref = m.handle.run.remote()
+        # no waiting for the shards: actors may append before a shard exists (its consumer group
+        # then starts at the stream's first entry) and the learner retries until shards answer
 
         actor_cls = ray.remote(ApexActor).options(num_cpus=cfg.actors.num_cpus, max_concurrency=4, max_restarts=-1,
                                                   scheduling_strategy="SPREAD" if cfg.actors.spread else "DEFAULT")
