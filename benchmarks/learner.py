@@ -145,9 +145,9 @@ class BareLoop:
 class RealLearner:
     """The learner's own run loop: prefetch pipeline, update, priorities sent back to the shard."""
 
-    def __init__(self, batch_size: int, device: str, shard, threads: int = 1):
+    def __init__(self, batch_size: int, device: str, shard, threads: int = 1, batches_per_request: int = 8):
         s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9,
-                            torch_threads=threads)
+                            torch_threads=threads, batches_per_request=batches_per_request)
         self.learner = Learner(s, SPEC, [shard])
         self.run(20)  # warm-up
 
@@ -162,12 +162,13 @@ class RealLearner:
 
 
 def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shards: dict,
-            threads: int = 1) -> dict:
+            threads: int = 1, batches_per_request: int = 8) -> dict:
     """Interleave rounds of the bare loop and the learner fed by each shard layout (this machine's
     speed drifts); medians of the rounds: {layout: (learner upd/s, bare upd/s, ratio)}."""
     bare = BareLoop(batch_size, device, LearnerSettings(batch_size=batch_size, device=str(device),
                                                                 torch_threads=threads))
-    reals = {name: RealLearner(batch_size, str(device), shard, threads) for name, shard in shards.items()}
+    reals = {name: RealLearner(batch_size, str(device), shard, threads, batches_per_request)
+             for name, shard in shards.items()}
     per = max(1, updates // rounds)
     rates: dict = {name: ([], [], []) for name in reals}
     for _ in range(rounds):
@@ -186,6 +187,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batches-per-request", type=int, default=LearnerSettings.batches_per_request,
+                    help="learner.batches_per_request: minibatches per sampling request (default: the "
+                         "config's default)")
     ap.add_argument("--serve-shard", nargs=2, type=int, metavar=("CAPACITY", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_shard:
@@ -202,11 +206,13 @@ def main() -> None:
     # in_process: the shard lives in the learner's process and the pipeline runs on the training
     # thread (single-process mode); own_process: the distributed layout, the shard on its own core
     shards = {"in_process": filled_shard(capacity), "own_process": remote}
-    figures: dict = {"device": str(device), "torch_threads": args.threads}
+    figures: dict = {"device": str(device), "torch_threads": args.threads,
+                     "batches_per_request": args.batches_per_request}
     rows = []
     try:
         for bs in (128, 512):
-            for layout, (real, bare, eff) in measure(bs, updates, rounds, device, shards, args.threads).items():
+            for layout, (real, bare, eff) in measure(bs, updates, rounds, device, shards, args.threads,
+                                                     args.batches_per_request).items():
                 rows.append((layout, bs, real, bare, eff))
                 sfx = "" if layout == "in_process" else "_shard_process"
                 figures[f"updates_per_s_b{bs}{sfx}"] = round(real, 1)
@@ -216,7 +222,7 @@ def main() -> None:
         remote.close()
     figures["rounds"] = rounds
     print(f"{'shard':<22} {'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}, "
-          f"medians of {rounds} interleaved rounds")
+          f"{args.batches_per_request} minibatches per request, medians of {rounds} interleaved rounds")
     for layout, bs, real, bare, eff in rows:
         where = "in learner's process" if layout == "in_process" else "in its own process"
         print(f"{where:<22} {bs:>6} {real:>14.1f} {bare:>11.1f} {eff:>10.1%}")
