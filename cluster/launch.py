@@ -32,6 +32,8 @@ def set_ray_env() -> None:
 class RayShardProxy:
     """What the learner sees of a shard living in another Ray process (picklable: a handle)."""
 
+    nonblocking_priorities = True  # update_priorities submits the call and returns
+
     def __init__(self, name: str):
         self.name = name
         self._handle = None

@@ -263,3 +263,50 @@ def test_priorities_leave_once_per_request_paired_with_their_keys(tmp_path):
     assert len(seen) == 1
     keys, pr = seen[0]
     assert dict(zip(keys.tolist(), pr.tolist())) == {10: 0.5, 11: 2.0, 12: 0.0, 20: 0.25, 21: 3.0, 22: 1.5}
+
+
+class Remote:
+    """A shard seen as from another process: same answers, but not ``in_process``."""
+
+    def __init__(self, shard, nonblocking: bool):
+        self.shard, self.nonblocking_priorities = shard, nonblocking
+        self.prio_threads = []
+
+    def sample(self, n, timeout=1.0):
+        return self.shard.sample(n, timeout)
+
+    def update_priorities(self, keys, pr):
+        import threading
+        self.prio_threads.append(threading.current_thread().name)
+        self.shard.update_priorities(keys, pr)
+
+    def stats(self):
+        return self.shard.stats()
+
+
+def test_remote_replies_become_minibatches_on_the_training_thread():
+    """On a CPU device the prefetch thread only fetches; get() turns a reply into its k minibatches."""
+    from learner.prefetch import PrefetchSampler
+    sampler = PrefetchSampler([Remote(shard_with(n=2000), True)], 16, 4, torch.device("cpu"), lambda: 0.5,
+                              batches_per_request=4).start()
+    try:
+        assert sampler.prepare_on_get
+        batches = [sampler.get(timeout=5) for _ in range(4)]
+        queued = sampler.queue.get(timeout=5)  # what the thread hands over: a reply, not tensors
+        assert set(queued) == {"parts", "total_mass", "size"} and queued["size"] == 2000
+    finally:
+        sampler.stop()
+    for b in batches:
+        assert b["obs"].shape == (16, 2) and b["action"].dtype == torch.int64 and b["keys"].shape == (16,)
+        assert 0 < float(b["weights"].min()) and float(b["weights"].max()) == 1.0
+
+
+@pytest.mark.parametrize("nonblocking, thread", [(True, "training"), (False, "learner-bg")])
+def test_priorities_leave_from_the_training_thread_unless_the_shard_blocks(tmp_path, nonblocking, thread):
+    import threading
+    remote = Remote(shard_with(n=2000), nonblocking)
+    lr = make(tmp_path, remote, batches_per_request=2)
+    t = threading.Thread(target=lr.run, kwargs={"max_updates": 8}, name="training")
+    t.start()
+    t.join(timeout=60)
+    assert remote.prio_threads and all(n.startswith(thread) for n in remote.prio_threads), remote.prio_threads
