@@ -94,10 +94,10 @@ class Learner:
         # shards living in this process are sampled and updated on the training thread (see prefetch.py)
         self.local_shards = all(getattr(sh, "in_process", False) for sh in self.shards)
         # Priorities go to the shards from the training thread itself when no shard makes it wait
-        # (in-process shards, Ray proxies whose call returns at once); a helper thread would cost
-        # more in GIL hand-offs than the call (a distributed learner's training thread waited
-        # 460-520 times a second with this one and the prefetch thread's, 190-220 without). Shards reached
-        # through a Redis round trip still get their priorities from the background thread.
+        # (in-process shards, Ray proxies whose call returns at once): a helper thread would cost
+        # more in GIL hand-offs than the call. A distributed learner's training thread waited
+        # 460-520 times a second with this hand-off and the prefetch thread's, 190-220 without.
+        # Shards reached through a Redis round trip still get priorities from the background thread.
         self.inline_priorities = all(getattr(sh, "in_process", False) or getattr(sh, "nonblocking_priorities", False)
                                      for sh in self.shards)
         if not self.local_shards:
@@ -273,10 +273,10 @@ class Learner:
         if len(self._prio_buf) < self.s.batches_per_request:
             return
         buf, self._prio_buf = self._prio_buf, []
-        pr = new_priorities(torch.cat([b[2] for b in buf]), 0.0).cpu().numpy()
+        request_pr = new_priorities(torch.cat([b[2] for b in buf]), 0.0).cpu().numpy()
 
-        def send(pr=pr):
-            keys = np.concatenate([b[0] for b in buf])
+        def send():
+            keys, pr = np.concatenate([b[0] for b in buf]), request_pr
             shard_of = np.concatenate([b[1] for b in buf])
             if len(self.shards) == 1 and len({len(b[0]) for b in buf}) == 1:
                 # these minibatches were most likely one request, dealt round-robin by the sampler:
