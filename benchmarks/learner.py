@@ -145,9 +145,10 @@ class BareLoop:
 class RealLearner:
     """The learner's own run loop: prefetch pipeline, update, priorities sent back to the shard."""
 
-    def __init__(self, batch_size: int, device: str, shard, threads: int = 1, batches_per_request: int = 8):
+    def __init__(self, batch_size: int, device: str, shard, threads: int = 1, batches_per_request: int = 8,
+                 **modes):
         s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9,
-                            torch_threads=threads, batches_per_request=batches_per_request)
+                            torch_threads=threads, batches_per_request=batches_per_request, **modes)
         self.learner = Learner(s, SPEC, [shard])
         self.run(20)  # warm-up
 
@@ -162,22 +163,26 @@ class RealLearner:
 
 
 def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shards: dict,
-            threads: int = 1, batches_per_request: int = 8) -> dict:
+            threads: int = 1, batches_per_request: int = 8, **modes) -> dict:
     """Interleave rounds of the bare loop and the learner fed by each shard layout (this machine's
-    speed drifts); medians of the rounds: {layout: (learner upd/s, bare upd/s, ratio)}."""
+    speed drifts); medians of the rounds: {layout: (learner upd/s, bare upd/s, ratio)}. ``modes``
+    (learner.compile, learner.cuda_graphs) apply to both."""
     bare = BareLoop(batch_size, device, LearnerSettings(batch_size=batch_size, device=str(device),
-                                                                torch_threads=threads))
-    reals = {name: RealLearner(batch_size, str(device), shard, threads, batches_per_request)
+                                                        torch_threads=threads, **modes))
+    reals = {name: RealLearner(batch_size, str(device), shard, threads, batches_per_request, **modes)
              for name, shard in shards.items()}
     per = max(1, updates // rounds)
     rates: dict = {name: ([], [], []) for name in reals}
-    for _ in range(rounds):
+    for i in range(rounds):
         for name, real in reals.items():
             b = per / bare.run(per)
             r = per / real.run(per)
             rates[name][0].append(r)
             rates[name][1].append(b)
             rates[name][2].append(r / b)
+            # progress on stderr (the JSON line stays the last line of stdout)
+            print(f"batch {batch_size}, round {i + 1}/{rounds}, {name}: learner {r:.0f} upd/s, bare {b:.0f} upd/s",
+                  file=sys.stderr, flush=True)
     return {name: tuple(float(np.median(x)) for x in rs) for name, rs in rates.items()}
 
 
@@ -190,29 +195,37 @@ def main() -> None:
     ap.add_argument("--batches-per-request", type=int, default=LearnerSettings.batches_per_request,
                     help="learner.batches_per_request: minibatches per sampling request (default: the "
                          "config's default)")
+    ap.add_argument("--compile", action="store_true", help="learner.compile for the learner and the bare loop")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="learner.cuda_graphs for the learner and the bare loop (CUDA only)")
     ap.add_argument("--serve-shard", nargs=2, type=int, metavar=("CAPACITY", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_shard:
         serve_shard(*args.serve_shard)
         return
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as exc:
+        sys.exit(f"benchmarks/learner.py: {exc}")
     updates = 60 if args.smoke else (2000 if args.quick else 6000)
     rounds = 2 if args.smoke else 10
-    if device.type == "cuda":
-        updates *= 4
     capacity = 20_000 if args.smoke else 200_000
     remote = ShardProcess(capacity)
     # in_process: the shard lives in the learner's process and the pipeline runs on the training
     # thread (single-process mode); own_process: the distributed layout, the shard on its own core
     shards = {"in_process": filled_shard(capacity), "own_process": remote}
+    modes = {"compile": args.compile, "cuda_graphs": args.cuda_graphs}
     figures: dict = {"device": str(device), "torch_threads": args.threads,
-                     "batches_per_request": args.batches_per_request}
+                     "batches_per_request": args.batches_per_request, **modes}
+    if device.type == "cuda":
+        figures["device_name"] = torch.cuda.get_device_name(device)
+        figures["torch"] = torch.__version__
     rows = []
     try:
         for bs in (128, 512):
             for layout, (real, bare, eff) in measure(bs, updates, rounds, device, shards, args.threads,
-                                                     args.batches_per_request).items():
+                                                     args.batches_per_request, **modes).items():
                 rows.append((layout, bs, real, bare, eff))
                 sfx = "" if layout == "in_process" else "_shard_process"
                 figures[f"updates_per_s_b{bs}{sfx}"] = round(real, 1)
