@@ -196,8 +196,8 @@ def main() -> None:
                     help="learner.batches_per_request: minibatches per sampling request (default: the "
                          "config's default)")
     ap.add_argument("--compile", action="store_true", help="learner.compile for the learner and the bare loop")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="learner.cuda_graphs for the learner and the bare loop (CUDA only)")
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="learner.cuda_graphs false for the learner and the bare loop (on CUDA: eager updates)")
     ap.add_argument("--serve-shard", nargs=2, type=int, metavar=("CAPACITY", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_shard:
@@ -215,7 +215,8 @@ def main() -> None:
     # in_process: the shard lives in the learner's process and the pipeline runs on the training
     # thread (single-process mode); own_process: the distributed layout, the shard on its own core
     shards = {"in_process": filled_shard(capacity), "own_process": remote}
-    modes = {"compile": args.compile, "cuda_graphs": args.cuda_graphs}
+    modes = {"compile": args.compile,
+             "cuda_graphs": device.type == "cuda" and LearnerSettings.cuda_graphs and not args.no_cuda_graphs}
     figures: dict = {"device": str(device), "torch_threads": args.threads,
                      "batches_per_request": args.batches_per_request, **modes}
     if device.type == "cuda":

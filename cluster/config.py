@@ -116,7 +116,7 @@ class LearnerConfig:
     num_cpus: float = _f(1.0, non_negative())
     torch_threads: int = _f(1, positive())
     compile: bool = _f(False)
-    cuda_graphs: bool = _f(False)
+    cuda_graphs: bool = _f(True)
     custom_resource: Optional[str] = _f(None)
 
 

@@ -24,6 +24,7 @@ from replay_server.keys import Keys
 from . import checkpoint as ckpt
 from . import weights_store
 from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
+from .cuda_graph import UpdateGraph
 from .export import BackgroundExporter
 from .network import build_network
 from .optim import FlatAdam
@@ -110,22 +111,24 @@ class Learner:
         self.publish()
 
     def _compiled(self, s: LearnerSettings):
-        """Forward functions for the update: eager, torch.compile'd, or compiled with CUDA graphs.
+        """Forward functions for the update: eager or torch.compile'd; whether to capture the whole
+        update as a CUDA graph (``self._graphs``, see cuda_graph.py; the graph is recorded at the
+        first update, on its minibatch's shapes).
 
         Parameters stay owned by the plain modules, so checkpoints and published weights are the
         same whichever mode runs.
         """
-        graphs = s.cuda_graphs
-        self._graphs = False
-        if graphs and self.device.type != "cuda":
-            log.warning("learner.cuda_graphs needs a CUDA device; the learner runs on %s without them", self.device)
-            graphs = False
-        if not (s.compile or graphs):
+        self._graphs = bool(s.cuda_graphs)
+        self._graph: Optional[UpdateGraph] = None
+        if self._graphs and self.device.type != "cuda":
+            log.debug("learner.cuda_graphs: no CUDA device; the update runs eagerly on %s", self.device)
+            self._graphs = False
+        if self._graphs:
+            self.opt.enable_graph_step()
+        if not s.compile:
             return self.online, self.target
-        mode = "reduce-overhead" if graphs else "default"  # reduce-overhead = CUDA graphs via cudagraph trees
-        log.info("compiling the Q-network forward with torch.compile(mode=%r)", mode)
-        self._graphs = graphs
-        return torch.compile(self.online, mode=mode), torch.compile(self.target, mode=mode)
+        log.info("compiling the Q-network forward with torch.compile")
+        return torch.compile(self.online), torch.compile(self.target)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -236,9 +239,27 @@ class Learner:
 
     def step(self, batch: dict) -> dict:
         """One update on a prepared batch (tensors on the device). Returns the new |TD| priorities."""
+        if self._graphs and self._graph is None:
+            self._capture(batch)  # on failure, _graphs turns False
+        if self._graphs:
+            loss, extra = self._graph.replay(batch) if self._graph.fits(batch) else self._update(batch)
+            self.opt.steps += 1  # graph_step() counts on the device only
+        else:
+            loss, extra = self._update(batch)
+        self.updates += 1
+        if self.first_update_at is None:
+            self.first_update_at = time.time()
+        if self.s.target_tau > 0:  # Polyak averaging every update
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), self.s.target_tau)
+        elif self.updates % self.s.target_update_period == 0:
+            self.target.load_state_dict(self.online.state_dict())
+        return {**extra, "loss": loss}
+
+    def _update(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Forward, targets, loss, backward, clipping, Adam: device work alone, so that a CUDA
+        graph can hold it. Returns ``(loss, {"td", "q_taken"})``."""
         B = batch["obs"].shape[0]
-        if self._graphs:  # the previous step's graph outputs may be overwritten from here on
-            torch.compiler.cudagraph_mark_step_begin()
         q_all = self._online_fwd(torch.cat([batch["obs"], batch["next_obs"]]))
         q, q_next_online = q_all[:B], q_all[B:].detach()
         with torch.no_grad():
@@ -249,17 +270,29 @@ class Learner:
         loss.backward()
         if self.s.grad_clip > 0:
             self.opt.clip_grad_norm_(self.s.grad_clip)
-        self.opt.step()
-        self.updates += 1
-        if self.first_update_at is None:
-            self.first_update_at = time.time()
-        if self.s.target_tau > 0:  # Polyak averaging every update
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), self.s.target_tau)
-        elif self.updates % self.s.target_update_period == 0:
-            self.target.load_state_dict(self.online.state_dict())
-        extra["loss"] = loss.detach()
-        return extra
+        if self._graphs:
+            self.opt.graph_step()
+        else:
+            self.opt.step()
+        return loss.detach(), extra
+
+    def _example_batch(self) -> dict:
+        """A minibatch of the sampler's shapes and dtypes (its values do not matter to a capture)."""
+        B, d = self.s.batch_size, int(self.spec["obs_dim"])
+        f = dict(device=self.device, dtype=torch.float32)
+        return {"obs": torch.zeros(B, d, **f), "next_obs": torch.zeros(B, d, **f),
+                "action": torch.zeros(B, dtype=torch.int64, device=self.device), "ret": torch.zeros(B, **f),
+                "discount": torch.zeros(B, **f), "weights": torch.ones(B, **f)}
+
+    def _capture(self, batch: dict) -> None:
+        try:
+            self._graph = UpdateGraph(self._update, self.opt, batch)
+            log.info("learner: the update is captured as a CUDA graph (batch %d)", batch["obs"].shape[0])
+        except Exception as exc:  # an op this torch cannot capture: train without the graph
+            log.warning("learner.cuda_graphs: capturing the update failed (%s: %s); the learner runs "
+                        "without CUDA graphs", type(exc).__name__, exc)
+            self._graph = None
+            self._graphs = False
 
     def send_priorities(self, keys: np.ndarray, shard_of: np.ndarray, td: torch.Tensor) -> None:
         """Queue new priorities; they leave in one call per shard every ``batches_per_request`` updates.
@@ -296,6 +329,10 @@ class Learner:
 
     def run(self, max_updates: Optional[int] = None) -> dict:
         """Train until :meth:`stop` (or ``max_updates``); writes a checkpoint at the end."""
+        if self._graphs and self._graph is None:
+            # before the prefetch thread starts: while a graph is captured, no other thread of
+            # the process may allocate device or pinned memory (CUDA refuses such calls then)
+            self._capture(self._example_batch())
         self.sampler = PrefetchSampler(self.shards, self.s.batch_size, self.s.prefetch, self.device,
                                        self.beta, rng=self.sample_rng,
                                        batches_per_request=self.s.batches_per_request,

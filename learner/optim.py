@@ -66,6 +66,8 @@ class FlatAdam:
                 self.slices.append(s)
                 offset = s.stop
         self.steps = 0
+        # the step count on the device, for graph_step() (set by enable_graph_step)
+        self.t: torch.Tensor | None = None
 
     def zero_grad(self) -> None:
         self.grad.zero_()
@@ -88,6 +90,39 @@ class FlatAdam:
         torch.sqrt(self.exp_avg_sq, out=self._denom)
         self._denom.div_(math.sqrt(1.0 - b2 ** self.steps)).add_(self.eps)
         self.flat.addcdiv_(self.exp_avg, self._denom, value=-self.lr / (1.0 - b1 ** self.steps))
+
+    def enable_graph_step(self) -> None:
+        """Keep a copy of the step count on the device, so that :meth:`graph_step` can run inside a
+        CUDA graph: a graph replays the kernels it recorded, and step()'s bias corrections are
+        host-side numbers that would stay those of the step it was recorded at."""
+        self.t = torch.tensor(float(self.steps), device=self.flat.device, dtype=self.flat.dtype)
+
+    @torch.no_grad()
+    def graph_step(self) -> None:
+        """step() as device work alone (no host numbers change between replays); the same update,
+        rounded in float32: p <- p - m / ((sqrt(v) / sqrt(1 - b2^t) + eps) * (1 - b1^t) / lr).
+
+        Counts the step in :attr:`t` only: whoever replays it adds 1 to :attr:`steps` each time.
+        """
+        b1, b2 = self.betas
+        g = self.grad
+        self.t.add_(1.0)
+        self.exp_avg.lerp_(g, 1.0 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        torch.sqrt(self.exp_avg_sq, out=self._denom)
+        self._denom.div_(torch.sqrt(1.0 - torch.pow(b2, self.t))).add_(self.eps)
+        self._denom.mul_((1.0 - torch.pow(b1, self.t)) / self.lr)
+        self.flat.addcdiv_(self.exp_avg, self._denom, value=-1.0)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of everything a step changes (parameters, moments, device step count)."""
+        return [b.clone() for b in (self.flat, self.exp_avg, self.exp_avg_sq, self.t) if b is not None]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        """Undo steps since :meth:`snapshot`, in place (the buffers keep their addresses)."""
+        with torch.no_grad():
+            for b, saved in zip([b for b in (self.flat, self.exp_avg, self.exp_avg_sq, self.t) if b is not None], snap):
+                b.copy_(saved)
 
     # -- torch.optim.Adam's state_dict format ------------------------------------------------
 
@@ -122,7 +157,7 @@ class FlatAdam:
         if not state:
             self.exp_avg.zero_()
             self.exp_avg_sq.zero_()
-            self.steps = 0
+            self._set_steps(0)
             return
         if len(state) != len(ids) or any(k not in state for k in ids):
             raise ValueError("optimizer state lacks some parameters' moments")
@@ -134,4 +169,9 @@ class FlatAdam:
                         raise ValueError(f"optimizer state {name} of parameter {k} has shape {tuple(t.shape)}, "
                                          f"expected {tuple(p.shape)}")
                     buf[s].copy_(t.reshape(-1))
-        self.steps = int(steps.pop())
+        self._set_steps(int(steps.pop()))
+
+    def _set_steps(self, steps: int) -> None:
+        self.steps = steps
+        if self.t is not None:
+            self.t.fill_(float(steps))

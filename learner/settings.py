@@ -20,7 +20,7 @@ class LearnerSettings:
     device: str = "auto"
     torch_threads: int = 1
     compile: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True  # on CUDA only (see learner/cuda_graph.py)
     beta_start: float = 0.4
     beta_anneal_updates: int = 20_000
     priority_eps: float = 1e-6

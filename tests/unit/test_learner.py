@@ -310,3 +310,26 @@ def test_priorities_leave_from_the_training_thread_unless_the_shard_blocks(tmp_p
     t.start()
     t.join(timeout=60)
     assert remote.prio_threads and all(n.startswith(thread) for n in remote.prio_threads), remote.prio_threads
+
+
+def test_a_cuda_graph_that_cannot_be_captured_leaves_the_learner_training_eagerly(tmp_path, monkeypatch, caplog):
+    """learner.cuda_graphs where capturing fails (an op the installed torch cannot capture): a
+    warning, then the same updates as without graphs, counted once each."""
+    import learner.learner as learner_mod
+
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(learner_mod, "UpdateGraph", refuse)
+    sh = shard_with()
+    eager, graphed = make(tmp_path, sh), make(tmp_path, sh)
+    graphed._graphs = True  # as on a CUDA device (there is none here)
+    graphed.opt.enable_graph_step()
+    from learner.prefetch import PrefetchSampler
+    batches = PrefetchSampler([sh], 32, 1, eager.device, eager.beta, batches_per_request=3).sample_once()
+    with caplog.at_level("WARNING"):
+        for b in batches:
+            eager.step(b), graphed.step(b)
+    assert "capturing the update failed (RuntimeError" in caplog.text and not graphed._graphs
+    assert graphed.opt.steps == eager.opt.steps == 3 and graphed.updates == 3
+    for pa, pb in zip(eager.online.parameters(), graphed.online.parameters()):
+        assert torch.equal(pa, pb)

@@ -34,21 +34,23 @@ def shard_with(n=4000, seed=0):
 
 
 def make(tmp_path, device, shards=(), **kw):
+    kw.setdefault("cuda_graphs", False)  # the eager update is the reference
     s = LearnerSettings(batch_size=B, device=device, publish_every=10**9, checkpoint_every_s=1e9, prefetch=4,
                         target_update_period=3, **kw)
     return Learner(s, SPEC, list(shards), checkpoint_path=str(tmp_path / f"{device}.pt"))
 
 
-def batches(n, seed=0):
+def batches(n, seed=0, sizes=None):
     """n different minibatches on the CPU (a graph replay that read stale inputs would show)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(n):
-        obs = torch.rand(B, 2, generator=g) * torch.tensor([1.8, 0.14]) - torch.tensor([1.2, 0.07])
-        out.append({"obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (B,), generator=g),
-                    "ret": torch.randn(B, generator=g),
-                    "discount": torch.where(torch.rand(B, generator=g) < 0.2, 0.0, 0.97 ** 3),
-                    "weights": torch.rand(B, generator=g) * 0.9 + 0.1})
+    for i in range(n):
+        b = sizes[i] if sizes else B
+        obs = torch.rand(b, 2, generator=g) * torch.tensor([1.8, 0.14]) - torch.tensor([1.2, 0.07])
+        out.append({"obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (b,), generator=g),
+                    "ret": torch.randn(b, generator=g),
+                    "discount": torch.where(torch.rand(b, generator=g) < 0.2, 0.0, 0.97 ** 3),
+                    "weights": torch.rand(b, generator=g) * 0.9 + 0.1})
     return out
 
 
@@ -56,10 +58,10 @@ def on(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def assert_same_update(a: Learner, b: Learner, steps: int) -> None:
+def assert_same_update(a: Learner, b: Learner, steps: int, sizes=None) -> None:
     b.online.load_state_dict(a.online.state_dict())
     b.target.load_state_dict(a.target.state_dict())
-    for i, batch in enumerate(batches(steps)):
+    for i, batch in enumerate(batches(steps, sizes=sizes)):
         ea, eb = a.step(on(batch, a.device)), b.step(on(batch, b.device))
         torch.testing.assert_close(eb["td"].cpu(), ea["td"].cpu(), rtol=1e-4, atol=1e-5, msg=f"td of update {i}")
         torch.testing.assert_close(eb["loss"].cpu(), ea["loss"].cpu(), rtol=1e-4, atol=1e-6)
@@ -67,6 +69,11 @@ def assert_same_update(a: Learner, b: Learner, steps: int) -> None:
         torch.testing.assert_close(pb.detach().cpu(), pa.detach().cpu(), rtol=1e-4, atol=1e-5)
     for pa, pb in zip(a.target.parameters(), b.target.parameters()):
         torch.testing.assert_close(pb.cpu(), pa.cpu(), rtol=1e-4, atol=1e-5)
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert a.opt.steps == b.opt.steps == steps
+    for k in sa["state"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sb["state"][k][name].cpu(), sa["state"][k][name].cpu(), rtol=1e-4, atol=1e-6)
 
 
 def test_cuda_update_matches_cpu(tmp_path):
@@ -74,11 +81,22 @@ def test_cuda_update_matches_cpu(tmp_path):
     assert_same_update(make(tmp_path, "cpu"), make(tmp_path, "cuda"), 10)
 
 
-def test_cuda_graphs_update_matches_eager(tmp_path):
-    """learner.cuda_graphs: after the warm-up the update replays recorded graphs, on fresh inputs."""
-    graphs = make(tmp_path, "cuda", cuda_graphs=True)
-    assert graphs._graphs
-    assert_same_update(make(tmp_path, "cuda"), graphs, 12)
+@pytest.mark.parametrize("tau", [0.0, 0.05], ids=["hard_sync", "polyak"])
+def test_cuda_graphs_update_matches_eager(tmp_path, tau):
+    """learner.cuda_graphs: the captured update, replayed on fresh minibatches, gives the eager
+    updates; capturing changes no weights; a minibatch of another size runs eagerly in between."""
+    graphs = make(tmp_path, "cuda", cuda_graphs=True, target_tau=tau)
+    assert graphs._graphs and graphs._graph is None
+    sizes = [B] * 6 + [B // 2] + [B] * 5
+    assert_same_update(make(tmp_path, "cuda", target_tau=tau), graphs, 12, sizes)
+    assert graphs._graph is not None and graphs.updates == 12 and float(graphs.opt.t) == 12.0
+
+
+def test_compiled_forward_inside_the_cuda_graph_matches_eager(tmp_path):
+    """learner.compile and learner.cuda_graphs together: inductor's kernels captured in the graph."""
+    both = make(tmp_path, "cuda", cuda_graphs=True, compile=True)
+    assert_same_update(make(tmp_path, "cuda"), both, 6)
+    assert both._graph is not None
 
 
 def test_cuda_graphs_priorities_are_not_overwritten_by_later_replays(tmp_path):
@@ -135,16 +153,18 @@ def test_prefetch_thread_pins_and_copies_to_the_device():
         assert float(b["weights"].max()) == 1.0 and float(b["weights"].min()) > 0
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graphs"])
 @pytest.mark.parametrize("remote", [False, True], ids=["in_process", "remote"])
-def test_cuda_run_loop_trains_and_its_checkpoint_loads_on_the_cpu(tmp_path, remote):
+def test_cuda_run_loop_trains_and_its_checkpoint_loads_on_the_cpu(tmp_path, remote, graphs):
     sh = shard_with()
     shard = Remote(sh) if remote else sh
-    lr = make(tmp_path, "cuda", [shard], batches_per_request=4)
+    lr = make(tmp_path, "cuda", [shard], batches_per_request=4, cuda_graphs=graphs)
     before = sh.stats()["priority_updates"]
     t = threading.Thread(target=lr.run, kwargs={"max_updates": 200})
     t.start()
     t.join(timeout=120)
     assert not t.is_alive() and lr.updates == 200
+    assert (lr._graph is not None) == graphs  # captured before the prefetch thread started, not given up
     assert sh.stats()["priority_updates"] > before
     assert np.isfinite(lr.metrics["loss"])
     lr.save_checkpoint()

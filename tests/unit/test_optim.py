@@ -98,6 +98,52 @@ def test_updates_match_torch_adam_with_clip_grad_norm():
             torch.testing.assert_close(sr["state"][k][name], sn["state"][k][name], rtol=1e-5, atol=1e-7)
 
 
+def test_graph_step_by_hand():
+    """graph_step(), the CUDA-graph form, takes the hand-computed steps of test_adam_steps_by_hand."""
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = FlatAdam([p], lr=0.1)
+    opt.enable_graph_step()
+    p.grad.fill_(0.5)
+    opt.graph_step()
+    assert p.item() == pytest.approx(0.9, abs=1e-6) and float(opt.t) == 1.0
+    assert opt.steps == 0  # the host count is the caller's (one per replay)
+    opt.zero_grad()
+    p.grad.fill_(-1.0)
+    opt.graph_step()
+    assert p.item() == pytest.approx(0.9 + 0.1 * (0.055 / 0.19) / (math.sqrt(0.00124975 / 0.001999) + 1e-8), abs=1e-6)
+
+
+def test_graph_step_follows_step_and_resumes_at_the_saved_count():
+    torch.manual_seed(2)
+    a = QNetwork(2, 3, (8, 8))
+    b = copy.deepcopy(a)
+    oa, ob = FlatAdam(a.parameters(), 0.01), FlatAdam(b.parameters(), 0.01)
+    ob.enable_graph_step()
+    for i in range(20):
+        x = torch.randn(32, 2)
+        for net, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.clip_grad_norm_(0.5)
+            opt.step() if opt is oa else opt.graph_step()
+        ob.steps += 1
+    for p, q in zip(a.parameters(), b.parameters()):  # float32 bias corrections: rounding differs
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+    # a snapshot undoes steps in place; a loaded state sets the device count too
+    before = [ob.flat.clone(), ob.exp_avg.clone(), ob.exp_avg_sq.clone()]
+    snap = ob.snapshot()
+    ptr = ob.flat.data_ptr()
+    ob.graph_step()
+    assert not torch.equal(ob.flat, before[0]) and float(ob.t) == 21.0
+    ob.restore(snap)
+    assert all(torch.equal(x, y) for x, y in zip((ob.flat, ob.exp_avg, ob.exp_avg_sq), before))
+    assert ob.flat.data_ptr() == ptr and float(ob.t) == 20.0
+    c = FlatAdam(copy.deepcopy(a).parameters(), 0.01)
+    c.enable_graph_step()
+    c.load_state_dict(oa.state_dict())
+    assert c.steps == 20 and float(c.t) == 20.0
+
+
 def test_resumes_from_a_torch_adam_state():
     """Checkpoints written with torch.optim.Adam (before FlatAdam) continue the same trajectory."""
     torch.manual_seed(1)
