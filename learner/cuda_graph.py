@@ -1,6 +1,6 @@
 """The learner's whole update as one CUDA graph (``learner.cuda_graphs``).
 
-The Q-networks here are small, so an update on a GPU is some 60 tiny kernels, and what limits it
+The Q-networks here are small, so an update on a GPU is dozens of tiny kernels, and what limits it
 is launching them from Python, not the device: on an H200 machine the eager update ran at 550-650
 updates/s, slower than on a 2-core CPU. A CUDA graph records the kernels of one update (forward,
 Double-DQN targets, loss, backward, gradient clipping, Adam) once; each later update copies its
