@@ -95,12 +95,15 @@ class FlatAdam:
         """Keep a copy of the step count on the device, so that :meth:`graph_step` can run inside a
         CUDA graph: a graph replays the kernels it recorded, and step()'s bias corrections are
         host-side numbers that would stay those of the step it was recorded at."""
+        # float32 counts exactly up to 2**24 steps; by then both bias corrections are 1 to the
+        # last bit, so a count that stops there changes nothing (steps, the host count, is exact)
         self.t = torch.tensor(float(self.steps), device=self.flat.device, dtype=self.flat.dtype)
 
     @torch.no_grad()
     def graph_step(self) -> None:
         """step() as device work alone (no host numbers change between replays); the same update,
-        rounded in float32: p <- p - m / ((sqrt(v) / sqrt(1 - b2^t) + eps) * (1 - b1^t) / lr).
+        with the bias corrections applied to the denominator:
+        p <- p - m / ((sqrt(v) / sqrt(1 - b2^t) + eps) * (1 - b1^t) / lr).
 
         Counts the step in :attr:`t` only: whoever replays it adds 1 to :attr:`steps` each time.
         """
