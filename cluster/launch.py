@@ -395,7 +395,8 @@ class Launcher:
         rec["first_env_step_s"] = self.first_env_step_s
         if ls.get("first_update_at") and self.first_update_s is None:
             self.first_update_s = round(ls["first_update_at"] - self.launch_wall, 2)
-            print(f"apexq: first learner update {self.first_update_s:.1f}s after launch", file=self.out, flush=True)
+            on = f"on {ls.get('device', '?')}" + (", the update as one CUDA graph" if ls.get("cuda_graph") else "")
+            print(f"apexq: first learner update {self.first_update_s:.1f}s after launch ({on})", file=self.out, flush=True)
         rec["first_update_s"] = self.first_update_s
         if prev is not None:
             dt = max(1e-6, rec["time_s"] - prev["time_s"])

@@ -368,7 +368,8 @@ class Learner:
         sp = self.sampler
         return {"updates": self.updates, "weights_version": self.weights_version,
                 "transitions_sampled": sp.sampled if sp else 0, "sample_waits": sp.waits if sp else 0,
-                "beta": self.beta(), "device": str(self.device), "priority_errors": self.priority_errors,
+                "beta": self.beta(), "device": str(self.device), "cuda_graph": self._graph is not None,
+                "priority_errors": self.priority_errors,
                 "checkpoint_error": self.checkpoint_error, "first_update_at": self.first_update_at,
                 "best_eval_return": self.best_policy["eval_return"] if self.best_policy else None,
                 "best_weights_version": self.best_policy["weights_version"] if self.best_policy else None,

@@ -1,6 +1,7 @@
 """`apexq` as a user runs it: a subprocess, real local Ray, real Redis, real gymnasium."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_train_end_to_end(tmp_path):
     assert (run_dir / "checkpoint.pt").stat().st_size > 0
     assert (run_dir / "config.yaml").exists() and (run_dir / "curve.png").stat().st_size > 1000
     assert "env steps" in r.stdout and "apexq: done" in r.stdout
+    assert re.search(r"apexq: first learner update [\d.]+s after launch \(on cpu\)", r.stdout), r.stdout[:2000]
     # every transition accounted for: appended = ingested + pending, and nothing lost
     acct = json.loads((run_dir / "accounting.json").read_text())
     assert acct["balanced"] and acct["appended"] > 0 and acct["appended"] == acct["ingested"] + acct["pending"]

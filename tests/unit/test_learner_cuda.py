@@ -165,6 +165,7 @@ def test_cuda_run_loop_trains_and_its_checkpoint_loads_on_the_cpu(tmp_path, remo
     t.join(timeout=120)
     assert not t.is_alive() and lr.updates == 200
     assert (lr._graph is not None) == graphs  # captured before the prefetch thread started, not given up
+    assert lr.stats()["cuda_graph"] == graphs and lr.stats()["device"].startswith("cuda")
     assert sh.stats()["priority_updates"] > before
     assert np.isfinite(lr.metrics["loss"])
     lr.save_checkpoint()
