@@ -15,6 +15,7 @@ from learner.learner import Learner, LearnerSettings
 from learner.prefetch import PrefetchSampler
 from replay_server.codec import Block
 from replay_server.shard import ReplayShard, ShardSpec
+from test_learner import Remote  # a shard seen as another process's
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -118,30 +119,8 @@ def test_cuda_graphs_priorities_are_not_overwritten_by_later_replays(tmp_path):
         np.testing.assert_allclose(pb, pa, rtol=1e-4, atol=1e-5)
 
 
-class Remote:
-    """A shard seen as another process's (the prefetch thread samples; CUDA prepares there too)."""
-
-    in_process = False
-    nonblocking_priorities = True
-
-    def __init__(self, shard):
-        self.shard = shard
-        self.updates = 0
-
-    def sample(self, n, timeout=1.0):
-        res = self.shard.sample(n, 1.0)
-        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in res.items()}
-
-    def update_priorities(self, keys, pr):
-        self.updates += len(keys)
-        self.shard.update_priorities(keys, pr)
-
-    def stats(self):
-        return self.shard.stats()
-
-
 def test_prefetch_thread_pins_and_copies_to_the_device():
-    sampler = PrefetchSampler([Remote(shard_with())], B, 4, torch.device("cuda"), lambda: 0.5,
+    sampler = PrefetchSampler([Remote(shard_with(), nonblocking=True)], B, 4, torch.device("cuda"), lambda: 0.5,
                               batches_per_request=4).start()
     try:
         assert not sampler.prepare_on_get
@@ -157,7 +136,7 @@ def test_prefetch_thread_pins_and_copies_to_the_device():
 @pytest.mark.parametrize("remote", [False, True], ids=["in_process", "remote"])
 def test_cuda_run_loop_trains_and_its_checkpoint_loads_on_the_cpu(tmp_path, remote, graphs):
     sh = shard_with()
-    shard = Remote(sh) if remote else sh
+    shard = Remote(sh, nonblocking=True) if remote else sh
     lr = make(tmp_path, "cuda", [shard], batches_per_request=4, cuda_graphs=graphs)
     before = sh.stats()["priority_updates"]
     t = threading.Thread(target=lr.run, kwargs={"max_updates": 200})
