@@ -8,7 +8,7 @@ A block is a 36-byte little-endian header followed by columnar little-endian arr
     obs_dim    u16  features per observation
     count      u32  transitions in the block
     actor_id   u32
-    flags      u32  reserved, 0
+    flags      u32  reserved: must be 0 (a block with any flag set is rejected)
     weights_version u64  version of the weights that acted
     block_seq  u64  per-actor sequence number of the block
     -- columns, each `count` long --
@@ -17,10 +17,15 @@ A block is a 36-byte little-endian header followed by columnar little-endian arr
     ret        f32[count]   n-step discounted return
     discount   f32[count]   bootstrap discount (gamma**k, 0 after a termination)
     next_obs   f32[count, obs_dim]
-    priority   f32[count]   initial priority (> 0)
+    priority   f32[count]   initial priority, 0 < p <= MAX_PRIORITY
 
 Decoding validates everything a forged block could get wrong and raises :class:`BlockError`
 with a short machine-readable ``reason`` (used as a metric label) and a human ``detail``.
+
+``MAX_PRIORITY`` bounds every priority a shard holds. A |TD error| of a million is far beyond
+what a working run produces, while a forged 3.4e38 would draw nearly every sample to one item
+and leave the other leaves below the sum-tree's float64 resolution: blocks carrying larger
+priorities are rejected (``priority_too_large``), priority updates are clamped to it.
 """
 from __future__ import annotations
 
@@ -36,9 +41,11 @@ HEADER = struct.Struct("<4sBBHIIIQQ")
 HEADER_SIZE = HEADER.size  # 36
 MAX_OBS_DIM = 4096
 MAX_COUNT = 1 << 20
+MAX_PRIORITY = 1e6
 
 REASONS = ("missing_field", "too_short", "bad_magic", "bad_version", "bad_dtype", "bad_shape",
-           "bad_length", "non_finite", "bad_action", "bad_discount", "bad_priority")
+           "bad_length", "non_finite", "bad_action", "bad_discount", "bad_priority", "bad_flags",
+           "priority_too_large")
 
 
 class BlockError(ValueError):
@@ -91,13 +98,15 @@ def decode_block(data: bytes, obs_dim: int | None = None, num_actions: int | Non
         raise BlockError("missing_field", "entry has no block payload")
     if len(data) < HEADER_SIZE:
         raise BlockError("too_short", f"{len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    magic, version, dtype, dim, count, actor_id, _flags, wver, seq = HEADER.unpack_from(data, 0)
+    magic, version, dtype, dim, count, actor_id, flags, wver, seq = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise BlockError("bad_magic", f"magic {magic!r} is not {MAGIC!r}")
     if version != VERSION:
         raise BlockError("bad_version", f"format version {version} is not supported (expected {VERSION})")
     if dtype != OBS_FLOAT32:
         raise BlockError("bad_dtype", f"observation dtype code {dtype} is not float32 (1)")
+    if flags != 0:
+        raise BlockError("bad_flags", f"reserved flags {flags:#x} are not 0")
     if dim < 1 or dim > MAX_OBS_DIM or (obs_dim is not None and dim != obs_dim):
         want = obs_dim if obs_dim is not None else f"1..{MAX_OBS_DIM}"
         raise BlockError("bad_shape", f"obs_dim {dim}, expected {want}")
@@ -137,6 +146,9 @@ def decode_block(data: bytes, obs_dim: int | None = None, num_actions: int | Non
         raise BlockError("bad_discount", "bootstrap discounts must lie in [0, 1]")
     if not float(priority.min()) > 0.0:
         raise BlockError("bad_priority", "initial priorities must be > 0")
+    if float(priority.max()) > MAX_PRIORITY:
+        raise BlockError("priority_too_large", f"initial priority {float(priority.max()):.3g} exceeds "
+                                               f"the maximum {MAX_PRIORITY:g}")
     return Block(obs, action, ret, discount, next_obs, priority, actor_id, wver, seq)
 
 
@@ -229,15 +241,18 @@ def _valid_rows(arr: np.ndarray, cols: tuple, dim: int, count: int, num_actions:
     """
     obs, act, ret, disc, nxt, prio = cols
     act = act.view("<u4")  # negative actions are huge unsigned
-    # magic, version, dtype, obs_dim and count: the first 12 header bytes are fixed
+    # magic, version, dtype, obs_dim and count: the first 12 header bytes are fixed; the
+    # reserved flags (bytes 16-20) must be 0
     want = np.frombuffer(HEADER.pack(MAGIC, VERSION, OBS_FLOAT32, dim, count, 0, 0, 0, 0)[:12], "<u4")
-    head = arr[:, :12].view("<u4")
+    head = np.concatenate([arr[:, :12], arr[:, 16:20]], axis=1).view("<u4")
+    want = np.append(want, np.uint32(0))
     limit = num_actions if num_actions is not None else 1 << 31
     # a float32 sum is finite only if every term is (an overflowing sum sends the rows to the
     # exact check in decode_block)
     with np.errstate(all="ignore"):
         if ((head == want).all() and np.isfinite(obs.sum() + nxt.sum() + ret.sum() + disc.sum() + prio.sum())
-                and int(act.max()) < limit and disc.min() >= 0.0 and disc.max() <= 1.0 and prio.min() > 0.0):
+                and int(act.max()) < limit and disc.min() >= 0.0 and disc.max() <= 1.0 and prio.min() > 0.0
+                and prio.max() <= MAX_PRIORITY):
             return np.ones(arr.shape[0], dtype=bool)
         r = arr.shape[0]
         obs, nxt = obs.reshape(r, -1), nxt.reshape(r, -1)
@@ -248,6 +263,7 @@ def _valid_rows(arr: np.ndarray, cols: tuple, dim: int, count: int, num_actions:
         ok &= disc.min(axis=1) >= 0.0
         ok &= disc.max(axis=1) <= 1.0
         ok &= prio.min(axis=1) > 0.0
+        ok &= prio.max(axis=1) <= MAX_PRIORITY
     return ok
 
 

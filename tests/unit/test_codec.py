@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from replay_server.codec import HEADER_SIZE, Block, BlockError, block_nbytes, decode_block, encode_block
+from replay_server.codec import HEADER_SIZE, MAX_PRIORITY, Block, BlockError, block_nbytes, decode_block, encode_block
 
 
 def make_block(n=5, dim=2, seed=0):
@@ -36,6 +36,8 @@ def test_header_layout_is_little_endian_and_versioned():
     (lambda d: d[:4] + bytes([2]) + d[5:], "bad_version"),
     (lambda d: d[:5] + bytes([9]) + d[6:], "bad_dtype"),
     (lambda d: d[:6] + (3).to_bytes(2, "little") + d[8:], "bad_length"),
+    (lambda d: d[:16] + (1).to_bytes(4, "little") + d[20:], "bad_flags"),         # reserved flags must be 0
+    (lambda d: d[:16] + (1 << 31).to_bytes(4, "little") + d[20:], "bad_flags"),
     (lambda d: None, "missing_field"),
 ])
 def test_rejects_malformed_blocks_with_a_reason(mutate, reason):
@@ -55,7 +57,8 @@ def test_rejects_wrong_obs_dim_for_the_shard():
 @pytest.mark.parametrize("field, value, reason", [
     ("obs", np.nan, "non_finite"), ("ret", np.inf, "non_finite"), ("priority", 0.0, "bad_priority"),
     ("priority", -1.0, "bad_priority"), ("discount", 1.5, "bad_discount"), ("action", 3, "bad_action"),
-    ("action", -1, "bad_action"),
+    ("action", -1, "bad_action"), ("priority", 3.4e38, "priority_too_large"),
+    ("priority", np.nextafter(np.float32(MAX_PRIORITY), np.float32(np.inf)), "priority_too_large"),
 ])
 def test_rejects_forged_values(field, value, reason):
     b = make_block()
@@ -65,3 +68,12 @@ def test_rejects_forged_values(field, value, reason):
     with pytest.raises(BlockError) as err:
         decode_block(encode_block(b), obs_dim=2, num_actions=3)
     assert err.value.reason == reason
+
+
+def test_writer_sets_flags_to_zero_and_the_largest_priority_is_accepted():
+    b = make_block()
+    b.priority = b.priority.copy()
+    b.priority[0] = MAX_PRIORITY  # 1e6 is exact in float32: the bound itself is allowed
+    data = encode_block(b)
+    assert data[16:20] == b"\0\0\0\0"
+    assert decode_block(data, obs_dim=2, num_actions=3).priority[0] == 1e6

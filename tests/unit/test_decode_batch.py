@@ -33,6 +33,11 @@ def forge(data: bytes, kind: int, rng) -> object:
         obs = np.frombuffer(b, "<f4", count=16, offset=36).copy()
         obs[:] = 3e38
         b[36:36 + 64] = obs.tobytes()
+    elif kind == 7:  # a reserved flag set in the header
+        b[16 + int(rng.integers(0, 4))] |= 1 << int(rng.integers(0, 8))
+    elif kind == 8:  # a finite priority above MAX_PRIORITY (the last column: the block's last values)
+        i = len(b) - 4 * int(rng.integers(1, (len(b) - 36) // 32 + 1))
+        b[i:i + 4] = np.array([rng.choice([1.5e6, 3.4e38])], "<f4").tobytes()
     return bytes(b)
 
 
@@ -56,7 +61,7 @@ def test_batch_matches_block_by_block(seed):
     for i in range(int(rng.integers(1, 40))):
         n = 8 if rng.random() < 0.85 else int(rng.integers(1, 20))  # mostly one size, some others
         data = encode_block(make_block(n, seed * 100 + i))
-        payloads.append(forge(data, int(rng.integers(0, 7)) if rng.random() < 0.4 else 0, rng))
+        payloads.append(forge(data, int(rng.integers(0, 9)) if rng.random() < 0.4 else 0, rng))
     want_blocks, want_errors = reference(payloads)
     blocks, errors = decode_batch(payloads, 2, 3)
     assert [e.reason for e in errors] == want_errors
@@ -71,7 +76,8 @@ def test_batch_matches_block_by_block(seed):
 def test_the_forgeries_above_covered_the_reasons():
     if len(REASONS_SEEN) == 0:
         pytest.skip("run together with test_batch_matches_block_by_block")
-    assert {"non_finite", "bad_length", "missing_field", "bad_action", "bad_discount", "too_short"} <= REASONS_SEEN
+    assert {"non_finite", "bad_length", "missing_field", "bad_action", "bad_discount", "too_short", "bad_flags",
+            "priority_too_large"} <= REASONS_SEEN
 
 
 def test_all_valid_entries_of_one_size_become_one_block():
