@@ -155,7 +155,8 @@ def cmd_replay_server(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     shard = ReplayShard(shard_spec(cfg, args.shard, spec), args.redis_url, ns, cfg.seed * 1000 + args.shard)
     info = shard.start()
-    server = ShardRpcServer(shard, args.redis_url, ns).start()
+    # one request is at most what the learner asks of one shard: batch_size * batches_per_request
+    server = ShardRpcServer(shard, args.redis_url, ns, cfg.learner.batch_size * cfg.learner.batches_per_request).start()
 
     def stats() -> dict:
         return {**shard.stats(), **server.stats()}
@@ -167,12 +168,17 @@ def cmd_replay_server(args) -> int:
           f"{redact(args.redis_url)} | rebuilt {info['rebuilt']} transitions | capacity {shard.spec.capacity}{where}",
           flush=True)
     status = 0
-    while not stop.wait(10.0):
-        if not shard.ping() or not server.alive():
-            print("apexq replay-server: error: a worker thread died; exiting so a supervisor restarts it",
+    last_report = time.monotonic()
+    while not stop.wait(1.0):  # liveness every second, a status line every 10 s
+        problem = server.problem() or (None if shard.ping() else "the ingest thread died")
+        if problem:
+            print(f"apexq replay-server: error: {problem}; exiting so a supervisor restarts it",
                   file=sys.stderr, flush=True)
             status = 1
             break
+        if time.monotonic() - last_report < 10.0:
+            continue
+        last_report = time.monotonic()
         st = stats()
         print(f"apexq replay-server: size {st['size']} | inserted {st['inserted']} | sampled {st['sampled']} | "
               f"requests {st['rpc_requests']} | rejected {st['rejected_total'] + st['rpc_rejected_total']}", flush=True)

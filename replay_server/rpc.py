@@ -8,18 +8,22 @@ no port, credentials or service discovery of its own:
   priority updates onto ``...:shard:<K>:prio``, served by a second thread so a sample that
   waits on the rate limiter never delays them; both lists are trimmed to the newest
   ``MAX_QUEUED`` entries so a stopped server cannot make Redis grow;
-* a reply goes onto the requester's own list ``...:shard:<K>:reply:<client id>`` (expiring
-  after a minute) and names the request id, so a late reply to an abandoned call is skipped.
+* a reply goes onto the requester's own list ``...:shard:<K>:reply:<client id>`` (kept to its
+  newest ``REPLY_KEEP`` entries, expiring after ``REPLY_TTL_MS``) and names the request id, so
+  a late reply to an abandoned call is skipped.
 
-Every message is ``MAGIC | uint32 header length | JSON header | raw little-endian arrays`` whose
-dtypes and shapes follow from the header and are checked exactly: nothing is unpickled, and a
-malformed or forged message is dropped, counted by reason and logged once per reason.
+The messages and their parser are :mod:`replay_server.rpc_messages`. One message never ends a
+serving thread: a message the parser refuses is dropped and counted by reason (a request with a
+good reply key and id gets ``{"ok": false, "error": reason}`` back), a Redis error on a reply
+(say the key was SET as a string: WRONGTYPE) is counted as ``reply_failed``, and anything else
+as ``internal``; each reason is logged at most once a minute. Each thread stamps a heartbeat at
+every turn of its loop (at least once a second, when idle too), and :meth:`ShardRpcServer.problem`
+names a thread that died or has not come back to its loop for ``STALL_S`` seconds, so the CLI
+exits and a supervisor restarts the process.
 """
 from __future__ import annotations
 
-import json
 import logging
-import struct
 import threading
 import time
 import uuid
@@ -30,84 +34,29 @@ import redis
 
 from .connection import RETRYABLE, connect, with_backoff
 from .keys import Keys
+from .rpc_messages import (MAX_ITEMS, MAX_TIMEOUT, SAMPLE_COLUMNS, RpcError, decode, encode, parse_priorities, parse_request,
+                           prio_layout, sample_layout)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"AQR1"
-MAX_HEADER = 4096
-MAX_ITEMS = 1 << 22
+__all__ = ["RpcError", "encode", "decode", "SAMPLE_COLUMNS", "ShardRpcServer", "RedisShardClient"]
+_sample_layout, _prio_layout = sample_layout, prio_layout  # the names benchmarks/learner.py uses
 MAX_QUEUED = 1000
-REPLY_TTL_MS = 60_000
-
-
-class RpcError(ValueError):
-    """A message that does not decode; ``reason`` is a short tag for counting."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def encode(header: dict, arrays: tuple = ()) -> bytes:
-    h = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(h)), h] + [np.ascontiguousarray(a).tobytes() for a in arrays])
-
-
-def decode(data: bytes, layout=None, header_only: bool = False) -> tuple[dict, list]:
-    """``(header, arrays)``. ``layout(header)`` gives the expected ``[(dtype, shape), ...]`` of the payload
-    (none without it); ``header_only`` skips the payload."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) < 8 or data[:4] != MAGIC:
-        raise RpcError("bad_magic")
-    (hlen,) = struct.unpack_from("<I", data, 4)
-    if hlen > MAX_HEADER or 8 + hlen > len(data):
-        raise RpcError("bad_header_length", str(hlen))
-    try:
-        header = json.loads(bytes(data[8:8 + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RpcError("bad_header_json") from None
-    if not isinstance(header, dict):
-        raise RpcError("bad_header_json", "not an object")
-    if header_only:
-        return header, []
-    spec = layout(header) if layout else []
-    need = sum(int(np.dtype(dt).itemsize * np.prod(shape)) for dt, shape in spec)
-    if len(data) - 8 - hlen != need:
-        raise RpcError("bad_payload_length", f"{len(data) - 8 - hlen} bytes, expected {need}")
-    arrays, off = [], 8 + hlen
-    for dt, shape in spec:
-        a = np.frombuffer(data, dtype=dt, count=int(np.prod(shape)), offset=off).reshape(shape)
-        arrays.append(a)
-        off += a.nbytes
-    return header, arrays
-
-
-def _int_field(header: dict, name: str, lo: int, hi: int) -> int:
-    v = header.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise RpcError(f"bad_{name}", repr(v)[:40])
-    return v
-
-
-def _sample_layout(obs_dim: int):
-    def layout(h: dict):
-        n = _int_field(h, "n", 0, MAX_ITEMS) if h.get("ok", True) else 0
-        return [("<i8", (n,)), ("<f4", (n, obs_dim)), ("<i4", (n,)), ("<f4", (n,)), ("<f4", (n,)),
-                ("<f4", (n, obs_dim)), ("<f8", (n,))]
-    return layout
-
-
-def _prio_layout(h: dict):
-    n = _int_field(h, "n", 0, MAX_ITEMS)
-    return [("<i8", (n,)), ("<f4", (n,))]
-
-
-SAMPLE_COLUMNS = ("keys", "obs", "action", "ret", "discount", "next_obs", "prob")
+REPLY_TTL_MS = 20_000   # an abandoned reply goes after this (a caller waits at most MAX_TIMEOUT + 10 s)
+REPLY_KEEP = 2          # replies kept on one reply list: the current call's and one late one
+STALL_S = 30.0          # a serving thread away from its loop this long is stuck (one turn: a sample
+                        # waits <= MAX_TIMEOUT, a Redis call times out after 10 s)
+LOG_EVERY_S = 60.0      # each rejection reason is logged at most this often
 
 
 class ShardRpcServer:
-    """Serves ``sample`` / ``stats`` requests and priority updates for one in-process shard."""
+    """Serves ``sample`` / ``stats`` requests and priority updates for one in-process shard.
 
-    def __init__(self, shard, redis_url: str, namespace: str):
+    ``max_items`` bounds the items of one request and of one priority update (the learner's
+    ``batch_size * batches_per_request``; at most ``MAX_ITEMS``), and so the size of one reply.
+    """
+
+    def __init__(self, shard, redis_url: str, namespace: str, max_items: int):
         self.shard = shard
         self.k = shard.spec.shard_id
         self.keys = Keys(namespace)
@@ -115,16 +64,21 @@ class ShardRpcServer:
         self.prio_key = self.keys.prio(self.k)
         self.reply_prefix = self.keys.reply(self.k, "")
         self.redis_url = redis_url
+        self.max_items = max(1, min(int(max_items), MAX_ITEMS))
         self.counters = {"requests": 0, "priority_messages": 0}
         self.rejected: dict[str, int] = {}
-        self._logged: set[str] = set()
+        self._logged: dict[str, float] = {}
+        self._count_lock = threading.Lock()
+        self._beats: dict[str, float] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> "ShardRpcServer":
         for name, key, handler in (("rpc", self.rpc_key, self._serve_request),
                                    ("prio", self.prio_key, self._serve_priorities)):
-            t = threading.Thread(target=self._loop, args=(key, handler), name=f"shard-{self.k}-{name}", daemon=True)
+            name = f"shard-{self.k}-{name}"
+            self._beats[name] = time.monotonic()
+            t = threading.Thread(target=self._loop, args=(name, key, handler), name=name, daemon=True)
             t.start()
             self._threads.append(t)
         return self
@@ -134,74 +88,92 @@ class ShardRpcServer:
         for t in self._threads:
             t.join(timeout=5)
 
+    def problem(self, stall_s: float = STALL_S) -> Optional[str]:
+        """Why the server cannot serve (a thread died or is stuck), or None while it can."""
+        now = time.monotonic()
+        for t in self._threads:
+            if not t.is_alive():
+                return f"thread {t.name} died"
+            if now - self._beats[t.name] > stall_s:
+                return f"thread {t.name} made no progress for {now - self._beats[t.name]:.0f}s"
+        return None
+
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        return self.problem() is None
 
     def stats(self) -> dict:
+        with self._count_lock:
+            rejected = dict(self.rejected)
         return {"rpc_requests": self.counters["requests"], "rpc_priority_messages": self.counters["priority_messages"],
-                "rpc_rejected": dict(self.rejected), "rpc_rejected_total": sum(self.rejected.values())}
+                "rpc_rejected": rejected, "rpc_rejected_total": sum(rejected.values())}
 
-    def _loop(self, key: str, handler) -> None:
+    def _loop(self, name: str, key: str, handler) -> None:
         client = connect(self.redis_url)
-        while not self._stop.is_set():
-            try:
-                item = with_backoff(lambda: client.blpop([key], timeout=1), what=f"shard {self.k} rpc",
-                                    stop=self._stop.is_set)
-            except RETRYABLE:
-                continue
-            if item is None:
-                continue
-            try:
-                handler(client, item[1])
-            except RpcError as exc:
-                self._reject(exc)
-            except RETRYABLE as exc:  # the reply is lost with Redis; the caller times out and retries
-                log.warning("shard %d: reply failed (%s)", self.k, exc)
+        beats = self._beats
 
-    def _reject(self, exc: RpcError) -> None:
-        self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-        if exc.reason not in self._logged:
-            self._logged.add(exc.reason)
-            log.warning("shard %d: rejected an rpc message (%s); further ones with this reason are only counted",
-                        self.k, exc)
+        def waiting() -> bool:  # with_backoff asks between retries: waiting on Redis is no stall
+            beats[name] = time.monotonic()
+            return self._stop.is_set()
+        while not self._stop.is_set():
+            beats[name] = time.monotonic()
+            try:
+                item = with_backoff(lambda: client.blpop([key], timeout=1), what=f"shard {self.k} rpc", stop=waiting)
+                if item is not None:
+                    handler(client, item[1])
+            except RpcError as exc:
+                self._reject(exc.reason, exc)
+            except RETRYABLE as exc:  # the reply is lost with Redis; the caller times out and retries
+                self._reject("redis_unavailable", exc)
+            except redis.RedisError as exc:  # e.g. WRONGTYPE: the reply key was made something else
+                self._reject("reply_failed", exc)
+            except Exception as exc:  # a bug: count it, say it, keep serving
+                self._reject("internal", exc, trace=True)
+
+    def _reject(self, reason: str, exc: BaseException, trace: bool = False) -> None:
+        now = time.monotonic()
+        with self._count_lock:
+            n = self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            due = now - self._logged.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S
+            if due:
+                self._logged[reason] = now
+        if due:
+            log.warning("shard %d: dropped an rpc message (%s: %s); %d so far with this reason, logged at most "
+                        "once a minute", self.k, reason, str(exc)[:200], n, exc_info=exc if trace else None)
 
     def _serve_priorities(self, client, data: bytes) -> None:
-        header, (keys, pr) = decode(data, _prio_layout)
+        keys, pr = parse_priorities(data, self.max_items)
         self.counters["priority_messages"] += 1
         self.shard.update_priorities(keys, pr)
 
     def _serve_request(self, client, data: bytes) -> None:
-        header, _ = decode(data)
-        op, reply, rid = header.get("op"), header.get("reply"), header.get("id")
-        if not isinstance(reply, str) or not reply.startswith(self.reply_prefix) or len(reply) > 200:
-            raise RpcError("bad_reply_key", repr(reply)[:60])
-        if not isinstance(rid, str) or len(rid) > 64:
-            raise RpcError("bad_id")
-        expires = header.get("expires")
-        if not isinstance(expires, (int, float)) or isinstance(expires, bool):
-            raise RpcError("bad_expires")
-        if time.time() > expires:  # the caller gave up on this one
+        try:
+            req = parse_request(data, self.reply_prefix, self.max_items)
+        except RpcError as exc:
+            if exc.answer is None:
+                raise
+            self._reject(exc.reason, exc)  # the reply key and id were good: tell the requester why
+            self._send(client, exc.answer[0], encode({"id": exc.answer[1], "ok": False, "error": exc.reason}))
+            return
+        if time.time() > req.expires:  # the caller gave up on this one
             return
         self.counters["requests"] += 1
-        if op == "sample":
-            n = _int_field(header, "n", 1, MAX_ITEMS)
-            wait = header.get("timeout")
-            wait = float(wait) if isinstance(wait, (int, float)) and not isinstance(wait, bool) else 1.0
-            res = self.shard.sample(n, min(max(wait, 0.0), 10.0))
+        if req.op == "sample":
+            res = self.shard.sample(req.n, req.timeout)
             if res is None:
-                msg = encode({"id": rid, "ok": False})
+                msg = encode({"id": req.id, "ok": False})
             else:
-                head = {"id": rid, "ok": True, "n": int(len(res["keys"])), "total": float(res["total"]),
+                head = {"id": req.id, "ok": True, "n": int(len(res["keys"])), "total": float(res["total"]),
                         "size": int(res["size"])}
-                layout = _sample_layout(self.shard.spec.obs_dim)(head)  # the dtypes the client checks
+                layout = sample_layout(self.shard.spec.obs_dim)(head)  # the dtypes the client checks
                 msg = encode(head, tuple(np.asarray(res[c], dt) for c, (dt, _) in zip(SAMPLE_COLUMNS, layout)))
-        elif op == "stats":
-            st = {**self.shard.stats(), **self.stats()}
-            msg = encode({"id": rid, "ok": True, "stats": st})
         else:
-            raise RpcError("bad_op", repr(op)[:40])
+            msg = encode({"id": req.id, "ok": True, "stats": {**self.shard.stats(), **self.stats()}})
+        self._send(client, req.reply, msg)
+
+    def _send(self, client, reply: str, msg: bytes) -> None:
         pipe = client.pipeline(transaction=False)
         pipe.rpush(reply, msg)
+        pipe.ltrim(reply, -REPLY_KEEP, -1)
         pipe.pexpire(reply, REPLY_TTL_MS)
         pipe.execute()
 
@@ -252,10 +224,13 @@ class RedisShardClient:
                 head, _ = decode(item[1], header_only=True)
                 if head.get("id") != rid:
                     continue  # a late reply to a call that already timed out
+                if head.get("error"):
+                    raise RpcError(str(head["error"])[:40], f"replay shard {self.shard} refused {header}")
                 return decode(bytearray(item[1]), layout) if layout else (head, [])  # writable arrays
 
     def sample(self, n: int, timeout: float = 1.0) -> Optional[dict]:
-        head, arrays = self._call({"op": "sample", "n": int(n), "timeout": float(timeout)}, timeout + 10.0, self._layout)
+        timeout = min(float(timeout), MAX_TIMEOUT)  # the longest wait a server grants
+        head, arrays = self._call({"op": "sample", "n": int(n), "timeout": timeout}, timeout + 10.0, self._layout)
         if not head.get("ok"):
             return None
         out = dict(zip(SAMPLE_COLUMNS, arrays))

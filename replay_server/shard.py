@@ -5,7 +5,8 @@ same transitions in columnar numpy arrays with a sum-tree, because random access
 is far too slow for sampling. A restarted shard rebuilds itself from the stream.
 
 Items carry stable keys ``epoch << 40 | sequence``; a priority update whose key no longer
-matches the slot (the item was evicted, or the shard restarted) is ignored.
+matches the slot (the item was evicted, or the shard restarted) is ignored. Priorities above
+``codec.MAX_PRIORITY`` are clamped to it, on insert and on update.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Optional
 import numpy as np
 import redis
 
-from .codec import HEADER_SIZE, Block, BlockError, decode_batch, decode_block
+from .codec import HEADER_SIZE, MAX_PRIORITY, Block, BlockError, decode_batch, decode_block
 from .connection import RETRYABLE, connect, with_backoff
 from .keys import Keys
 from .rate_limiter import SampleToInsertRatio
@@ -312,7 +313,8 @@ class ReplayShard:
             cols = tuple(a[-cap:] for a in cols)
             prio_in = prio_in[-cap:]
         m = n - dropped
-        prio = np.asarray(prio_in, np.float64) + self.spec.priority_eps
+        prio = np.minimum(np.asarray(prio_in, np.float64), MAX_PRIORITY)
+        prio += self.spec.priority_eps
         prio **= self.spec.priority_alpha
         if not prio.min() >= 0:  # refused before anything is written
             raise ValueError("sum-tree values must be >= 0")
@@ -352,8 +354,10 @@ class ReplayShard:
 
         ``prob`` is each item's probability within this shard; ``total`` the shard's priority mass
         (so a caller mixing shards can turn it into a global probability) and ``size`` its item count.
+        A NaN or negative ``timeout`` means no wait (a NaN deadline once made this loop spin).
         """
-        deadline = time.monotonic() + timeout
+        timeout = float(timeout)
+        deadline = time.monotonic() + (timeout if timeout > 0 else 0.0)
         with self._cond:
             while not self.limiter.can_sample(n, self.size):
                 self.counters["sample_waits"] += 1
@@ -383,12 +387,21 @@ class ReplayShard:
         return out
 
     def update_priorities(self, keys, priorities) -> int:
-        """Set new priorities (|TD| before eps/alpha) for items still present; returns how many applied."""
+        """Set new priorities (|TD| before eps/alpha) for items still present; returns how many applied.
+
+        Negative or non-finite ones are skipped; ones above ``MAX_PRIORITY`` are clamped to it
+        (counted in ``priority_updates_clamped``).
+        """
         keys = np.asarray(keys, np.int64)
         pr = np.asarray(priorities, np.float64)
         if keys.shape != pr.shape:
             raise ValueError(f"{keys.shape[0]} keys but {pr.shape[0]} priorities")
-        all_ok = pr.size == 0 or bool(pr.min() >= 0 and pr.max() < np.inf)  # NaN fails both
+        all_ok = pr.size == 0 or bool(pr.min() >= 0 and pr.max() <= MAX_PRIORITY)  # NaN fails both
+        if not all_ok:
+            big = np.isfinite(pr) & (pr > MAX_PRIORITY)
+            if big.any():
+                pr = np.where(big, MAX_PRIORITY, pr)
+                self.counters["priority_updates_clamped"] += int(np.count_nonzero(big))
         slots = keys & SEQ_MASK
         slots %= self.spec.capacity
         with self._cond:
@@ -422,6 +435,7 @@ class ReplayShard:
                 "sample_waits": self.counters["sample_waits"],
                 "priority_updates": self.counters["priority_updates"],
                 "priority_updates_stale": self.counters["priority_updates_stale"],
+                "priority_updates_clamped": self.counters["priority_updates_clamped"],
                 "redis_errors": self.counters["redis_errors"],
                 "priority_total": self.tree.total,
             }

@@ -19,10 +19,13 @@ per-call overhead, not arithmetic, is what a 512-item sample or update pays for)
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 TOP_LEVELS = 11     # levels that find() resolves with one prefix sum + searchsorted
 DENSE_SPAN = 4096   # an update recomputes whole spans of up to this many nodes densely
+STRATA_CACHED = 8   # sample sizes whose stratum offsets are kept (least recently used goes)
 
 
 class SumTree:
@@ -33,7 +36,9 @@ class SumTree:
         self.size = 1 << max(0, (self.capacity - 1).bit_length())
         self.depth = self.size.bit_length() - 1
         self.tree = np.zeros(2 * self.size, dtype=np.float64)
-        self._strata: dict[int, np.ndarray] = {}
+        # a learner asks for a few sizes over and over; a bounded LRU, because one entry per size
+        # ever asked grew as n**2 (2,500 distinct sizes kept 25 MB)
+        self._strata: OrderedDict[int, np.ndarray] = OrderedDict()
         self._shifts = np.arange(self.depth + 1, dtype=np.int64)[:, None]
         self._top = min(self.depth, TOP_LEVELS)
         self._cum = np.zeros((1 << self._top) + 1, dtype=np.float64)
@@ -221,6 +226,10 @@ class SumTree:
         strata = self._strata.get(n)
         if strata is None:
             strata = self._strata[n] = np.arange(n, dtype=np.float64)
+            if len(self._strata) > STRATA_CACHED:
+                self._strata.popitem(last=False)
+        else:
+            self._strata.move_to_end(n)
         u = rng.random(n)
         u += strata
         u *= total / n
