@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--single-process", action="store_true",
                    help="run actors, replay and learner in this one process (no Ray, no Redis): for debugging "
                         "and as a baseline")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files under RUN_DIR/tb (sets logging.tensorboard; "
+                        "needs pip install 'apexq[tensorboard]')")
     r = sub.add_parser("replay-server", help="run one replay shard outside Ray, reached through Redis "
                                              "(for runs with replay.external: true)")
     r.add_argument("--redis-url", required=True, help="the Redis the run's actors append to (redis:// or rediss://)")
@@ -54,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from .run_dir import RunDir, new_run_id
+    if args.tensorboard:
+        args.overrides = [*args.overrides, "logging.tensorboard=true"]
     if args.resume:
         rd = RunDir(Path(args.resume))
         if not (rd.path / "config.yaml").is_file():
@@ -71,6 +76,10 @@ def cmd_train(args) -> int:
         rd = RunDir(Path(args.run_dir) if args.run_dir else Path("runs") / new_run_id())
         if rd.metrics.exists():
             raise UserError(f"--run-dir {rd.path}: already holds a run; use --resume to continue it")
+    if cfg.logging.tensorboard:
+        from .tensorboard import INSTALL_HINT, available
+        if not available():
+            raise UserError(INSTALL_HINT)
     from actors.envs import EnvSpecError, env_spec
     try:
         env_spec(cfg.env.id)
@@ -87,6 +96,8 @@ def cmd_train(args) -> int:
     if args.single_process and cfg.replay.external:
         raise UserError("replay.external: --single-process keeps its shards in the process; set replay.external=false")
     try:
+        if cfg.logging.tensorboard:
+            rd.open_tensorboard()
         if args.single_process:
             from .serial import train_serial
             resume_state = None
@@ -99,6 +110,8 @@ def cmd_train(args) -> int:
                             launch_time=LAUNCH_TIME)
     except (RedisNotFound, RedisAuthError, ConnectionError, ClusterConfigError, RunDirError) as exc:
         raise UserError(str(exc)) from None
+    finally:
+        rd.close()
     from .plots import write_curve
     records = rd.read_metrics()
     try:

@@ -156,6 +156,11 @@ class MetricsConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = _f(False)
+
+
+@dataclass
 class RayConfig:
     num_cpus: Optional[int] = _f(None, positive())
 
@@ -171,6 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

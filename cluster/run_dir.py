@@ -24,6 +24,7 @@ def new_run_id() -> str:
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.scalars = None  # a cluster.tensorboard.ScalarLogger while logging.tensorboard is on
 
     @property
     def run_id(self) -> str:
@@ -44,6 +45,23 @@ class RunDir:
     @property
     def state_file(self) -> Path:
         return self.path / "state.json"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tb"
+
+    def open_tensorboard(self) -> None:
+        """Send every metrics record to a new TensorBoard event file in tb/ too (driver only: one writer)."""
+        from .tensorboard import ScalarLogger
+        try:
+            self.scalars = ScalarLogger(self.tensorboard_dir)
+        except OSError as exc:
+            raise self._failed(self.tensorboard_dir.name, exc) from None
+
+    def close(self) -> None:
+        if self.scalars is not None:
+            self.scalars.close()
+            self.scalars = None
 
     def create(self, cfg: Config) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -76,6 +94,8 @@ class RunDir:
                 raise self._failed(self.metrics.name, exc) from None
         finally:
             os.close(fd)
+        if self.scalars is not None:
+            self.scalars.write(record)
 
     def write_json(self, name: str, obj) -> None:
         """Write ``name`` atomically (temporary file, then rename): the previous version survives a failure."""

@@ -137,8 +137,10 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
                        "transitions_inserted": sum(s.counters["ingested"] for s in shards),
                        "transitions_sampled": sampler.sampled, "replay_size": sum(s.size for s in shards),
                        "weights_version": learner.weights_version,
+                       "actor_weights_versions": [a.weights.version for a in actors],
                        "mean_return": float(np.mean(rets)) if rets else None, "eval_return": eval_return,
-                       "eval_time_s": round(eval_time, 3), "loss": learner.metrics.get("loss")}
+                       "eval_time_s": round(eval_time, 3), "loss": learner.metrics.get("loss"),
+                       "td_abs": learner.metrics.get("td_abs"), "q_mean": learner.metrics.get("q_mean")}
                 if prev:
                     dt = max(1e-6, rec["time_s"] - prev["time_s"])
                     rec["env_steps_per_s"] = round((rec["env_steps"] - prev["env_steps"]) / dt, 1)
