@@ -248,8 +248,11 @@ class Launcher:
         for m in self.members:
             restarts[m.kind] += m.restarts
         rec = getattr(self, "last_record", None) or {}
+        # Unix time of the latest finished evaluation, the launch time before the first one (so an
+        # alert can say "no evaluation for 30 min" from launch on); absent when evaluation is off.
+        eval_at = getattr(self, "eval_wall", self.launch_wall) if self.cfg.eval.every_seconds > 0 else None
         return {"eval_return": self.eval_return, "time_to_solve_s": self.solved_at, "restarts": restarts,
-                "env_steps": rec.get("env_steps", 0)}
+                "env_steps": rec.get("env_steps", 0), "eval_last_time": eval_at}
 
     def start_metrics(self) -> None:
         if not self.cfg.metrics.enabled:
@@ -470,7 +473,7 @@ class Launcher:
                 eval_time += time.monotonic() - t
                 self.eval_time = eval_time
                 if value is not None:
-                    self.eval_return = value
+                    self.eval_return, self.eval_wall = value, time.time()
                     if cfg.train.stop_at_return is not None and value >= cfg.train.stop_at_return:
                         self.solved_at = self.offset["time_s"] + self.elapsed()
                         self.stop_reason = f"eval return {value:.1f} >= train.stop_at_return"

@@ -52,6 +52,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "apexq_learner_weights_version": ("gauge", "Newest weights version published by the learner.", ()),
     # driver
     "apexq_eval_return": ("gauge", "Mean return of the latest greedy evaluation.", ()),
+    "apexq_eval_last_timestamp_seconds": ("gauge", "Unix time the latest greedy evaluation finished (the launch time before the first; absent with eval.every_seconds 0).", ()),
     "apexq_time_to_solve_seconds": ("gauge", "Seconds from launch to the first evaluation reaching train.stop_at_return.", ()),
     "apexq_component_restarts_total": ("counter", "Components restarted by the supervisor, by kind.", ("kind",)),
     "apexq_env_steps_total": ("counter", "Environment steps across all actors (driver's view, survives actor restarts).", ()),
@@ -137,6 +138,7 @@ class StatsCollector:
 
     def _driver(self, s):
         yield self._emit("apexq_eval_return", s.get("eval_return"))
+        yield self._emit("apexq_eval_last_timestamp_seconds", s.get("eval_last_time"))
         yield self._emit("apexq_time_to_solve_seconds", s.get("time_to_solve_s"))
         f = _family("apexq_component_restarts_total")
         for kind, n in s.get("restarts", {}).items():
