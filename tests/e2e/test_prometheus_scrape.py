@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "apexq.json"
 # Gauges that have no sample until something happens that a short run does not reach.
 CONDITIONAL = {"apexq_time_to_solve_seconds": "set only once an evaluation reaches train.stop_at_return"}
+# Exported by standalone shards (apexq replay-server) only, which this run does not start.
+STANDALONE_ONLY = {"apexq_replay_rpc_requests_total", "apexq_replay_rpc_rejected_total"}
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 
 def processes() -> dict:
@@ -71,9 +74,11 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
 
 
 def dashboard_exprs() -> list:
-    """The dashboard's panel queries, with the `run` variable set to every run."""
+    """The dashboard's panel queries, with the `run` variable set to every run and Grafana's
+    $__rate_interval to what it is for this test's 2 s scrapes (at least four of them)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"].replace("$run", ".*") for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [t["expr"].replace("$run", ".*").replace("$__rate_interval", "20s")
+            for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
 def dashboard_metrics() -> set:
@@ -157,6 +162,7 @@ def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
         sd["refresh_interval"] = "2s"
         job["scrape_interval"] = "2s"
         job["scrape_timeout"] = "2s"
+        config["rule_files"] = [str(ALERTS)]  # the shipped alerts, loaded and evaluated for real
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         api = f"http://127.0.0.1:{port}/api/v1"
@@ -171,9 +177,9 @@ def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
             assert body["status"] == "success", body
             return [float(r["value"][1]) for r in body["data"]["result"]]
 
-        wanted = dashboard_metrics()
+        wanted = dashboard_metrics() - STANDALONE_ONLY
         # every panel query must show data, except those on metrics that stay empty in a short run
-        panel_exprs = [e for e in dashboard_exprs() if not any(n in e for n in CONDITIONAL)]
+        panel_exprs = [e for e in dashboard_exprs() if not any(n in e for n in CONDITIONAL | STANDALONE_ONLY)]
         no_data = panel_exprs
         checks = {"env steps/s": "sum(rate(apexq_actor_env_steps_total[20s]))",
                   "updates/s": "rate(apexq_learner_updates_total[20s])"}
@@ -213,6 +219,14 @@ def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
             assert seen.get(label, 0) > 0, f"Prometheus never saw {label} > 0; run output:\n" + run.output()[-3000:]
         assert targets_ok, "Prometheus did not discover driver, shard, learner and actors with their run label"
         assert not no_data, f"dashboard queries without data in Prometheus: {no_data}"
+        # the shipped alerting rules loaded and evaluate without error against the real series
+        deadline, health = time.monotonic() + 30, {}
+        while time.monotonic() < deadline and set(health.values()) != {"ok"}:
+            groups = json.loads(http_get(f"{api}/rules"))["data"]["groups"]
+            health = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+            time.sleep(1)
+        assert len(health) == len(yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]), health
+        assert set(health.values()) == {"ok"}, health
         not_exported = sorted(wanted - set(samples))
         assert not not_exported, f"dashboard metrics the run does not export: {not_exported}"
         no_sample = sorted(n for n in wanted if not samples.get(n) and n not in CONDITIONAL)

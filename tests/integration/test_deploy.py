@@ -18,6 +18,7 @@ import yaml
 
 from cluster.config import MetricsConfig, load_config
 from cluster.metrics import METRICS
+from promql_checks import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -61,10 +62,7 @@ def test_json_parses(path):
 
 
 def promtool_check(path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian/Ubuntu: apt-get install prometheus)")
-    r = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([promtool(), "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout + r.stderr
 
@@ -96,6 +94,7 @@ def test_promtool_accepts_the_commented_file_sd_alternative(name, tmp_path):
     job.pop("http_sd_configs")
     job["file_sd_configs"] = commented_file_sd((PROMETHEUS / name).read_text())
     assert job["file_sd_configs"][0]["files"]
+    config["rule_files"] = [str(PROMETHEUS / f) for f in config["rule_files"]]  # relative to the config
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     promtool_check(path)
@@ -173,16 +172,19 @@ def test_dashboard_panels_cover_the_promised_views():
     assert {p["type"] for p in panels} <= {"timeseries", "stat"}
     assert 35 <= dashboard["schemaVersion"] <= 42 and dashboard["uid"]
     exprs = " ".join(dashboard_queries(dashboard))
-    assert re.search(r"sum\(rate\(apexq_actor_env_steps_total(\{[^}]*\})?\[30s\]\)\)", exprs)
-    assert re.search(r"sum by \(actor\) \(rate\(apexq_actor_env_steps_total", exprs)
+    assert re.search(r"sum by \(run\) \(rate\(apexq_actor_env_steps_total(\{[^}]*\})?\[\$__rate_interval\]\)\)", exprs)
+    assert re.search(r"sum by \(run, actor\) \(rate\(apexq_actor_env_steps_total", exprs)
     for name in ("apexq_actor_episode_return_mean", "apexq_eval_return", "apexq_replay_size",
                  "apexq_replay_inserted_total", "apexq_replay_sampled_total", "apexq_replay_rejected_total",
                  "apexq_learner_updates_total", "apexq_learner_loss", "apexq_learner_td_error_abs_mean",
                  "apexq_learner_q_mean", "apexq_learner_beta", "apexq_learner_weights_version",
                  "apexq_actor_weights_lag", "apexq_replay_rate_limiter_waits_total",
-                 "apexq_component_restarts_total", "apexq_time_to_solve_seconds"):
+                 "apexq_component_restarts_total", "apexq_time_to_solve_seconds",
+                 "apexq_replay_rpc_requests_total", "apexq_replay_rpc_rejected_total",
+                 "apexq_eval_last_timestamp_seconds"):
         assert name in exprs, f"no panel shows {name}"
-    assert "sum by (reason)" in exprs
+    assert "sum by (run, reason) (rate(apexq_replay_rejected_total" in exprs
+    assert "sum by (run, reason) (rate(apexq_replay_rpc_rejected_total" in exprs
     # a `run` variable, used by every panel query
     assert any(v["name"] == "run" for v in dashboard["templating"]["list"])
     for p in panels:
@@ -193,13 +195,19 @@ def test_dashboard_panels_cover_the_promised_views():
 
 
 def test_dashboard_uses_the_provisioned_datasource():
+    """Provisioned, the dashboard's data-source variable starts on the provisioned data source:
+    Grafana keeps a variable's saved option when its value or its text (the data source's name)
+    matches one, and the value ${DS_PROMETHEUS} is only filled in by the import dialog."""
     (ds,) = yaml.safe_load(DATASOURCE.read_text())["datasources"]
-    assert ds["type"] == "prometheus"
+    assert ds["type"] == "prometheus" and ds["isDefault"]
     dashboard = json.loads(DASHBOARD.read_text())
+    (var,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert var["name"] == "datasource" and var["query"] == "prometheus"
+    assert var["current"]["text"] == ds["name"]
     refs = [p["datasource"] for p in dashboard["panels"]]
     refs += [t["datasource"] for p in dashboard["panels"] for t in p["targets"]]
     refs += [v["datasource"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
-    assert refs and all(r == {"type": "prometheus", "uid": ds["uid"]} for r in refs)
+    assert refs and all(r == {"type": "prometheus", "uid": "${datasource}"} for r in refs)
 
 
 def test_readme_metrics_table_matches_METRICS():
