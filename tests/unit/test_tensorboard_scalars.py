@@ -52,3 +52,15 @@ def test_events_read_back_with_tensorboards_reader(tmp_path, capsys):
     log.write({"env_steps": 400, "loss": 1.0})
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("apexq: TensorBoard events stop here") and log.failed
+
+
+def test_writing_events_does_not_import_torch(tmp_path):
+    # the writer lives in the driver, which must never import torch (tests/unit/test_driver_imports.py)
+    import subprocess
+    import sys
+    code = ("import sys; from cluster.tensorboard import ScalarLogger; log = ScalarLogger(sys.argv[1]); "
+            "log.write({'env_steps': 1, 'loss': 0.5}); log.close(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:300]
