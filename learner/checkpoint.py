@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,9 +37,41 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a garbage file is one error line, not torch's warnings first
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable apexq checkpoint ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != "apexq-checkpoint-v1":
         raise CheckpointError(f"{path}: not an apexq checkpoint")
     return obj
+
+
+def policy_weights(state: dict, path: str | Path) -> tuple[dict, dict]:
+    """(architecture, name -> float32 numpy array) of a loaded checkpoint's online network, checked.
+
+    A checkpoint is a dict of what :meth:`learner.learner.Learner.state` wrote; one with missing
+    keys, odd types or weights of the wrong names or shapes gives a :class:`CheckpointError`
+    naming the key, rather than a ``KeyError`` from deep inside ``load_state_dict``.
+    """
+    from .policy_file import PolicyFileError, check_architecture, check_finite, check_tensors
+    where = str(path)
+    for key, kind in (("settings", dict), ("spec", dict), ("online", dict), ("config", dict), ("updates", int)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"{where}: {key}: expected {kind.__name__}, got {type(state.get(key)).__name__}")
+    s, spec, online = state["settings"], state["spec"], state["online"]
+    arch = {"obs_dim": spec.get("obs_dim"), "num_actions": spec.get("num_actions"),
+            "hidden_sizes": list(s["hidden_sizes"]) if isinstance(s.get("hidden_sizes"), (list, tuple)) else None,
+            "dueling": s.get("dueling")}
+    env = state["config"].get("env")
+    arch["env_id"] = env.get("id") if isinstance(env, dict) and isinstance(env.get("id"), str) else None
+    try:
+        shapes = check_architecture(arch, where)
+        if not all(isinstance(v, torch.Tensor) for v in online.values()):
+            raise PolicyFileError(f"{where}: online: holds something other than tensors")
+        check_tensors({k: (str(v.dtype), tuple(v.shape)) for k, v in online.items()}, shapes, f"{where}: online")
+        weights = {k: online[k].numpy() for k in shapes}
+        check_finite(weights, f"{where}: online")
+    except PolicyFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    return arch, weights

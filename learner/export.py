@@ -1,14 +1,17 @@
-"""The exported greedy policy: a ``torch.export`` program that loads with torch alone.
+"""The exported greedy policy, written at every checkpoint as four files beside each other.
 
-Usage, without apexq installed::
+- ``policy.safetensors`` + ``policy.json``: the weights and the network they fit (see
+  :mod:`learner.policy_file`). Neither can carry code; ``apexq evaluate`` reads only these.
+- ``policy.onnx``: for onnxruntime in any language (see :mod:`learner.onnx_export`).
+- ``policy.pt2``: a ``torch.export`` program that loads with torch alone, for users who trust it::
 
     import torch
-    policy = torch.export.load("runs/<id>/policy.pt2").module()
+    policy = torch.export.load("runs/<id>/policy.pt2").module()   # unpickles: trusted files only
     q = policy(obs)              # obs: float32 [B, obs_dim] raw observations -> Q: float32 [B, A]
     action = q.argmax(dim=1)     # the greedy action
 
-Observation scaling is inside the program, so it takes observations exactly as the env gives them.
-The learner writes it through :class:`BackgroundExporter`, from a helper process, so that
+Observation scaling is inside the programs, so they take observations exactly as the env gives them.
+The learner writes them through :class:`BackgroundExporter`, from a helper process, so that
 training never pauses to trace.
 """
 from __future__ import annotations
@@ -26,12 +29,15 @@ from pathlib import Path
 
 import torch
 
+from .onnx_export import OnnxExporter
+from .policy_file import write_policy_files
+
 log = logging.getLogger(__name__)
 
 
-def export_policy(net: torch.nn.Module, path: str | Path) -> Path:
-    """Export a CPU copy of ``net`` to ``path`` atomically (write a temporary file, then rename)."""
-    return PolicyExporter().save(net, path)
+def export_policy(net: torch.nn.Module, path: str | Path, info: dict | None = None) -> Path:
+    """Export a CPU copy of ``net`` to ``path`` (``policy.pt2``) and its siblings, each atomically."""
+    return PolicyExporter().save(net, path, info)
 
 
 class PolicyExporter:
@@ -44,9 +50,15 @@ class PolicyExporter:
 
     def __init__(self):
         self.program = None
+        self.onnx = OnnxExporter()
 
-    def save(self, net: torch.nn.Module, path: str | Path) -> Path:
+    def save(self, net: torch.nn.Module, path: str | Path, info: dict | None = None) -> Path:
+        """Write ``path`` (.pt2) and, beside it, .safetensors + .json (first) and .onnx (last, optional).
+
+        ``info``: ``env_id``, ``weights_version``, ``eval_return`` for ``policy.json``.
+        """
         path = Path(path)
+        write_policy_files(net, path.with_suffix(""), **(info or {}))
         if self.program is None:
             model = copy.deepcopy(net).to("cpu").eval()
             obs_dim = int(model.obs_center.shape[0])
@@ -65,11 +77,11 @@ class PolicyExporter:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        try:
+            self.onnx.save(net, path.with_suffix(".onnx"))
+        except Exception as exc:  # a convenience file: never worth failing the export
+            log.warning("policy.onnx not written: %s: %s", type(exc).__name__, exc)
         return path
-
-
-def load_policy(path: str | Path) -> torch.nn.Module:
-    return torch.export.load(str(path)).module()
 
 
 class BackgroundExporter:
@@ -92,15 +104,18 @@ class BackgroundExporter:
         self._fallback = PolicyExporter()
         self._finalizer = None
 
-    def submit(self, state: dict, path: str | Path) -> Future:
-        """Export the network with weights ``state`` to ``path``; the snapshot is taken now."""
-        snapshot = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
-        return self._pool.submit(self._export, snapshot, str(path))
+    def submit(self, state: dict, path: str | Path, info: dict | None = None) -> Future:
+        """Export the network with weights ``state`` to ``path``; the snapshot is taken now.
 
-    def _export(self, state: dict, path: str) -> str:
+        ``info`` (plain JSON: ``env_id``, ``weights_version``, ``eval_return``) goes into ``policy.json``.
+        """
+        snapshot = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+        return self._pool.submit(self._export, snapshot, str(path), dict(info or {}))
+
+    def _export(self, state: dict, path: str, info: dict) -> str:
         # runs on the one thread of self._pool: exports never overlap
         try:
-            return self._export_in_helper(state, path)
+            return self._export_in_helper(state, path, info)
         except Exception as exc:
             log.warning("policy export helper failed (%s); exporting in the learner's process", exc)
             self._stop_helper()
@@ -108,12 +123,12 @@ class BackgroundExporter:
             from .network import build_network
             net = build_network(self.arch["spec"], self.arch["hidden_sizes"], self.arch["dueling"])
             net.load_state_dict(state)
-            return str(self._fallback.save(net, path))
+            return str(self._fallback.save(net, path, info))
         except Exception as exc:  # nobody may wait on a periodic export: say so here
             log.warning("policy export to %s failed: %s", path, exc)
             raise
 
-    def _export_in_helper(self, state: dict, path: str) -> str:
+    def _export_in_helper(self, state: dict, path: str, info: dict) -> str:
         from safetensors.torch import save
         if self._proc is None or self._proc.poll() is not None:
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +137,7 @@ class BackgroundExporter:
                                           stdout=subprocess.PIPE, env=env, cwd=root)
             self._finalizer = weakref.finalize(self, _close_helper, self._proc)
         payload = save(state)
-        header = {"path": path, "nbytes": len(payload), **self.arch}
+        header = {"path": path, "nbytes": len(payload), "info": info, **self.arch}
         self._proc.stdin.write(json.dumps(header).encode() + b"\n" + payload)
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
@@ -175,7 +190,7 @@ def serve(inp, out) -> None:
                 net = build_network(req["spec"], req["hidden_sizes"], req["dueling"])
                 exporter, arch = PolicyExporter(), key
             net.load_state_dict(state)
-            reply = {"path": str(exporter.save(net, req["path"]))}
+            reply = {"path": str(exporter.save(net, req["path"], req.get("info")))}
         except Exception as exc:  # reported to the learner, which exports itself instead
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(reply).encode() + b"\n")
@@ -185,4 +200,9 @@ def serve(inp, out) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] != ["--serve"]:
         raise SystemExit("usage: python -m learner.export --serve  (the learner starts this itself)")
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    # replies go to a private copy of stdout; whatever else writes to stdout (torch.onnx's progress
+    # lines, C libraries) lands on stderr instead of in the middle of the protocol
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin.buffer, replies)

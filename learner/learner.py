@@ -177,7 +177,10 @@ class Learner:
             return None
         self.checkpoint_error = None
         path = os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2")
-        done = self._exporter.submit(self.policy_network().state_dict(), path)
+        best = self.best_policy or {}
+        info = {"env_id": self.config.get("env", {}).get("id"), "eval_return": best.get("eval_return"),
+                "weights_version": best.get("weights_version", self.weights_version)}
+        done = self._exporter.submit(self.policy_network().state_dict(), path, info)
         if wait:
             try:
                 done.result(timeout=300)
