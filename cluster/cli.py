@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--namespace", help="the run's Redis key namespace (default: replay.namespace)")
     r.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = any free port)")
     e = sub.add_parser("evaluate", help="greedy evaluation of a run's policy")
-    e.add_argument("target", help="a run directory or a checkpoint file")
+    e.add_argument("target", help="a run directory, a checkpoint.pt, or a policy.json / policy.safetensors (given a "
+                                  "policy.pt2 it reads those two beside it: apexq never loads .pt2 files)")
     e.add_argument("--episodes", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -203,37 +204,80 @@ def cmd_replay_server(args) -> int:
     return status
 
 
-def _load_policy_for_eval(target: Path, env_override):
-    """(policy module, env id, updates) from a run directory, a checkpoint.pt or an exported policy.pt2."""
-    import yaml
-    from learner.checkpoint import CheckpointError, load
-    from learner.network import build_network
+def _load_policy_for_eval(target: Path, env_override) -> tuple:
+    """(NumpyQPolicy, env id, what is known of it) from a run directory, a checkpoint or a policy's files.
+
+    An exported policy is read from ``policy.json`` + ``policy.safetensors`` only, formats that
+    cannot carry code. apexq never loads a ``.pt2`` (``torch.export.load`` unpickles, so a
+    crafted file runs its payload): given one, it reads the two files written beside it, or
+    refuses. A checkpoint loads with ``weights_only=True`` and is checked key by key.
+    """
+    import numpy as np
+
+    from actors.policy import NumpyQPolicy
+    from learner.policy_file import PolicyFileError, read_policy_files
+
+    from .run_dir import RunDir
+    path = target
     if target.is_dir():  # a run: its policy (the best evaluated weights), else its latest checkpoint
-        path = target / "policy.pt2"
-        if not path.exists():
-            path = target / "checkpoint.pt"
-    else:
-        path = target
-    if not path.exists():
-        raise UserError(f"{target}: no checkpoint.pt or policy.pt2 there")
-    if path.suffix == ".pt2":
-        from learner.export import load_policy
+        rd = RunDir(target)
+        path = next((p for p in (rd.policy.with_suffix(".json"), rd.checkpoint) if p.is_file()), None)
+        if path is None:
+            only = " (only policy.pt2, which apexq never loads)" if rd.policy.with_suffix(".pt2").exists() else ""
+            raise UserError(f"{target}: no policy.json or checkpoint.pt there{only}")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix in (".json", ".safetensors", ".pt2", ".onnx"):
+        stem = path.with_suffix("")
+        if path.suffix in (".pt2", ".onnx") and not stem.with_suffix(".json").is_file():
+            raise UserError(f"{path}: apexq never loads {path.suffix} files (a .pt2 is unpickled, so it could run "
+                            f"code); evaluate the {stem.name}.json + {stem.name}.safetensors written beside it, or "
+                            f"a checkpoint.pt")
         try:
-            policy = load_policy(path)
-        except Exception as exc:
-            raise UserError(f"{path}: not a readable exported policy ({type(exc).__name__})") from None
-        cfg_file = path.parent / "config.yaml"
-        env_id = env_override or (yaml.safe_load(cfg_file.read_text())["env"]["id"] if cfg_file.exists()
-                                  else "MountainCar-v0")
-        return policy, env_id, None
+            arch, weights = read_policy_files(stem)
+        except PolicyFileError as exc:
+            raise UserError(str(exc)) from None
+        if path.suffix in (".pt2", ".onnx"):
+            print(f"apexq: evaluating {stem.name}.json + {stem.name}.safetensors beside {path.name} (the same "
+                  f"weights; apexq never loads {path.suffix} files)", file=sys.stderr)
+        known = {"source": str(stem.with_suffix(".json")), "weights_version": arch["weights_version"],
+                 "eval_return": arch["eval_return"], "updates": None}
+    else:
+        from learner.checkpoint import CheckpointError, load, policy_weights  # (imports torch)
+        try:
+            state = load(path)
+            arch, weights = policy_weights(state, path)
+        except CheckpointError as exc:
+            raise UserError(str(exc)) from None
+        known = {"source": str(path), "weights_version": None, "eval_return": None, "updates": state["updates"]}
+    env_id = env_override or arch["env_id"] or _run_env_id(path.parent)
+    _check_env_fits(env_id, arch, path)
+    policy = NumpyQPolicy(arch, arch["hidden_sizes"], arch["dueling"], rng=np.random.default_rng(0))
+    policy.load_state(weights)
+    return policy, env_id, known
+
+
+def _run_env_id(run: Path) -> str:
+    """env.id from the run's config.yaml, for a policy.json written without one."""
+    import yaml
     try:
-        state = load(path)
-    except CheckpointError as exc:
+        env_id = yaml.safe_load((run / "config.yaml").read_text())["env"]["id"]
+    except Exception:
+        env_id = None
+    if not isinstance(env_id, str):
+        raise UserError(f"{run}: the policy names no environment and no config.yaml beside it does; give --env")
+    return env_id
+
+
+def _check_env_fits(env_id: str, arch: dict, path: Path) -> None:
+    from actors.envs import EnvSpecError, env_spec
+    try:
+        spec = env_spec(env_id)
+    except EnvSpecError as exc:
         raise UserError(str(exc)) from None
-    s = state["settings"]
-    net = build_network(state["spec"], s["hidden_sizes"], s["dueling"])
-    net.load_state_dict(state["online"])
-    return net, env_override or state["config"]["env"]["id"], int(state["updates"])
+    if (spec["obs_dim"], spec["num_actions"]) != (arch["obs_dim"], arch["num_actions"]):
+        raise UserError(f"{path}: the policy takes {arch['obs_dim']} observation values and has {arch['num_actions']} "
+                        f"actions; {env_id} has {spec['obs_dim']} and {spec['num_actions']}")
 
 
 def cmd_evaluate(args) -> int:
@@ -241,11 +285,11 @@ def cmd_evaluate(args) -> int:
     from learner.evaluate import evaluate
     if args.episodes < 1:
         raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
-    policy, env_id, updates = _load_policy_for_eval(Path(args.target), args.env)
+    policy, env_id, known = _load_policy_for_eval(Path(args.target), args.env)
     returns = evaluate(policy, env_id, args.episodes, seed=args.seed)
     res = {"env": env_id, "episodes": args.episodes, "seed": args.seed, "mean": float(np.mean(returns)),
-           "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)),
-           "updates": updates}
+           "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)), **known,
+           "returns": [float(r) for r in returns]}
     if args.gif:
         from learner.render import RenderUnavailable, record_gif
         try:

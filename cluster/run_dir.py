@@ -36,7 +36,8 @@ class RunDir:
 
     @property
     def policy(self) -> Path:
-        return self.path / "policy.pt"
+        """The exported policy's stem: ``.safetensors`` + ``.json`` (what apexq reads), ``.onnx``, ``.pt2``."""
+        return self.path / "policy"
 
     @property
     def metrics(self) -> Path:

@@ -4,15 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 class RenderUnavailable(RuntimeError):
     pass
 
 
-def record_gif(policy: torch.nn.Module, env_id: str, path: str | Path, seed: int = 0, fps: int = 30) -> dict:
+def record_gif(policy, env_id: str, path: str | Path, seed: int = 0, fps: int = 30) -> dict:
+    """``policy``: a NumpyQPolicy or a torch module returning Q (as for learner.evaluate.evaluate)."""
     import gymnasium as gym
+
+    from .evaluate import greedy_actions
     try:
         import pygame  # noqa: F401
     except ImportError:
@@ -22,9 +24,9 @@ def record_gif(policy: torch.nn.Module, env_id: str, path: str | Path, seed: int
     obs, _ = env.reset(seed=seed)
     frames = [env.render()]
     total, done = 0.0, False
+    act = greedy_actions(policy)
     while not done:
-        with torch.no_grad():
-            a = int(policy(torch.as_tensor(obs, dtype=torch.float32)[None]).argmax(dim=1)[0])
+        a = int(act(np.asarray(obs, np.float32)[None])[0])
         obs, r, term, trunc, _ = env.step(a)
         total += float(r)
         done = term or trunc
