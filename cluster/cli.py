@@ -83,9 +83,13 @@ def cmd_train(args) -> int:
             raise UserError(INSTALL_HINT)
     from actors.envs import EnvSpecError, env_spec
     try:
-        env_spec(cfg.env.id)
+        spec = env_spec(cfg.env.id)
     except EnvSpecError as exc:
         raise UserError(str(exc)) from None
+    if not args.address:  # everything runs on this machine: shards and, unless given, their Redis
+        from .components import check_replay_memory, physical_memory
+        check_replay_memory(cfg, spec["obs_dim"], physical_memory(), "this machine",
+                            with_redis=not (args.redis_url or cfg.replay.redis_urls or args.single_process))
     try:
         rd.create(cfg) if not args.resume else None
     except OSError as exc:
@@ -121,23 +125,36 @@ def cmd_train(args) -> int:
         print(f"apexq: could not draw curve.png: {exc}", file=sys.stderr)
     final = summary.get("record", {})
     acct = summary.get("accounting")
-    if acct:
+    status = 0
+    if acct and not acct.get("reconciled", True):
+        print(f"apexq: error: accounting not reconciled: {acct.get('why', 'a shard could not be reached')}",
+              file=sys.stderr)
+        status = 1
+    elif acct:
         print(f"apexq: accounting: appended {acct['appended']} = ingested {acct['ingested']} + pending "
               f"{acct['pending']} -> {'balanced' if acct['balanced'] else 'NOT BALANCED'} | rejected entries "
               f"{acct['rejected_entries']} | lost in Redis restarts {acct['lost_in_redis']} | in flight in dead "
               f"actors {acct['in_flight_lost']}")
+        if not acct["balanced"]:
+            print("apexq: error: accounting NOT BALANCED: Redis counts appended transitions that were neither "
+                  "ingested by a shard nor pending in its stream (see accounting.json)", file=sys.stderr)
+            status = 1
+        elif acct["lost_in_redis"]:
+            print(f"apexq: note: {acct['lost_in_redis']} transitions that actors saw acknowledged were lost when "
+                  f"Redis restarted (appends inside its append-only file's fsync window, redis.appendfsync)")
     if summary.get("solved_at_s") is not None:
         print(f"apexq: solved: reached train.stop_at_return {summary['solved_at_s']:.1f}s after launch "
               f"(evaluation time included; {summary.get('eval_time_s', 0):.1f}s of it evaluating)")
-    print(f"apexq: done ({summary.get('stop_reason')}) | env steps {final.get('env_steps', 0)} | "
+    failed = str(summary.get("stop_reason", "")).startswith(("gave up", "run directory failed", "Redis unreachable"))
+    print(f"apexq: {'stopped' if failed else 'done'} ({summary.get('stop_reason')}) | env steps {final.get('env_steps', 0)} | "
           f"updates {final.get('updates', 0)} | inserted {final.get('transitions_inserted', 0)} | "
           f"sampled {final.get('transitions_sampled', 0)} | checkpoint {summary.get('checkpoint')} | run {rd.path}")
     if summary.get("checkpoint") and summary.get("best_eval_return") is not None:
         print(f"apexq: policy.pt2 holds the best evaluated weights: v{summary['best_weights_version']}, "
               f"greedy mean return {summary['best_eval_return']:.1f} over {cfg.eval.episodes} episodes")
-    if str(summary.get("stop_reason", "")).startswith(("gave up", "run directory failed")) or not summary.get("checkpoint"):
+    if failed or not summary.get("checkpoint"):
         return 1
-    return 0
+    return status
 
 
 def cmd_replay_server(args) -> int:

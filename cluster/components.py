@@ -5,6 +5,7 @@ import math
 
 from actors.actor import ActorSettings
 from learner.settings import LearnerSettings
+from replay_server.codec import block_nbytes
 from replay_server.shard import ShardSpec
 
 from .config import Config
@@ -17,6 +18,19 @@ def shard_capacity(cfg: Config) -> int:
 def stream_maxlen(cfg: Config) -> int:
     """Entries a shard's stream keeps: its whole window plus the allowed backlog."""
     return math.ceil(shard_capacity(cfg) / cfg.actors.block_size) + cfg.actors.max_backlog_blocks + 16
+
+
+def replay_memory_bytes(cfg: Config, obs_dim: int) -> tuple[int, int]:
+    """(bytes one shard needs, bytes its Redis stream needs) for ``replay.capacity``, an upper estimate.
+
+    A shard holds obs and next_obs (float32), action, return, discount (4 bytes each), an int64
+    key, and a float64 sum-tree of up to 4 nodes per item (its leaves round up to a power of two).
+    Its stream holds the same transitions as encoded blocks, plus the allowed backlog.
+    """
+    per = shard_capacity(cfg)
+    shard = per * (8 * obs_dim + 12 + 8 + 32)
+    stream = stream_maxlen(cfg) * block_nbytes(cfg.actors.block_size, obs_dim)
+    return shard, stream
 
 
 def shard_spec(cfg: Config, shard: int, env: dict) -> ShardSpec:
@@ -52,3 +66,29 @@ def learner_settings(cfg: Config) -> LearnerSettings:
 
 def shard_redis_url(cfg: Config, shard: int, default_url: str) -> str:
     return cfg.replay.redis_urls[shard] if cfg.replay.redis_urls else default_url
+
+
+def check_replay_memory(cfg: Config, obs_dim: int, available: int, where: str, with_redis: bool) -> None:
+    """A one-line ConfigError when ``replay.capacity`` cannot fit in ``available`` bytes.
+
+    Checked before anything starts: without it a huge capacity passed validation and ended in a
+    memory-allocation traceback inside a shard process.
+    """
+    from .config import ConfigError
+    shard, stream = replay_memory_bytes(cfg, obs_dim)
+    n = cfg.replay.shards if with_redis else 1
+    need = n * shard + (n * stream if with_redis else 0)
+    if need > 0.9 * available:
+        gib = 1 << 30
+        parts = f"{n} shard(s) x {shard / gib:,.1f} GiB" + (f" + Redis {n * stream / gib:,.1f} GiB" if with_redis else "")
+        raise ConfigError(f"replay.capacity: {cfg.replay.capacity} transitions need about {need / gib:,.1f} GiB "
+                          f"({parts}), more than {where}'s {available / gib:,.1f} GiB of memory; lower replay.capacity "
+                          f"or add replay.shards on more nodes")
+
+
+def physical_memory() -> int:
+    import os
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse

@@ -139,6 +139,7 @@ class RedisConfig:
     server_path: Optional[str] = _f(None)
     host: str = _f("127.0.0.1", _rule(lambda v: len(v) > 0, "must not be empty"))
     appendfsync: str = _f("everysec", one_of("everysec", "always", "no"))
+    unreachable_timeout_s: float = _f(60.0, positive())
 
 
 @dataclass
@@ -310,10 +311,65 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {text}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _parse_yaml(raw, f"--set {key}") if raw.strip() else ""
+    except ConfigError as exc:
+        if "is not valid YAML" not in str(exc):
+            raise
         value = raw
     return key.split("."), value
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything larger is not one
+MAX_CONFIG_DEPTH = 32       # sections are two levels deep; deeper nesting is never a config
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that turns every way a hostile or broken text can fail into one ConfigError.
+
+    PyYAML's own errors are not the only ones: a 4,300-digit integer raises ValueError (Python's
+    int-conversion limit), and deep nesting RecursionError, so both are bounded here first.
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    depth = deepest = 0
+    for ch in text:  # flow-style nesting ([[[...]]] / {{...}}) is what recursion needs; count it cheaply
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep; not a config")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}:{line} is not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply; not a config") from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion ..."
+        what = "an integer has too many digits" if "digits" in str(exc) else str(exc).split(":")[0][:80]
+        raise ConfigError(f"{where}: a value cannot be read ({what})") from None
+    _check_depth(data, where)
+    return data
+
+
+def _check_depth(data: Any, where: str) -> None:
+    """Block-style nesting passes the bracket count: walk the parsed value without recursion."""
+    todo, seen = [(data, 0)], set()
+    while todo:
+        node, d = todo.pop()
+        if isinstance(node, (dict, list)):  # aliases share nodes: visit each once ("billion laughs")
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+        if d > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep; not a config")
+        if isinstance(node, dict):
+            todo.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            todo.extend((v, d + 1) for v in node)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
@@ -324,15 +380,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     else:
         path = Path(path) if path else DEFAULT_CONFIG
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
         try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"--config {path}:{where} is not valid YAML") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise ConfigError(f"--config {path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+        data = _parse_yaml(text, f"--config {path}") or {}
     for item in overrides or []:
         parts, value = parse_override(item)
         node = data

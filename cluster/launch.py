@@ -74,6 +74,16 @@ class Member:
     last_stats: dict = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     restart_times: list = field(default_factory=list)
+    # counters of the member's earlier processes (Ray restarted it and its own counters began at 0):
+    # what the driver reports is carried + the current process's, so it never goes backwards
+    carried: dict = field(default_factory=dict)
+
+    def total(self, key: str) -> float:
+        return self.carried.get(key, 0) + self.last_stats.get(key, 0)
+
+
+# the counters each kind reports that the driver sums into never-decreasing totals
+CARRIED_COUNTERS = {"actor": ("env_steps", "episodes"), "shard": ("inserted", "sampled", "rejected_total")}
 
 
 class SupervisorGaveUp(RuntimeError):
@@ -82,6 +92,10 @@ class SupervisorGaveUp(RuntimeError):
 
 class ClusterConfigError(RuntimeError):
     """A setting that cannot work on the cluster found; reported as one line, exit 2."""
+
+
+class RedisUnreachable(RuntimeError):
+    """Redis stayed unreachable past redis.unreachable_timeout_s: the run stops, exit status 1."""
 
 
 class Launcher:
@@ -115,6 +129,10 @@ class Launcher:
         # (eval return, weights version, numpy state or None when the learner already holds it)
         self.best: Optional[tuple] = None
         self.eval_time = 0.0  # seconds spent evaluating (excluded from time to solve)
+        self.redis_member = Member("redis", 0, None)  # the run's own Redis, restarted by watch_redis
+        self.redis_down_since: Optional[float] = None
+        self._next_redis_ping = 0.0
+        self._redis_clients: dict = {}
 
     # -- platform ----------------------------------------------------------------------------
 
@@ -132,6 +150,18 @@ class Launcher:
             ray.init(address=self.address, log_to_driver=True, logging_level=logging.ERROR)
             install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
             nodes = [n for n in ray.nodes() if n.get("Alive")]
+            if not self.cfg.replay.external:  # one shard must fit on one node
+                from actors.envs import env_spec
+
+                from .components import check_replay_memory
+                from .config import ConfigError
+                biggest = max(int(n.get("Resources", {}).get("memory", 0)) for n in nodes) if nodes else 0
+                try:
+                    if biggest:
+                        check_replay_memory(self.cfg, env_spec(self.cfg.env.id)["obs_dim"], biggest,
+                                            "the cluster's largest node", with_redis=False)
+                except ConfigError as exc:
+                    raise ClusterConfigError(str(exc)) from None
             if self.redis_url is None and len(nodes) > 1 and self.cfg.redis.host in ("127.0.0.1", "localhost", "::1"):
                 raise ClusterConfigError(
                     "redis.host: the cluster has several nodes but the spawned Redis would listen on loopback only; "
@@ -166,6 +196,66 @@ class Launcher:
         check(self.redis_url)
         for url in self.cfg.replay.redis_urls:
             check(url)
+
+    # -- Redis supervision -------------------------------------------------------------------
+
+    def watch_redis(self, now: float) -> None:
+        """Restart the run's own Redis when its process died; stop the run when Redis stays unreachable.
+
+        The spawned server comes back on the same port and password from its append-only file
+        (``redis.appendfsync``); every component reconnects with backoff, so training goes on.
+        A Redis given by URL is someone else's to restart: the run waits for it up to
+        ``redis.unreachable_timeout_s``, then stops (final checkpoint, exit status 1).
+        """
+        srv = self.redis_server
+        if srv is not None and srv.proc is not None and srv.exited() is not None and now >= self._next_redis_ping:
+            code = srv.exited()
+            m = self.redis_member
+            m.restarts += 1
+            print(f"apexq: Redis (the run's own, port {srv.port}) exited with status {code}; restarting it "
+                  f"from its append-only file (#{m.restarts})", file=self.out, flush=True)
+            self.note_restart(m, f"exited with status {code}")
+            t = time.monotonic()
+            try:
+                srv.restart()
+                print(f"apexq: Redis is back after {time.monotonic() - t:.1f}s; components reconnect",
+                      file=self.out, flush=True)
+            except RuntimeError as exc:
+                log.warning("Redis restart failed: %s", exc)
+                print(f"apexq: Redis restart failed ({exc}); trying again", file=self.out, flush=True)
+        if now < self._next_redis_ping:
+            return
+        self._next_redis_ping = now + 1.0
+        down = [url for url in self.redis_urls() if not self._ping(url)]
+        if not down:
+            if self.redis_down_since is not None:
+                print(f"apexq: Redis reachable again after {now - self.redis_down_since:.0f}s", file=self.out,
+                      flush=True)
+            self.redis_down_since = None
+            return
+        from replay_server.connection import redact
+        limit = self.cfg.redis.unreachable_timeout_s
+        if self.redis_down_since is None:
+            self.redis_down_since = now
+            print(f"apexq: Redis at {redact(down[0])} unreachable; waiting up to {limit:.0f}s "
+                  f"(redis.unreachable_timeout_s)", file=self.out, flush=True)
+        elif now - self.redis_down_since > limit:
+            raise RedisUnreachable(f"Redis at {redact(down[0])} unreachable for {now - self.redis_down_since:.0f}s "
+                                   f"(redis.unreachable_timeout_s={limit:g})")
+
+    def redis_urls(self) -> list[str]:
+        return list(dict.fromkeys([self.redis_url, *self.cfg.replay.redis_urls]))
+
+    def _ping(self, url: str) -> bool:
+        import redis
+        client = self._redis_clients.get(url)
+        if client is None:
+            client = self._redis_clients[url] = redis.Redis.from_url(url, socket_timeout=1.0,
+                                                                     socket_connect_timeout=1.0)
+        try:
+            return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
 
     # -- components --------------------------------------------------------------------------
 
@@ -244,7 +334,7 @@ class Launcher:
     # -- metrics -----------------------------------------------------------------------------
 
     def driver_stats(self) -> dict:
-        restarts: dict = {"actor": 0, "shard": 0, "learner": 0}
+        restarts: dict = {"actor": 0, "shard": 0, "learner": 0, "redis": self.redis_member.restarts}
         for m in self.members:
             restarts[m.kind] += m.restarts
         rec = getattr(self, "last_record", None) or {}
@@ -307,10 +397,6 @@ class Launcher:
                 reason = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if self._stop.is_set():
                 continue
-            if m.kind == "actor" and m.last_stats:
-                # what this incarnation had acknowledged / held in memory when it was last seen
-                self.dead_actor_stats.append(dict(m.last_stats))
-                m.last_stats = {}
             self.note_restart(m, reason)
             m.restarts += 1
             log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
@@ -322,7 +408,8 @@ class Launcher:
         sup = self.cfg.supervision
         now = time.monotonic()
         m.restart_times = [t for t in m.restart_times if now - t <= sup.window_s] + [now]
-        recent = sum(len([t for t in x.restart_times if now - t <= sup.window_s]) for x in self.members)
+        recent = sum(len([t for t in x.restart_times if now - t <= sup.window_s])
+                     for x in [*self.members, self.redis_member])
         if recent > sup.max_restarts:
             raise SupervisorGaveUp(f"{recent} component restarts within {sup.window_s:.0f}s "
                                    f"(supervision.max_restarts={sup.max_restarts}); last: {m.kind} {m.index} {reason}")
@@ -358,10 +445,26 @@ class Launcher:
             ref = refs[id(m)]
             if ref in ready_set:
                 try:
-                    m.last_stats = ray.get(ref)
-                    m.last_seen = time.monotonic()
+                    st = ray.get(ref)
                 except Exception:
-                    pass
+                    continue
+                self.fold_if_restarted(m, st)
+                m.last_stats = st
+                m.last_seen = time.monotonic()
+
+    def fold_if_restarted(self, m: Member, new: dict) -> None:
+        """A new process behind ``m`` (Ray restarted it): carry the old one's counters forward.
+
+        Without this, the run's env steps went backwards after an actor restart. The old
+        process's last stats also feed the accounting (what it had acknowledged, held in memory).
+        """
+        old = m.last_stats
+        if not old or old.get("incarnation") == new.get("incarnation"):
+            return
+        for key in CARRIED_COUNTERS.get(m.kind, ()):
+            m.carried[key] = m.carried.get(key, 0) + old.get(key, 0)
+        if m.kind == "actor":
+            self.dead_actor_stats.append(dict(old))
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -370,26 +473,27 @@ class Launcher:
 
     def record(self, prev: Optional[dict]) -> dict:
         a = [m.last_stats for m in self.actors]
-        env_steps = self.offset["env_steps"] + sum(s.get("env_steps", 0) for s in a)
-        episodes = self.offset["episodes"] + sum(s.get("episodes", 0) for s in a)
+        env_steps = self.offset["env_steps"] + sum(m.total("env_steps") for m in self.actors)
+        episodes = self.offset["episodes"] + sum(m.total("episodes") for m in self.actors)
         rets = [r for s in a for r in s.get("returns", [])]
-        sh = [m.last_stats for m in self.shards + self.external_shards]
+        shard_members = self.shards + self.external_shards
+        sh = [m.last_stats for m in shard_members]
         ls = self.learner.last_stats
         rec = {
             "time_s": round(self.offset["time_s"] + self.elapsed(), 3),
             "env_steps": int(env_steps),
             "episodes": int(episodes),
             "updates": int(ls.get("updates", 0)),
-            "transitions_inserted": int(self.offset["transitions_inserted"] + sum(s.get("inserted", 0) for s in sh)),
+            "transitions_inserted": int(self.offset["transitions_inserted"] + sum(m.total("inserted") for m in shard_members)),
             "transitions_sampled": int(self.offset["transitions_sampled"] + ls.get("transitions_sampled", 0)),
             "replay_size": int(sum(s.get("size", 0) for s in sh)),
-            "rejected": int(sum(s.get("rejected_total", 0) for s in sh)),
+            "rejected": int(sum(m.total("rejected_total") for m in shard_members)),
             "weights_version": int(ls.get("weights_version", 0)),
             "actor_weights_versions": [s.get("weights_version", -1) for s in a],
             "mean_return": float(np.mean(rets)) if rets else None,
             "eval_return": self.eval_return,
             "loss": ls.get("loss"), "td_abs": ls.get("td_abs"), "q_mean": ls.get("q_mean"),
-            "restarts": sum(m.restarts for m in self.members),
+            "restarts": sum(m.restarts for m in self.members) + self.redis_member.restarts,
         }
         firsts = [s["first_step_at"] for s in a if s.get("first_step_at")]
         if firsts and self.first_env_step_s is None:
@@ -467,6 +571,9 @@ class Launcher:
                 raise KeyboardInterrupt  # from a known place: see install_signal_handlers
             self.supervise()
             now = time.monotonic()
+            self.watch_redis(now)
+            if now >= next_eval and self.redis_down_since is not None:
+                next_eval = now + 1.0  # the weights live in Redis: evaluate once it is back
             if now >= next_eval:
                 t = time.monotonic()
                 value = self.evaluate_now()
@@ -517,7 +624,8 @@ class Launcher:
         for m in self.actors:
             m.handle.stop.remote()
         ray.wait([m.run_ref for m in self.actors], num_returns=len(self.actors), timeout=10)
-        deadline = time.monotonic() + 5
+        redis_down = self.redis_down_since is not None and not all(self._ping(u) for u in self.redis_urls())
+        deadline = time.monotonic() + (0 if redis_down else 5)
         while time.monotonic() < deadline:  # let the shards ingest the last blocks
             if self._backlog() == 0:
                 break
@@ -551,7 +659,10 @@ class Launcher:
         except RunDirError as exc:
             print(f"apexq: could not write the final record: {exc}", file=self.out, flush=True)
         summary["record"] = rec
-        summary["accounting"] = self.accounting()
+        if redis_down:  # its counters are out of reach: say so rather than wait on retries
+            summary["accounting"] = {"reconciled": False, "why": "Redis unreachable at the end of the run"}
+        else:
+            summary["accounting"] = self.accounting()
         return summary
 
     def accounting(self) -> dict:
@@ -578,6 +689,7 @@ class Launcher:
         acct = {
             "appended": sum(s["appended"] for s in shards), "ingested": sum(s["ingested"] for s in shards),
             "pending": sum(s["pending"] for s in shards), "rejected_entries": sum(s["rejected_entries"] for s in shards),
+            "reconciled": len(shards) == self.cfg.replay.shards,
             "balanced": all(s["balanced"] for s in shards) and len(shards) == self.cfg.replay.shards,
             "lost_in_redis": lost_in_redis,
             "in_flight_lost": sum(st.get("in_flight", 0) for st in self.dead_actor_stats),
@@ -667,6 +779,10 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
         except SupervisorGaveUp as exc:
             launcher.stop_reason = f"gave up: {exc}"
             print(f"apexq: error: {exc}", file=out, flush=True)
+        except RedisUnreachable as exc:
+            launcher.stop_reason = f"Redis unreachable: {exc}"
+            print(f"apexq: error: {exc}; stopping with a final checkpoint. Bring Redis back, then "
+                  f"apexq train --resume {run_dir.path}", file=out, flush=True)
         except RunDirError as exc:
             launcher.stop_reason = f"run directory failed: {exc}"
             print(f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "

@@ -151,6 +151,41 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
 
+    def exited(self) -> Optional[int]:
+        """The exit status if the process has ended (killed, crashed), else None."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def restart(self, timeout: float = 30.0) -> "RedisServer":
+        """Start the server again on the same port, password and data folder: it replays its AOF.
+
+        Unlike :meth:`start`, a failure leaves the data folder alone (it holds the run's
+        transitions) and raises RuntimeError, so the caller can try again.
+        """
+        if self.exited() is None:
+            return self
+        self.spawn()
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host=self.host, port=self.port, password=self.password,
+                             socket_connect_timeout=1.0, socket_timeout=1.0)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    log = self.dir / "redis.log"
+                    tail = log.read_text(errors="replace")[-300:].strip() if log.exists() else ""
+                    raise RuntimeError(f"exited with {self.proc.returncode} while restarting: {tail}")
+                try:
+                    if client.ping():
+                        return self
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise RuntimeError(f"did not answer within {timeout:.0f} s of a restart")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
     def stop(self, remove: bool = True) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()

@@ -3,10 +3,17 @@ from __future__ import annotations
 from actors.actor import ApexActor
 
 from ..metrics import serve_component
-from . import current_node_id
+from . import current_node_id, new_incarnation
 
 
 class ActorService(ApexActor):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.incarnation = new_incarnation()  # tells the driver that Ray restarted the process
+
+    def stats(self) -> dict:
+        return {**super().stats(), "incarnation": self.incarnation}
+
     def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
         return serve_component("actor", self.s.actor_id, self.stats, host, port)
 

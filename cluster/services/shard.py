@@ -3,10 +3,17 @@ from __future__ import annotations
 from replay_server.shard import ReplayShard
 
 from ..metrics import serve_component
-from . import current_node_id
+from . import current_node_id, new_incarnation
 
 
 class ShardService(ReplayShard):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.incarnation = new_incarnation()  # tells the driver that Ray restarted the process
+
+    def stats(self) -> dict:
+        return {**super().stats(), "incarnation": self.incarnation}
+
     def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
         return serve_component("shard", self.spec.shard_id, self.stats, host, port)
 
