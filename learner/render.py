@@ -1,6 +1,7 @@
 """An animation of one greedy episode (needs pygame for gymnasium's rgb_array rendering)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ def record_gif(policy, env_id: str, path: str | Path, seed: int = 0, fps: int = 
     import gymnasium as gym
 
     from .evaluate import greedy_actions
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # its greeting would precede --json's line
     try:
         import pygame  # noqa: F401
     except ImportError:

@@ -79,11 +79,12 @@ def test_train_end_to_end(tmp_path):
     assert acct["lost_in_redis"] == 0 and "balanced" in r.stdout
     time.sleep(1)
     assert platform_pids() <= before, "a Redis or Ray process outlived the run"
-    # the policy evaluates from the run directory
-    ev = apexq("evaluate", str(run_dir), "--episodes", "10", "--json", timeout=120)
+    # the policy evaluates from the run directory exactly as the run evaluated it (seed 0, eval.episodes)
+    ev = apexq("evaluate", str(run_dir), "--episodes", "20", "--seed", "0", "--json", timeout=120)
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert res["episodes"] == 10 and -200 <= res["mean"] <= 0
+    desc = json.loads((run_dir / "policy.json").read_text())
+    assert res["episodes"] == 20 and res["mean"] == desc["eval_return"] is not None, (res, desc)
 
 
 @pytest.mark.slow
