@@ -129,6 +129,7 @@ class Launcher:
         # (eval return, weights version, numpy state or None when the learner already holds it)
         self.best: Optional[tuple] = None
         self.eval_time = 0.0  # seconds spent evaluating (excluded from time to solve)
+        self.reaper = None  # see cluster/reaper.py
         self.redis_member = Member("redis", 0, None)  # the run's own Redis, restarted by watch_redis
         self.redis_down_since: Optional[float] = None
         self._next_redis_ping = 0.0
@@ -170,6 +171,8 @@ class Launcher:
             self.start_redis()
             return
         # the private Redis process is spawned first and becomes ready while Ray starts
+        from . import reaper
+        self.reaper = reaper.start()  # Ray's daemons go with this process, even if it is SIGKILLed
         self.start_redis(wait=False)
         need = (self.cfg.actors.num * self.cfg.actors.num_cpus + self.cfg.replay.shards * self.cfg.replay.num_cpus
                 + self.cfg.learner.num_cpus)
@@ -726,6 +729,9 @@ class Launcher:
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None
+        from . import reaper
+        reaper.release(self.reaper)
+        self.reaper = None
 
     def load_offsets(self) -> None:
         state = self.run_dir.read_state()

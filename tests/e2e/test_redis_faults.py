@@ -68,8 +68,8 @@ def wait(pred, timeout: float, what: str, run: "Run | None" = None):
 class Run:
     """``apexq train`` in a subprocess, its output collected line by line."""
 
-    def __init__(self, run_dir: Path, *args: str, env: dict = ENV):
-        cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), *args]
+    def __init__(self, run_dir: "Path | None", *args: str, env: dict = ENV):
+        cmd = [sys.executable, "-m", "cluster.cli", "train", *(["--run-dir", str(run_dir)] if run_dir else []), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
