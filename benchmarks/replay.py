@@ -226,7 +226,7 @@ def main() -> None:
         shard_peak = tracemalloc.get_traced_memory()[1] - traced0
         tracemalloc.stop()
         held = shard.stats()["size"]
-        stream_len = int(r.xlen(stream))
+        stream_len = int(admin.xlen(stream))  # (XLEN: not a client command)
         pending = int(r.xpending(stream, keys.group(0))["pending"])
         redis_bytes = used_memory(admin) - mem0
         redis_ratio = redis_bytes / (stream_len * bs * RAW_BYTES)

@@ -16,9 +16,7 @@ from typing import Optional
 
 import redis
 
-# Commands a client of the run never needs and an intruder would love; the admin user keeps them.
-DENIED = ["flushall", "flushdb", "config", "debug", "shutdown", "module", "replicaof", "slaveof",
-          "save", "bgsave", "monitor", "acl", "failover", "sync", "psync", "migrate", "restore"]
+from replay_server.acl import acl_rule
 
 
 class RedisNotFound(RuntimeError):
@@ -64,7 +62,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
 
 
 class RedisServer:
-    """A private server: loopback, random password, AOF, dangerous commands denied to clients."""
+    """A private server: loopback, random password, AOF; the client user may run only what apexq
+    sends, on apexq's keys (``replay_server/acl.py``); the admin user keeps everything."""
 
     def __init__(self, binary: str, appendfsync: str = "everysec", port: Optional[int] = None,
                  data_dir: Optional[str] = None, host: str = "127.0.0.1", password: Optional[str] = None,
@@ -92,7 +91,6 @@ class RedisServer:
         return f"redis://admin:{self.admin_password}@{self.host}:{self.port}/0"
 
     def _write_conf(self) -> Path:
-        deny = " ".join(f"-{c}" for c in DENIED)
         conf = self.dir / "redis.conf"
         conf.write_text("\n".join([
             f"bind {self.host}",
@@ -104,7 +102,7 @@ class RedisServer:
             'save ""',
             "daemonize no",
             f"logfile {self.dir / 'redis.log'}",
-            f"user default on >{self.password} ~* &* +@all {deny}",
+            f"user default reset on >{self.password} {acl_rule()}",  # the components: only what they send
             f"user admin on >{self.admin_password} ~* &* +@all",
             "",
         ]))

@@ -82,7 +82,8 @@ def test_standalone_shard_samples_updates_survives_forgery_and_kill(redis_server
         assert client.sample(16)["obs"].shape == (16, 2) and st["size"] == 1000
         assert not r.exists("apexq:elsewhere")  # nothing written outside this shard's reply lists
         # a request with a good reply key and id learns why it was refused
-        assert decode(r.lpop(keys.reply(0, "x")), header_only=True)[0] == {"id": "x", "ok": False, "error": "bad_op"}
+        admin = redis.Redis.from_url(redis_server.admin_url)  # LPOP is not a client command
+        assert decode(admin.lpop(keys.reply(0, "x")), header_only=True)[0] == {"id": "x", "ok": False, "error": "bad_op"}
 
         # kill -9: a restarted server rebuilds every acknowledged transition from the stream
         p.kill()
@@ -109,7 +110,7 @@ def test_sample_times_out_clearly_without_a_server(redis_server):
     # requests to a missing server do not pile up without bound
     for _ in range(1100):
         client.update_priorities(np.zeros(1, np.int64), np.ones(1, np.float32))
-    assert redis.Redis.from_url(redis_server.url).llen(Keys("nobody").prio(0)) == 1000
+    assert redis.Redis.from_url(redis_server.admin_url).llen(Keys("nobody").prio(0)) == 1000  # (LLEN: not a client command)
 
 
 def test_bad_arguments_one_line(redis_server):

@@ -54,7 +54,7 @@ def test_actor_to_shard_to_sample_and_priority_updates(redis_server):
         share = heavy / (heavy + 399 * (1.0 + 1e-6) ** 0.6)  # ~0.137
         assert abs((s2["keys"] == key).sum() - 256 * share) <= 3  # stratified: within a stratum or two
         np.testing.assert_allclose(s2["prob"][s2["keys"] == key], share, rtol=1e-6)
-        appended = redis.Redis.from_url(redis_server.url).hget(Keys("t1").appended(0), "1")
+        appended = redis.Redis.from_url(redis_server.admin_url).hget(Keys("t1").appended(0), "1")  # (HGET: admin only)
         assert int(appended) == 400
     finally:
         shard.stop()

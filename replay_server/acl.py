@@ -1,0 +1,59 @@
+"""What the components' Redis user may run: exactly the commands apexq sends, on apexq's keys only.
+
+A deny-list (``+@all -flushall ...``) always leaves something out: EVAL of a looping script
+froze a server for every client, and FUNCTION LOAD, CLIENT PAUSE/KILL, SWAPDB, KEYS and
+BGREWRITEAOF stayed open. So the client user starts from ``-@all`` and gets back the commands
+below and nothing else. The list is the union of what the code calls (actors, shards, the
+learner, the driver's accounting and backlog reads, the standalone shard's request/reply lists)
+and what redis-py sends on connect. ``tests/integration/test_acl.py`` records every command the
+real components send with MONITOR and fails when one is missing here, and checks with
+``ACL DRYRUN`` that each listed one is allowed and the dangerous ones are not.
+
+Keys: every key apexq uses starts with ``apexq:`` (``replay_server/keys.py``), so the user may
+touch nothing else on a shared server. The rule does not narrow it to one run's namespace:
+the embedded server serves one run only, and a shared server's operator who wants that can
+replace ``~apexq:*`` by ``~apexq:<namespace>:*``. No Pub/Sub channels are used.
+"""
+from __future__ import annotations
+
+CLIENT_COMMANDS: tuple[str, ...] = (
+    # redis-py's connection handshake (CLIENT SETINFO: library name and version; SELECT only for
+    # a URL that names a database other than 0) and its health check
+    "auth", "hello", "client|setinfo", "select", "ping",
+    # transactions: an actor's XADD with its appended counter, a shard's XACK with its ingest
+    # counters, the learner's weights with their version (MULTI ... EXEC; DISCARD on a failed one)
+    "multi", "exec", "discard",
+    # the replay streams: actors append, shards consume and rebuild, the driver reconciles
+    "xadd", "xreadgroup", "xack", "xgroup|create", "xinfo|groups", "xrange", "xpending",
+    # counters: a shard's epoch, appended/ingested hashes, the driver's accounting
+    "incrby", "hincrby", "hgetall", "exists",  # (redis-py's incr() sends INCRBY)
+    # versioned weights
+    "get", "set",
+    # a standalone shard's request and reply lists (replay_server/rpc.py)
+    "rpush", "blpop", "ltrim", "pexpire",
+)
+
+KEY_PATTERN = "apexq:*"
+
+# Refused to the client user; the tests check each one (the issue's list plus the admin commands).
+DANGEROUS: tuple[tuple[str, ...], ...] = (
+    ("eval", "return 1", "0"), ("function", "load", "#!lua name=x\nredis.register_function('f', function() end)"),
+    ("restore-asking", "apexq:k", "0", "x"), ("client", "pause", "1000"), ("client", "kill", "id", "1"),
+    ("swapdb", "0", "1"), ("keys", "*"), ("bgrewriteaof",), ("flushall",), ("flushdb",),
+    ("config", "get", "*"), ("debug", "sleep", "0"), ("shutdown", "nosave"), ("script", "kill"),
+    ("monitor",), ("acl", "list"), ("module", "list"), ("replicaof", "no", "one"), ("save",),
+)
+
+
+def acl_rule() -> str:
+    """The permissions of the components' user, as ``ACL SETUSER`` and a redis.conf ``user`` line take them."""
+    return f"resetkeys ~{KEY_PATTERN} resetchannels -@all " + " ".join(f"+{c}" for c in CLIENT_COMMANDS)
+
+
+def setuser_command(user: str = "apexq", password: str = "PASSWORD") -> str:
+    """The command that creates (or resets) the user on a Redis you run yourself (Redis 6.2+ / Valkey)."""
+    return f"ACL SETUSER {user} reset on >{password} {acl_rule()}"
+
+
+if __name__ == "__main__":  # python -m replay_server.acl: the ACL SETUSER line to paste
+    print(setuser_command())
