@@ -1,6 +1,7 @@
 """The replay-server's message parser: every field bounded and typed, and nothing but RpcError escapes."""
 import json
 import struct
+import threading
 import time
 import tracemalloc
 
@@ -117,6 +118,11 @@ fields = st.fixed_dictionaries({}, optional={
     "reply": st.sampled_from([PREFIX + "c", PREFIX, "k"]) | json_values, "expires": json_values,
     "n": st.integers(-5, 2 * MAX) | json_values, "timeout": st.floats() | json_values, "extra": json_values})
 
+# a good reply key and id, so that the checks of every other field are reached
+envelope = st.fixed_dictionaries({"id": st.just("r"), "reply": st.just(PREFIX + "c")}, optional={
+    "op": st.sampled_from(["sample", "stats"]) | json_values, "expires": st.floats(0, 2e12) | json_values,
+    "n": st.integers(-5, 2 * MAX) | json_values, "timeout": st.floats() | json_values, "x": json_values})
+
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300) | st.binary(max_size=300).map(lambda b: MAGIC + b))
@@ -129,7 +135,7 @@ def test_arbitrary_bytes_raise_only_rpc_error(data):
 
 
 @settings(max_examples=400, deadline=None)
-@given(fields | json_values, st.binary(max_size=40))
+@given(fields | envelope | json_values, st.binary(max_size=40))
 def test_arbitrary_json_raises_only_rpc_error(header, payload):
     data = raw(json.dumps(header), payload)  # json.dumps writes NaN and Infinity as the literals
     for parse in (lambda d: parse_request(d, PREFIX, MAX), lambda d: parse_priorities(d, MAX)):
@@ -175,10 +181,15 @@ def small_shard(n=50) -> ReplayShard:
 @pytest.mark.parametrize("timeout", [float("nan"), -1.0, 0.0, 0.3])
 def test_an_unservable_sample_waits_its_timeout_at_most_and_does_not_spin(timeout):
     shard = small_shard()
+    got = []
+    t = threading.Thread(target=lambda: got.append(shard.sample(5000, timeout)))  # never allowed: 5000 > 1000
     t0, c0 = time.monotonic(), time.process_time()
-    assert shard.sample(5000, timeout) is None  # 5000 > diff + error_buffer: the limiter never allows it
+    t.start()
+    t.join(1.0)
     wall, cpu = time.monotonic() - t0, time.process_time() - c0
-    assert wall < (0.3 if timeout == 0.3 else 0.05) + 0.2
+    shard.stop()  # releases a loop that would otherwise wait (or spin) forever
+    t.join()
+    assert got == [None] and wall < (0.3 if timeout == 0.3 else 0.05) + 0.2, f"still waiting after {wall:.1f}s"
     assert cpu < 0.1, f"{cpu:.2f}s of CPU in {wall:.2f}s: the wait loop spins"
 
 
