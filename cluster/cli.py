@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. --set actors.num=4 (repeatable)")
     t.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto' or host:port)")
-    t.add_argument("--redis-url", help="use this Redis (redis:// or rediss://, password in the URL) instead of spawning one")
+    t.add_argument("--redis-url", help="use this Redis (redis:// or rediss://, password in the URL) instead of spawning "
+                                       "one; visible in `ps`: prefer --redis-url-file or $APEXQ_REDIS_URL")
+    t.add_argument("--redis-url-file", metavar="PATH", help="read that URL from the first line of PATH")
     t.add_argument("--run-dir", help="where to write the run (default: runs/<id>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--single-process", action="store_true",
@@ -38,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                         "needs pip install 'apexq[tensorboard]')")
     r = sub.add_parser("replay-server", help="run one replay shard outside Ray, reached through Redis "
                                              "(for runs with replay.external: true)")
-    r.add_argument("--redis-url", required=True, help="the Redis the run's actors append to (redis:// or rediss://)")
+    r.add_argument("--redis-url", help="the Redis the run's actors append to (redis:// or rediss://); visible in "
+                                       "`ps`: prefer --redis-url-file or $APEXQ_REDIS_URL")
+    r.add_argument("--redis-url-file", metavar="PATH", help="read that URL from the first line of PATH")
     r.add_argument("--shard", type=int, required=True, metavar="K", help="which shard, 0 <= K < replay.shards")
     r.add_argument("--config", help="the run's YAML config (default: configs/mountaincar.yaml)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -57,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from .redis_url import from_cli, resolved
     from .run_dir import RunDir, new_run_id
+    args.redis_url = from_cli(args.redis_url, args.redis_url_file)  # --redis-url, its file, or $APEXQ_REDIS_URL
     if args.tensorboard:
         args.overrides = [*args.overrides, "logging.tensorboard=true"]
     if args.resume:
@@ -90,6 +96,8 @@ def cmd_train(args) -> int:
         from .components import check_replay_memory, physical_memory
         check_replay_memory(cfg, spec["obs_dim"], physical_memory(), "this machine",
                             with_redis=not (args.redis_url or cfg.replay.redis_urls or args.single_process))
+    # replay.redis_urls' env:/file: references read for the run; the records keep cfg's form
+    run_cfg = cfg if args.single_process else resolved(cfg)
     try:
         rd.create(cfg) if not args.resume else None
     except OSError as exc:
@@ -111,7 +119,7 @@ def cmd_train(args) -> int:
                 resume_state = load(rd.checkpoint)
             summary = train_serial(cfg, rd, resume_state=resume_state, launch_time=LAUNCH_TIME)
         else:
-            summary = train(cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume),
+            summary = train(run_cfg, rd, address=args.address, redis_url=args.redis_url, resume=bool(args.resume),
                             launch_time=LAUNCH_TIME)
     except (RedisNotFound, RedisAuthError, ConnectionError, ClusterConfigError, RunDirError) as exc:
         raise UserError(str(exc)) from None
@@ -168,7 +176,11 @@ def cmd_replay_server(args) -> int:
     from replay_server.shard import ReplayShard
 
     from .components import shard_spec
+    from .redis_url import ENV_VAR, from_cli
     cfg = load_config(args.config, args.overrides)
+    args.redis_url = from_cli(args.redis_url, args.redis_url_file)
+    if args.redis_url is None:
+        raise UserError(f"--redis-url: give the run's Redis with --redis-url-file PATH, ${ENV_VAR} or --redis-url")
     if not 0 <= args.shard < cfg.replay.shards:
         raise UserError(f"--shard: must be between 0 and replay.shards-1={cfg.replay.shards - 1}, got {args.shard}")
     ns = args.namespace or cfg.replay.namespace

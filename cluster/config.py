@@ -182,7 +182,12 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as records keep it (config.yaml, the checkpoint): a password inside a
+        ``replay.redis_urls`` entry becomes ***, an ``env:``/``file:`` reference stays as written."""
+        from .redis_url import redact_entry
+        data = dataclasses.asdict(self)
+        data["replay"]["redis_urls"] = [redact_entry(u) for u in data["replay"]["redis_urls"]]
+        return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable, TypeVar
 
@@ -47,7 +48,8 @@ def check(url: str) -> None:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced by ***."""
+    """The URL with its password (in the user info or a ``password=`` query parameter) replaced by ***."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
