@@ -1,18 +1,45 @@
 import pytest
+import yaml
 
-from cluster.config import DEFAULT_CONFIG, ConfigError, load_config
+from cluster.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 
-def test_default_config_loads_and_has_the_contract_keys():
+def test_default_config_is_what_the_yaml_documents():
+    """Every value load_config() returns is the one written (and commented) in the YAML, and every key
+    of the code's schema is written there: a key the code ignored, renamed or defaulted differently
+    would make the file lie to its reader."""
+    documented = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    got = load_config().to_dict()
+    assert set(got) == set(documented), set(got) ^ set(documented)
+    for section, value in documented.items():
+        if not isinstance(value, dict):
+            assert got[section] == value, section
+            continue
+        assert set(got[section]) == set(value), (section, set(got[section]) ^ set(value))
+        for key, v in value.items():
+            assert got[section][key] == v and type(got[section][key]) in (type(v), float), f"{section}.{key}"
+    # and a config file that leaves a key out gets the same value as the default file documents
+    assert Config().to_dict() == got
+
+
+def test_documented_defaults_by_hand(tmp_path):
+    """The defaults README and the YAML's comments promise (values written here by hand)."""
     cfg = load_config()
-    assert cfg.env.id == "MountainCar-v0"
-    for key in ("seed",):
-        assert hasattr(cfg, key)
-    assert cfg.actors.num >= 1 and cfg.actors.envs_per_actor >= 1
-    assert cfg.replay.shards >= 1 and cfg.replay.capacity >= 1
-    assert cfg.learner.batch_size >= 1 and cfg.learner.device in ("auto", "cpu", "cuda")
-    assert hasattr(cfg.train, "max_seconds") and hasattr(cfg.train, "max_env_steps")
-    assert cfg.train.stop_at_return is None or isinstance(cfg.train.stop_at_return, float)
+    assert (cfg.seed, cfg.env.id) == (0, "MountainCar-v0")
+    assert (cfg.actors.num, cfg.actors.envs_per_actor, cfg.actors.n_step, cfg.actors.gamma) == (2, 32, 3, 0.98)
+    assert (cfg.replay.shards, cfg.replay.capacity, cfg.replay.samples_per_insert) == (1, 50_000, 8.0)
+    assert (cfg.replay.min_size_to_sample, cfg.replay.error_buffer) == (2000, 20_000.0)
+    assert (cfg.replay.priority_alpha, cfg.replay.beta_start, cfg.replay.redis_urls) == (0.6, 0.4, [])
+    assert (cfg.learner.batch_size, cfg.learner.lr, cfg.learner.hidden_sizes) == (512, 0.002, [64, 64])
+    assert (cfg.learner.device, cfg.learner.batches_per_request, cfg.learner.cuda_graphs) == ("auto", 8, True)
+    assert cfg.learner.checkpoint_every_s == 30.0
+    assert (cfg.eval.every_seconds, cfg.eval.episodes) == (10.0, 100)
+    assert (cfg.train.max_seconds, cfg.train.max_env_steps, cfg.train.stop_at_return) == (600.0, None, None)
+    assert (cfg.redis.host, cfg.redis.appendfsync, cfg.redis.server_path) == ("127.0.0.1", "everysec", None)
+    assert (cfg.metrics.enabled, cfg.metrics.host, cfg.metrics.port) == (True, "127.0.0.1", 9400)
+    # an empty file is the defaults, not an error or zeros
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml").to_dict() == cfg.to_dict()
 
 
 @pytest.mark.parametrize("override, message", [

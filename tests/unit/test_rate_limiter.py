@@ -3,9 +3,16 @@ import pytest
 from replay_server.rate_limiter import RateLimiterError, SampleToInsertRatio
 
 
-@pytest.mark.parametrize("spi, min_size, buf", [(8.0, 1000, 20000.0), (0.5, 1, 1000.0), (1.0, 10, 300.0)])
-def test_valid_settings(spi, min_size, buf):
-    SampleToInsertRatio(spi, min_size, buf).check_progress(sample_batch=256, insert_batch=32)
+# need = (sample batch 256 + insert block 32 * spi) / 2, by hand
+@pytest.mark.parametrize("spi, min_size, buf, need", [(8.0, 1000, 20000.0, 256.0), (0.5, 1, 1000.0, 136.0),
+                                                     (1.0, 10, 300.0, 144.0)])
+def test_valid_settings_pass_down_to_the_smallest_buffer_that_cannot_deadlock(spi, min_size, buf, need):
+    lim = SampleToInsertRatio(spi, min_size, buf)
+    lim.check_progress(sample_batch=256, insert_batch=32)
+    assert (lim.inserts, lim.samples, lim.diff) == (0, 0, 0)
+    SampleToInsertRatio(spi, min_size, need).check_progress(sample_batch=256, insert_batch=32)
+    with pytest.raises(RateLimiterError, match=f"at least {need:g} "):
+        SampleToInsertRatio(spi, min_size, need - 0.5).check_progress(sample_batch=256, insert_batch=32)
 
 
 @pytest.mark.parametrize("spi, min_size, buf, word", [
