@@ -137,8 +137,9 @@ class ShardRpcServer:
             if due:
                 self._logged[reason] = now
         if due:
-            log.warning("shard %d: dropped an rpc message (%s: %s); %d so far with this reason, logged at most "
-                        "once a minute", self.k, reason, str(exc)[:200], n, exc_info=exc if trace else None)
+            what = str(exc) if isinstance(exc, RpcError) else f"{reason}: {type(exc).__name__}: {exc}"
+            log.warning("shard %d: dropped an rpc message (%s); %d so far with this reason, logged at most once a "
+                        "minute", self.k, what[:200], n, exc_info=exc if trace else None)
 
     def _serve_priorities(self, client, data: bytes) -> None:
         keys, pr = parse_priorities(data, self.max_items)
