@@ -58,6 +58,9 @@ class PrefetchSampler:
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.totals = np.ones(len(self.shards))
         self.sizes = np.zeros(len(self.shards), np.int64)
+        # totals[k] was reported by shard k (else it is a placeholder), and when stats() last asked it
+        self.known = np.zeros(len(self.shards), bool)
+        self.asked = np.full(len(self.shards), -np.inf)
         # one queue item = the minibatches of one request (fewer hand-offs between the threads)
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, -(-depth // self.per_request)))
         self._ready: collections.deque = collections.deque()
@@ -137,9 +140,27 @@ class PrefetchSampler:
         k = len(self.shards)
         if k == 1:
             return np.array([n])
+        self.refresh_masses()
         p = np.maximum(self.totals, 0)
         p = p / p.sum() if p.sum() > 0 else np.full(k, 1.0 / k)
         return self.rng.multinomial(n, p)
+
+    def refresh_masses(self, every_s: float = 0.5) -> None:
+        """Ask shards whose mass is unknown or zero for it (each at most every ``every_s``).
+
+        Only a shard that is asked for items reports its mass back, so without this the first
+        request split on placeholder shares (equal ones: a shard with a quarter of the mass got
+        half the items, a bias the importance weights do not undo), and a shard reported empty
+        got no share, hence no request, hence no new report: it was never sampled again.
+        """
+        now = time.monotonic()
+        for i in np.flatnonzero((~self.known | (self.totals <= 0)) & (now - self.asked >= every_s)):
+            self.asked[i] = now
+            try:
+                st = self.shards[i].stats()
+                self.totals[i], self.sizes[i], self.known[i] = st["priority_total"], st["size"], True
+            except Exception:  # not up yet: keep its share and ask again later
+                pass
 
     def sample_once(self) -> Optional[list[dict]]:
         """``batches_per_request`` minibatches from one request per shard, or None if a shard held back."""
@@ -169,12 +190,12 @@ class PrefetchSampler:
                 # split adapts, and retry the whole batch later
                 try:
                     st = self.shards[i].stats()
-                    self.totals[i], self.sizes[i] = st["priority_total"], st["size"]
+                    self.totals[i], self.sizes[i], self.known[i] = st["priority_total"], st["size"], True
                 except Exception:  # shard down: leave its share as it was
                     pass
                 continue
             parts[i] = res
-            self.totals[i], self.sizes[i] = res["total"], res["size"]
+            self.totals[i], self.sizes[i], self.known[i] = res["total"], res["size"], True
         if len(parts) != len(futures):
             return None  # items already drawn from other shards are dropped; counted as a wait
         return {"parts": parts, "total_mass": float(self.totals.sum()), "size": int(self.sizes.sum())}
