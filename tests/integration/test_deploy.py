@@ -18,6 +18,7 @@ import yaml
 
 from cluster.config import MetricsConfig, load_config
 from cluster.metrics import METRICS
+from replay_server.acl import acl_rule
 from promql_checks import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,14 +247,13 @@ def test_compose_publishes_ports_on_loopback_only():
 
 
 def test_compose_redis_is_durable_and_password_protected():
-    redis = compose()["services"]["redis"]
-    cmd = redis["command"]
-    cmd = cmd.split() if isinstance(cmd, str) else [str(c) for c in cmd]
-    assert cmd[0] == "redis-server"
-    args = dict(zip(cmd[1::2], cmd[2::2]))
-    assert args["--appendonly"] == "yes" and args["--appendfsync"] == "everysec"
-    assert re.fullmatch(r"\$\{APEXQ_REDIS_PASSWORD:-[^}]+\}", args["--requirepass"])
-    assert "must be changed" in (DEPLOY / "docker-compose.yml").read_text().lower()
+    svc = compose()["services"]["redis"]
+    assert svc["command"][:2] == ["sh", "-c"]
+    script = svc["command"][2].replace("$$", "$")  # compose's escape for the container's shell
+    assert "appendonly yes" in script and "appendfsync everysec" in script
+    assert acl_user_rule(script, "$REDIS_PASSWORD") == acl_rule()
+    assert re.fullmatch(r"\$\{APEXQ_REDIS_PASSWORD:\?[^}]+\}", svc["environment"]["REDIS_PASSWORD"])
+    assert str(svc["user"]).split(":")[0] != "0"
 
 
 def test_compose_mounts_exist_and_wire_grafana_to_prometheus():
@@ -319,7 +319,12 @@ def test_ray_cluster_launcher_config_is_valid_and_installs_apexq_everywhere():
     text = (DEPLOY / "ray" / "cluster.yaml").read_text()
     assert "ray up deploy/ray/cluster.yaml" in text
     assert "ray job submit --working-dir . -- apexq train --address auto --config configs/cluster.yaml" in text
-    assert '--redis-url "$(cat ~/apexq-redis/url)"' in text
+    # the driver gets the cluster Redis's URL from the environment `ray start` passes on, after start_redis.sh
+    starts = cfg["head_start_ray_commands"]
+    (ray_start,) = [c for c in starts if "ray start --head" in c]
+    assert 'APEXQ_REDIS_URL="$(cat ~/apexq-redis/url)"' in ray_start
+    assert starts.index("bash ~/apexq/deploy/ray/start_redis.sh") < starts.index(ray_start)
+    assert "--redis-url" not in re.sub(r"--redis-url-file", "", text)
 
 
 def test_ray_head_starts_a_reachable_password_protected_redis(tmp_path):
@@ -341,8 +346,16 @@ def test_ray_head_starts_a_reachable_password_protected_redis(tmp_path):
         password, host = m.groups()
         assert host != "127.0.0.1"
         client = redis.Redis.from_url(url)
-        assert client.ping() and client.info("persistence")["aof_enabled"] == 1
+        assert client.ping()
+        with pytest.raises(redis.exceptions.NoPermissionError):  # the client ACL of replay_server/acl.py
+            client.flushall()
         client.close()
+        admin_pw = (tmp_path / "redis" / "admin_password").read_text().strip()
+        admin = redis.Redis(host=host, port=int(env["APEXQ_REDIS_PORT"]), username="admin", password=admin_pw)
+        assert admin.info("persistence")["aof_enabled"] == 1
+        assert acl_list_rule(admin) == acl_rule()
+        admin.close()
+        assert (tmp_path / "redis" / "url").stat().st_mode & 0o077 == 0
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(url.replace(password, "0" * 48)).ping()
         # a second start leaves the running server alone
@@ -387,17 +400,19 @@ def test_kuberay_rayjob_runs_apexq_against_the_redis_service():
     assert job["apiVersion"] == "ray.io/v1"
     entry = job["spec"]["entrypoint"]
     assert entry.startswith("apexq train --address auto")
-    m = re.search(r"--redis-url redis://:\$\(REDIS_PASSWORD\)@([\w-]+):(\d+)/0", entry)
-    assert m, entry
-    svc = objs[("Service", m.group(1))]
-    assert int(m.group(2)) in [p["port"] for p in svc["spec"]["ports"]]
+    assert "--redis-url" not in entry and "$(" not in entry  # Ray records the entrypoint
     assert not re.search(r"&&|;|\|", entry), "KubeRay pastes the entrypoint into a shell line"
-    # $(REDIS_PASSWORD) is filled in by Kubernetes from the submitter's env, from the Secret
-    (sub,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
-    (env,) = [e for e in sub["env"] if e["name"] == "REDIS_PASSWORD"]
-    ref = env["valueFrom"]["secretKeyRef"]
-    assert ref["key"] in objs[("Secret", ref["name"])]["stringData"]
+    # the driver runs on the head: APEXQ_REDIS_URL there, built by Kubernetes from the Secret
     cluster = job["spec"]["rayClusterSpec"]
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in head["env"]}
+    m = re.fullmatch(r"redis://:\$\((\w+)\)@([\w-]+):(\d+)/0", env["APEXQ_REDIS_URL"]["value"])
+    assert m, env["APEXQ_REDIS_URL"]
+    ref = env[m.group(1)]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in objs[("Secret", ref["name"])]["stringData"]
+    svc = objs[("Service", m.group(2))]
+    assert int(m.group(3)) in [p["port"] for p in svc["spec"]["ports"]]
+    assert list(env).index(m.group(1)) < list(env).index("APEXQ_REDIS_URL")  # $(VAR) needs VAR defined first
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     groups = cluster["workerGroupSpecs"]
 
@@ -417,16 +432,18 @@ def test_kubernetes_redis_has_aof_and_the_password_from_the_secret():
     objs = k8s_objects()
     dep = objs[("Deployment", "apexq-redis")]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
-    argv = c.get("command", []) + c["args"]
-    args = dict(zip(argv[1::2], argv[2::2])) if argv[0] == "redis-server" else dict(zip(argv[::2], argv[1::2]))
-    assert args["--appendonly"] == "yes" and args["--appendfsync"] == "everysec"
-    assert args["--requirepass"] == "$(REDIS_PASSWORD)"
-    (env,) = [e for e in c["env"] if e["name"] == "REDIS_PASSWORD"]
-    ref = env["valueFrom"]["secretKeyRef"]
-    assert ("Secret", ref["name"]) in objs
+    assert c["command"] == ["sh", "-c"]
+    (script,) = c["args"]
+    assert "appendonly yes" in script and "appendfsync everysec" in script
+    assert acl_user_rule(script, "$REDIS_PASSWORD") == acl_rule()
+    for name in ("REDIS_PASSWORD", "REDIS_ADMIN_PASSWORD"):
+        (env,) = [e for e in c["env"] if e["name"] == name]
+        ref = env["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in objs[("Secret", ref["name"])]["stringData"]
     # data on the PVC, Service selects the pod
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
-    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == args["--dir"])
+    data_dir = re.search(r"^dir (\S+)$", script, re.M).group(1)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == data_dir)
     claim = vols[mount["name"]]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in objs
     svc = objs[("Service", "apexq-redis")]
@@ -466,3 +483,179 @@ def test_cluster_config_sets_every_key_with_a_comment_above_it():
         if i == 0 or not lines[i - 1].strip().startswith("#"):
             undocumented.append(m.group(2))
     assert not undocumented, f"keys without a comment line above them: {undocumented}"
+
+
+# -- secrets and Pod Security (issue #22) -----------------------------------------------------------
+
+
+def acl_user_rule(text, password_token):
+    """The rule of the `user default` line a deploy file writes into its Redis config."""
+    m = re.search(rf"^\s*user default reset on >{re.escape(password_token)} (.+?)\s*$", text, re.M)
+    assert m, f"no `user default reset on >{password_token} ...` line"
+    return m.group(1)
+
+
+def acl_list_rule(admin):
+    """The default user's rule as a running server reports it (ACL LIST), in acl_rule()'s form."""
+    (line,) = [u.decode() for u in admin.execute_command("ACL", "LIST") if u.startswith(b"user default ")]
+    return "resetkeys " + line[line.index(" ~") + 1:]
+
+
+def pod_specs(node):
+    """Every pod spec (a mapping with `containers`) anywhere inside a manifest."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield node
+        for v in node.values():
+            yield from pod_specs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from pod_specs(v)
+
+
+def restricted_violations(pod):
+    """What Pod Security "restricted" would reject in one pod spec (container settings override the pod's)."""
+    bad = []
+    psc = pod.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            bad.append(key)
+    bad += [f"hostPath volume {v['name']}" for v in pod.get("volumes", []) if "hostPath" in v]
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+
+        def eff(key):
+            return sc.get(key, psc.get(key))
+        if eff("runAsNonRoot") is not True:
+            bad.append(f"{name}: runAsNonRoot")
+        if not eff("runAsUser"):  # restricted allows an unset uid for non-root images; we pin one
+            bad.append(f"{name}: runAsUser unset or 0")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation")
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities")
+        if (eff("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile")
+        bad += [f"{name}: hostPort" for p in c.get("ports", []) if p.get("hostPort")]
+    return bad
+
+
+def test_every_kubernetes_pod_meets_pod_security_restricted():
+    pods = [(name, pod) for (kind, name), obj in k8s_objects().items() for pod in pod_specs(obj.get("spec", {}))]
+    # redis, the RayJob's submitter, head and both worker groups
+    assert len(pods) >= 5, [n for n, _ in pods]
+    for name, pod in pods:
+        assert not restricted_violations(pod), (name, restricted_violations(pod))
+        sc = pod["securityContext"]
+        assert sc["runAsUser"] > 0 and sc["runAsNonRoot"] is True, name
+
+
+def secret_env_names(container):
+    """Env vars of a container that hold a secret: from a secretKeyRef, or built from one with $(VAR)."""
+    names = set()
+    for e in container.get("env", []):
+        value = e.get("value", "")
+        if "secretKeyRef" in e.get("valueFrom", {}) or any(f"$({n})" in value for n in names):
+            names.add(e["name"])
+    return names
+
+
+def argv_secret_leaks():
+    """Places in deploy/ where a password would end up in some process's argv or Ray's job record."""
+    leaks = []
+    literal = re.compile(r"rediss?://[^\s@/]*:[^\s@/$]+@")  # a URL with a literal password
+    for (kind, name), obj in k8s_objects().items():
+        if kind == "RayJob":
+            entry = obj["spec"]["entrypoint"]
+            if "--redis-url " in entry or "$(" in entry or literal.search(entry):
+                leaks.append(f"{name}: entrypoint {entry}")
+        for pod in pod_specs(obj.get("spec", {})):
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                argv = " ".join(map(str, c.get("command", []) + c.get("args", [])))
+                for var in secret_env_names(c):  # Kubernetes expands $(VAR) in command and args
+                    if f"$({var})" in argv:
+                        leaks.append(f"{name}/{c['name']}: $({var}) in argv")
+                if literal.search(argv) or "--requirepass" in argv:
+                    leaks.append(f"{name}/{c['name']}: password in argv")
+    cmd = compose()["services"]["redis"]["command"]
+    argv = " ".join(cmd) if isinstance(cmd, list) else cmd
+    if "--requirepass" in argv or re.search(r"(?<!\$)\$\{?\w*PASSWORD", argv):
+        leaks.append("docker-compose redis: password in argv")
+    ray_text = (DEPLOY / "ray" / "cluster.yaml").read_text()
+    if re.search(r"--redis-url\s+\S*(\$\(cat|redis://)", ray_text) or literal.search(ray_text):
+        leaks.append("ray/cluster.yaml: --redis-url with the password")
+    return leaks
+
+
+def test_no_password_reaches_an_argv_or_the_recorded_entrypoint():
+    assert argv_secret_leaks() == []
+
+
+def compose_secret_fallbacks(text):
+    """${VAR:-default} / ${VAR-default} of a password variable: a known password when VAR is unset."""
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    refs = re.findall(r"\$\{(\w*PASSWORD\w*)(:?[-?])?[^}]*\}", code)
+    assert refs, "no password variables found"
+    return sorted({var for var, op in refs if op != ":?"})
+
+
+def test_compose_requires_every_password_variable():
+    assert compose_secret_fallbacks((DEPLOY / "docker-compose.yml").read_text()) == []
+
+
+def run_redis_script(script, tmp_path, port):
+    """A deploy file's Redis start script, run by sh on this machine with the embedded server binary."""
+    from cluster.redis_server import find_server
+    data = tmp_path / "data"
+    data.mkdir()
+    conf = tmp_path / "redis.conf"
+    script = script.replace("dir /data", f"dir {data}").replace("/tmp/redis.conf", str(conf))
+    script = re.sub(r"exec redis-server (\S+)", rf"exec {find_server()} \1 --port {port} --bind 127.0.0.1", script)
+    env = {"PATH": "/usr/bin:/bin", "REDIS_PASSWORD": "c1ient-pw", "REDIS_ADMIN_PASSWORD": "adm1n-pw"}
+    return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), conf
+
+
+def redis_start_scripts():
+    (c,) = k8s_objects()[("Deployment", "apexq-redis")]["spec"]["template"]["spec"]["containers"]
+    return {"compose": compose()["services"]["redis"]["command"][2].replace("$$", "$"), "k8s": c["args"][0]}
+
+
+@pytest.mark.parametrize("which", ["compose", "k8s"])
+def test_deploy_redis_scripts_start_a_server_with_the_client_acl(which, tmp_path):
+    port = free_tcp_port()
+    proc, conf = run_redis_script(redis_start_scripts()[which], tmp_path, port)
+    try:
+        client = redis.Redis(port=port, password="c1ient-pw")
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.1)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.flushall()
+        admin = redis.Redis(port=port, username="admin", password="adm1n-pw")
+        assert acl_list_rule(admin) == acl_rule()
+        assert admin.info("persistence")["aof_enabled"] == 1
+        assert conf.stat().st_mode & 0o077 == 0                     # the config holds the passwords
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes()      # sh exec'd redis-server
+        assert b"c1ient-pw" not in argv and b"adm1n-pw" not in argv
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_readme_gives_the_acl_line_and_the_pod_security_profile():
+    from replay_server.acl import setuser_command
+    readme = (ROOT / "README.md").read_text()
+    assert setuser_command() in readme
+    assert "meet Pod Security \"restricted\"" in readme
+    for option in ("APEXQ_REDIS_URL", "--redis-url-file"):
+        assert option in readme
