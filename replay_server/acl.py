@@ -17,12 +17,13 @@ replace ``~apexq:*`` by ``~apexq:<namespace>:*``. No Pub/Sub channels are used.
 from __future__ import annotations
 
 CLIENT_COMMANDS: tuple[str, ...] = (
-    # redis-py's connection handshake (CLIENT SETINFO: library name and version; SELECT only for
-    # a URL that names a database other than 0) and its health check
+    # redis-py's connection handshake (CLIENT SETINFO: library name and version; HELLO only for a
+    # URL asking for protocol=3, SELECT only for one naming a database other than 0), the
+    # start-up check and the health check
     "auth", "hello", "client|setinfo", "select", "ping",
     # transactions: an actor's XADD with its appended counter, a shard's XACK with its ingest
-    # counters, the learner's weights with their version (MULTI ... EXEC; DISCARD on a failed one)
-    "multi", "exec", "discard",
+    # counters, the learner's weights with their version
+    "multi", "exec",
     # the replay streams: actors append, shards consume and rebuild, the driver reconciles
     "xadd", "xreadgroup", "xack", "xgroup|create", "xinfo|groups", "xrange", "xpending",
     # counters: a shard's epoch, appended/ingested hashes, the driver's accounting
