@@ -355,6 +355,10 @@ class Launcher:
                                        self.run_dir.run_id)
         for m in self.members:
             self.register_metrics(m)
+        port = int(self.endpoint.address.rsplit(":", 1)[1])
+        if self.cfg.metrics.port and port != self.cfg.metrics.port:
+            print(f"apexq: metrics.port {self.cfg.metrics.port} is busy; the driver serves on port {port} instead",
+                  file=self.out, flush=True)
         print(f"apexq: metrics at http://{self.endpoint.address}/metrics, Prometheus HTTP SD at "
               f"http://{self.endpoint.address}/targets", file=self.out, flush=True)
 
