@@ -112,3 +112,26 @@ def test_the_redis_password_stays_out_of_argv_records_logs_and_metrics(redis_ser
         assert b"apexq_" in body and password not in body, addr
     # and nothing the run sent was refused by the client user's ACL
     assert admin.execute_command("ACL", "LOG") == []
+
+
+def test_replay_server_takes_the_url_from_a_file_or_the_environment(redis_server, tmp_path):
+    """`apexq replay-server` without --redis-url: a one-line error when no source gives a URL; with the
+    file or the variable it serves, and neither its argv nor its output holds the password."""
+    base = [sys.executable, "-m", "cluster.cli", "replay-server", "--shard", "0", "--namespace", "sec"]
+    env = {k: v for k, v in os.environ.items() if k != "APEXQ_REDIS_URL"}
+    r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "apexq: error: --redis-url: give the run's Redis with --redis-url-file PATH, $APEXQ_REDIS_URL or --redis-url")
+    url_file = tmp_path / "url"
+    url_file.write_text(redis_server.url + "\n")
+    for extra, extra_env in (["--redis-url-file", str(url_file)], {}), ([], {"APEXQ_REDIS_URL": redis_server.url}):
+        p = subprocess.Popen(base + extra, cwd=ROOT, env={**env, **extra_env}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            line = p.stdout.readline()
+            assert line.startswith("apexq replay-server: shard 0") and "default:***@127.0.0.1" in line, line
+            assert redis_server.password.encode() not in cmdline(p.pid)
+        finally:
+            p.kill()
+            out, err = p.communicate(timeout=20)
+        assert redis_server.password not in line + out + err
