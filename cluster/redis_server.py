@@ -23,6 +23,10 @@ class RedisNotFound(RuntimeError):
     pass
 
 
+class PortInUse(RuntimeError):
+    """The server could not bind its port (someone else holds it)."""
+
+
 def find_server(configured: Optional[str] = None) -> str:
     """The configured path, else redis-server / valkey-server on PATH, else the pip-shipped Valkey."""
     if configured:
@@ -71,6 +75,7 @@ class RedisServer:
         self.binary = binary
         self.host = host
         self.port = port or free_port(host)
+        self._pick_port = port is None  # a free port we chose: another may take it before the bind
         self.password = password or secrets.token_urlsafe(24)
         self.admin_password = admin_password or secrets.token_urlsafe(24)
         self._own_dir = data_dir is None
@@ -109,12 +114,25 @@ class RedisServer:
         conf.chmod(0o600)
         return conf
 
-    def start(self, timeout: float = 15.0) -> "RedisServer":
-        return self.spawn().wait_ready(timeout)
+    def start(self, timeout: float = 15.0, attempts: int = 5) -> "RedisServer":
+        """Start and wait until it answers. A port this object chose itself can be taken by someone
+        else between ``free_port()`` and the server's bind (tests start many servers at once): if
+        the server's first start fails on that, it tries another free port. A port given by the
+        caller, or one the server already ran on (its URL is out), is never changed."""
+        for attempt in range(attempts):
+            try:
+                return self.spawn().wait_ready(timeout)
+            except PortInUse:
+                if not self._pick_port or attempt == attempts - 1:
+                    raise
+                self.port = free_port(self.host)
+        raise AssertionError("unreachable")
 
     def spawn(self) -> "RedisServer":
         """Start the process without waiting (call from the thread that lives as long as the server:
         the server gets SIGKILL when the thread that spawned it exits)."""
+        log = self.dir / "redis.log"
+        self._log_from = log.stat().st_size if log.exists() else 0  # this start's lines come after
         conf = self._write_conf()
         self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True,
@@ -129,16 +147,22 @@ class RedisServer:
         while True:
             if self.proc.poll() is not None:
                 log = (self.dir / "redis.log")
-                tail = log.read_text()[-400:] if log.exists() else ""
-                raise RuntimeError(f"redis server exited with {self.proc.returncode}: {tail.strip()}")
+                with open(log, "rb") if log.exists() else open(os.devnull, "rb") as f:
+                    f.seek(getattr(self, "_log_from", 0))
+                    text = f.read().decode(errors="replace")
+                client.close()
+                error = PortInUse if "Address already in use" in text else RuntimeError
+                raise error(f"redis server exited with {self.proc.returncode}: {text[-400:].strip()}")
+            if time.monotonic() > deadline:  # after the exit check: a slow PING may cross the deadline
+                client.close()
+                self.stop()
+                raise RuntimeError(f"redis server did not answer within {timeout:.0f} s")
             try:
                 if client.ping():
+                    self._pick_port = False  # it ran here: its URL may be known, a restart keeps the port
                     break
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                 pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis server did not answer within {timeout:.0f} s")
             time.sleep(0.05)
         client.close()
         return self
