@@ -114,19 +114,8 @@ class RedisServer:
         conf.chmod(0o600)
         return conf
 
-    def start(self, timeout: float = 15.0, attempts: int = 5) -> "RedisServer":
-        """Start and wait until it answers. A port this object chose itself can be taken by someone
-        else between ``free_port()`` and the server's bind (tests start many servers at once): if
-        the server's first start fails on that, it tries another free port. A port given by the
-        caller, or one the server already ran on (its URL is out), is never changed."""
-        for attempt in range(attempts):
-            try:
-                return self.spawn().wait_ready(timeout)
-            except PortInUse:
-                if not self._pick_port or attempt == attempts - 1:
-                    raise
-                self.port = free_port(self.host)
-        raise AssertionError("unreachable")
+    def start(self, timeout: float = 15.0) -> "RedisServer":
+        return self.spawn().wait_ready(timeout)
 
     def spawn(self) -> "RedisServer":
         """Start the process without waiting (call from the thread that lives as long as the server:
@@ -139,8 +128,25 @@ class RedisServer:
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         return self
 
-    def wait_ready(self, timeout: float = 15.0) -> "RedisServer":
-        """Block until the server answers PING; a clear error if it exits or stays silent."""
+    def wait_ready(self, timeout: float = 15.0, attempts: int = 5) -> "RedisServer":
+        """Block until the server answers PING; a clear error if it exits or stays silent.
+
+        A port this object chose itself can be taken by someone else between ``free_port()`` and
+        the server's bind (tests start many servers at once): if the server's first start fails on
+        that, it is spawned again on another free port, up to ``attempts`` times. A port given by
+        the caller, or one the server already ran on (its URL is out), is never changed.
+        """
+        for attempt in range(attempts):
+            try:
+                return self._wait_answer(timeout)
+            except PortInUse:
+                if not self._pick_port or attempt == attempts - 1:
+                    raise
+                self.port = free_port(self.host)
+                self.spawn()
+        raise AssertionError("unreachable")
+
+    def _wait_answer(self, timeout: float) -> "RedisServer":
         deadline = time.monotonic() + timeout
         client = redis.Redis(host=self.host, port=self.port, password=self.password,
                              socket_connect_timeout=1.0, socket_timeout=1.0)
