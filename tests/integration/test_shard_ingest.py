@@ -25,18 +25,33 @@ def fill(url, ns, entries, n=10):
     return r, stream
 
 
-def settle(shard, timeout=5.0):
-    """Wait until the inserted count stops moving."""
-    last, since = -1, time.monotonic()
+def at_limit(shard, timeout=60.0):
+    """The inserted count once the shard's ingest waits on its rate limiter.
+
+    The limiter refusing an insert is not enough (a batch read ahead may still be on its way in);
+    the ingest thread is in its wait loop, with nothing in flight, once ``insert_waits`` moves on
+    after that. A shard that reads past the limit shows the larger count here.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        now = shard.stats()["inserted"]
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since > 0.5:
-            break
+        with shard._cond:
+            blocked = not shard.limiter.can_insert(1, shard.size)
+            waits = shard.counters["insert_waits"]
+        if blocked:
+            while time.monotonic() < deadline:
+                if shard.stats()["insert_waits"] >= waits + 2:
+                    return shard.stats()["inserted"]
+                time.sleep(0.02)
         time.sleep(0.02)
-    return last
+    raise AssertionError(f"the shard never came to wait on its limiter within {timeout:.0f} s: {shard.stats()}")
+
+
+def inserted(shard, want, timeout=60.0):
+    """Wait until ``want`` items were inserted; the count then (or at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while shard.stats()["inserted"] < want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return shard.stats()["inserted"]
 
 
 def test_read_ahead_never_reads_past_what_the_limiter_allows(redis_server):
@@ -54,12 +69,11 @@ def test_read_ahead_never_reads_past_what_the_limiter_allows(redis_server):
             shard._rebuild()
             threading.Thread(target=lambda: [shard.ingest_once() for _ in range(8)], daemon=True).start()
         try:
-            assert settle(shard) == 640, ns
+            assert at_limit(shard) == 640, ns
             if read_ahead:
-                assert shard.stats()["insert_waits"] > 0
                 # the learner samples 400: diff 240, so two more batches fit (401, then 561 > 500)
                 assert shard.sample(400) is not None
-                assert settle(shard) == 960
+                assert at_limit(shard) == 960
         finally:
             shard.stop()
 
@@ -73,9 +87,11 @@ def test_everything_read_is_inserted_and_acknowledged(redis_server):
     try:
         for i in range(300, 400):  # appends while the shard consumes
             r.xadd(stream, {b"b": encode_block(block(7, start=i * 7))})
-        assert settle(shard) == 400 * 7
+        assert inserted(shard, 400 * 7) == 400 * 7
     finally:
         shard.stop()
     assert int(r.xpending(stream, Keys("ra3").group(0))["pending"]) == 0
+    assert [g["lag"] for g in r.xinfo_groups(stream)] == [0]  # every entry was read
+    assert shard.stats()["inserted"] == 400 * 7                # and none twice
     got = np.sort(shard.obs[:2800, 0])
     np.testing.assert_array_equal(got, np.arange(2800, dtype=np.float32))
