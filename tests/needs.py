@@ -21,7 +21,7 @@ def unavailable(why: str) -> None:
     """Skip (workstation) or fail (CI) with ``why``."""
     if in_ci():
         pytest.fail(f"{why}; CI must provide it (.ci/run installs the tools, the test extra the modules)")
-    pytest.skip(why)
+    pytest.skip(why, allow_module_level=True)
 
 
 def require_tool(name: str, hint: str) -> str:
