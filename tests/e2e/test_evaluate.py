@@ -89,7 +89,8 @@ def test_evaluate_each_path_to_a_run_policy(trained_run):
 
 @pytest.mark.slow
 def test_evaluate_gif_records_one_greedy_episode(trained_run, tmp_path):
-    pytest.importorskip("pygame")  # in the test extra; `apexq[render]` for users
+    from needs import require_module
+    require_module("pygame")  # in the test extra; `apexq[render]` for users
     from PIL import Image
     gif = tmp_path / "cart.gif"
     res, r = evaluate_json(str(trained_run), "--episodes", "3", "--gif", str(gif))

@@ -9,7 +9,6 @@ may outlive them.
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -132,9 +131,8 @@ def test_dashboard_metric_parsing_helpers():
 
 @pytest.mark.slow
 def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.skip("no prometheus binary on PATH (Debian/Ubuntu: apt-get install prometheus)")
+    from needs import require_tool
+    prometheus = require_tool("prometheus", "Debian/Ubuntu: apt-get install prometheus")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     run_dir = tmp_path / "run"
     run = Proc([sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir),

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -299,9 +298,9 @@ def test_ray_cluster_launcher_config_is_valid_and_installs_apexq_everywhere():
     cfg = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
     import ray
     schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
-    if schema_path.is_file():
-        import jsonschema
-        jsonschema.validate(cfg, json.loads(schema_path.read_text()))
+    assert schema_path.is_file(), f"Ray's launcher schema is missing ({schema_path}): the config cannot be checked"
+    import jsonschema  # in the test extra
+    jsonschema.validate(cfg, json.loads(schema_path.read_text()))
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
     gpu = [n for n, t in types.items() if t.get("resources", {}).get("GPU") == 1]
@@ -331,8 +330,9 @@ def test_ray_head_starts_a_reachable_password_protected_redis(tmp_path):
     """deploy/ray/start_redis.sh, as the head runs it: private address, password, AOF, URL file."""
     cfg = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
     assert "bash ~/apexq/deploy/ray/start_redis.sh" in cfg["head_start_ray_commands"]
-    if not (shutil.which("openssl") and shutil.which("hostname")):
-        pytest.skip("needs openssl and hostname -I")
+    from needs import require_tool
+    require_tool("openssl", "apt-get install openssl")
+    require_tool("hostname", "apt-get install hostname")
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "APEXQ_REDIS_DIR": str(tmp_path / "redis"),
            "APEXQ_REDIS_PORT": str(free_tcp_port()), "APEXQ_PYTHON": sys.executable}
     script = str(DEPLOY / "ray" / "start_redis.sh")
@@ -659,3 +659,65 @@ def test_readme_gives_the_acl_line_and_the_pod_security_profile():
     assert "meet Pod Security \"restricted\"" in readme
     for option in ("APEXQ_REDIS_URL", "--redis-url-file"):
         assert option in readme
+
+
+# -- (e) images that form one cluster -------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments left out."""
+    out, cont = [], False
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        out[-1:] = [out[-1] + " " + line] if cont else out[-1:] + [line]
+        cont = out[-1].endswith("\\")
+        if cont:
+            out[-1] = out[-1][:-1].rstrip()
+    return out
+
+
+def dockerfile_args() -> dict:
+    return dict(re.fullmatch(r"ARG (\w+)=(\S+)", i).groups() for i in dockerfile_instructions() if i.startswith("ARG "))
+
+
+def test_every_deploy_file_declares_the_ray_version_of_the_image():
+    """Nodes with different Ray versions cannot join one cluster: one version, stated everywhere."""
+    version = dockerfile_args()["RAY_VERSION"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+    job = next(o for (kind, _), o in k8s_objects().items() if kind == "RayJob")
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == version
+    launcher = (DEPLOY / "ray" / "cluster.yaml").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for where, text in (("deploy/ray/cluster.yaml", launcher), ("README.md", readme)):
+        pins = set(re.findall(r"ray\[default\]==([\w.]+)", text))
+        assert pins == {version}, f"{where} pins Ray {pins}, the image {version}"
+    text = "\n".join(dockerfile_instructions())
+    assert '"ray[default]==${RAY_VERSION}"' in text and not re.search(r"ray\[default\](?!==\$\{RAY_VERSION\})", text)
+
+
+def test_cpu_and_gpu_nodes_take_the_same_torch_version():
+    version = dockerfile_args()["TORCH_VERSION"]
+    text = "\n".join(dockerfile_instructions())
+    assert text.count('"torch==${TORCH_VERSION}"') == 2 and "torch>=" not in text
+    launcher = (DEPLOY / "ray" / "cluster.yaml").read_text()
+    assert set(re.findall(r'"torch([^"]*)"', launcher)) == {f"=={version}"}  # CPU and GPU node types alike
+    from packaging.specifiers import SpecifierSet
+    deps = [d for d in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+            if d.startswith("torch")]
+    assert version in SpecifierSet(deps[0][len("torch"):])
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_source():
+    """Layer caching: an edit of the code must not reinstall Ray and torch."""
+    lines = dockerfile_instructions()
+    copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
+    assert lines[copies[0]].split()[1:-1] == ["pyproject.toml", "README.md"]
+    source = next(i for i in copies if lines[i] == "COPY . .")
+    assert copies == [copies[0], source]  # nothing else copied: the source arrives in one step
+    installs = [i for i, line in enumerate(lines) if "pip install" in line]
+    deps = next(i for i in installs if "pip install -r /tmp/requirements.txt" in lines[i])
+    assert copies[0] < deps < source and "tomllib.load(open('pyproject.toml'" in lines[deps]
+    after = [lines[i] for i in installs if i > source]
+    assert after and all("--no-deps" in line for line in after), after
