@@ -133,6 +133,7 @@ class Launcher:
         self.redis_member = Member("redis", 0, None)  # the run's own Redis, restarted by watch_redis
         self.redis_down_since: Optional[float] = None
         self._next_redis_ping = 0.0
+        self.artifacts_seen: tuple = ("", 0)  # (learner process, version) of the files in the run directory
         self._redis_clients: dict = {}
 
     # -- platform ----------------------------------------------------------------------------
@@ -276,13 +277,6 @@ class Launcher:
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.learner.device != "cpu"
         # the learner first: its process start and torch import are the longest path to the first
         # update; it finds the shards by name, retrying until they answer
-        resume_state = None
-        if self.resume and self.run_dir.checkpoint.exists():
-            from learner.checkpoint import load
-            resume_state = load(self.run_dir.checkpoint)
-            bp = resume_state.get("best_policy")
-            if bp:
-                self.best = (float(bp["eval_return"]), int(bp["weights_version"]), None)
         learner_opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=1 if has_gpu else 0, max_concurrency=4,
                             max_restarts=-1)
         if cfg.learner.custom_resource:
@@ -295,10 +289,11 @@ class Launcher:
             self.external_shards = [Member("shard", k, p) for k, p in enumerate(proxies)]
         else:
             proxies = [RayShardProxy(self.shard_name(k)) for k in range(cfg.replay.shards)]
-        lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns,
-                                str(self.run_dir.checkpoint), resume_state, cfg.to_dict(), True)
+        # no checkpoint path: the learner may be on another node; its files come here as bytes
+        # (fetch_artifacts), and it resumes from the bytes of this run directory's checkpoint
+        lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns, config=cfg.to_dict())
         self.learner = Member("learner", 0, lh)
-        self.learner.run_ref = lh.run.remote()
+        self.learner.run_ref = lh.run.remote(None, self.checkpoint_bytes() if self.resume else None)
 
         shard_cls = ray.remote(ReplayShard)
         for k in range(cfg.replay.shards if not cfg.replay.external else 0):
@@ -408,7 +403,10 @@ class Launcher:
             m.restarts += 1
             log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
             print(f"apexq: {m.kind} {m.index} {reason}; restarting (#{m.restarts})", file=self.out, flush=True)
-            m.run_ref = m.handle.run.remote()
+            # a learner Ray restarted is a new process, perhaps on another node: it continues from
+            # the run's latest checkpoint, which lives here (a process that only raised ignores it)
+            restore = (None, self.checkpoint_bytes()) if m is self.learner else ()
+            m.run_ref = m.handle.run.remote(*restore)
             self.register_metrics(m)
 
     def note_restart(self, m: Member, reason: str) -> None:
@@ -472,6 +470,42 @@ class Launcher:
             m.carried[key] = m.carried.get(key, 0) + old.get(key, 0)
         if m.kind == "actor":
             self.dead_actor_stats.append(dict(old))
+
+    # -- the learner's files ------------------------------------------------------------------
+
+    def checkpoint_bytes(self) -> Optional[bytes]:
+        """The run's latest checkpoint, for a learner to continue from (None before the first one)."""
+        try:
+            return self.run_dir.checkpoint.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def fetch_artifacts(self, force: bool = False) -> bool:
+        """Write the learner's new checkpoint and policy files into the run directory.
+
+        Asks only when the learner's stats show a version newer than the one written (or with
+        ``force``); the learner answers with the files changed since. Raises RunDirError when
+        they cannot be written (disk full). Returns whether the learner answered.
+        """
+        import ray
+        seen = self.artifacts_seen
+        mark = self.learner.last_stats.get("artifacts")
+        if not force and (not mark or tuple(mark) == seen):
+            return True
+        try:
+            token, version, files = ray.get(self.learner.handle.artifacts.remote(*seen), timeout=10)
+        except Exception as exc:
+            log.warning("could not fetch the learner's files: %s", exc)
+            return False
+        self.run_dir.write_files(files)
+        self.artifacts_seen = (token, version)
+        return True
+
+    def adopt_best(self) -> None:
+        """A resumed run's best evaluation so far is the one in its checkpoint, which the learner read."""
+        ls = self.learner.last_stats
+        if self.best is None and ls.get("best_eval_return") is not None:
+            self.best = (float(ls["best_eval_return"]), int(ls["best_weights_version"]), None)
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -546,6 +580,7 @@ class Launcher:
         policy.load_state(got[1])
         returns = evaluate(policy, self.cfg.env.id, self.cfg.eval.episodes, seed=self.cfg.seed)
         value = float(np.mean(returns))
+        self.adopt_best()
         if self.best is None or value > self.best[0]:
             self.best = (value, int(got[0]), got[1])
         self.send_best_policy()
@@ -595,8 +630,8 @@ class Launcher:
             if now >= next_tick or self.solved_at is not None:
                 self.gather_stats()
                 self.check_heartbeats()
-                if self.learner.last_stats.get("checkpoint_error"):  # e.g. the disk is full
-                    raise RunDirError(self.learner.last_stats["checkpoint_error"])
+                self.adopt_best()
+                self.fetch_artifacts()  # raises RunDirError when the disk is full
                 rec = self.record(prev)
                 rec["eval_time_s"] = round(eval_time, 3)
                 self.run_dir.append_metrics(rec)
@@ -646,15 +681,19 @@ class Launcher:
             log.warning("learner did not stop cleanly: %s", exc)
         extra = {k: rec[k] for k in ("time_s", "env_steps", "episodes", "transitions_inserted", "transitions_sampled")}
         self.send_best_policy(wait=True)  # policy.pt2 of the final checkpoint comes from it
+        why = "the learner did not answer"
         try:
-            path = ray.get(self.learner.handle.save_checkpoint.remote(extra), timeout=60)
-            summary["checkpoint"] = path
+            made = ray.get(self.learner.handle.save_checkpoint.remote(extra), timeout=60)
+            if made is None:
+                why = "the learner was restarted and had not resumed; the last checkpoint is kept"
+            elif self.fetch_artifacts(force=True):
+                summary["checkpoint"] = str(self.run_dir.checkpoint)
+        except RunDirError as exc:
+            why = str(exc)
         except Exception as exc:
             log.error("final checkpoint failed: %s", exc)
-            path = None
         self.gather_stats()
-        if path is None:
-            why = self.learner.last_stats.get("checkpoint_error") or "the learner did not answer"
+        if "checkpoint" not in summary:
             print(f"apexq: final checkpoint failed: {why}", file=self.out, flush=True)
         rec = self.record(None)
         for m in self.shards:

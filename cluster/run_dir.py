@@ -1,4 +1,9 @@
-"""The run directory: resolved config, metrics log, driver state, curve."""
+"""The run directory: resolved config, metrics log, driver state, curve, and the learner's files.
+
+Only the driver writes here, on its own node: files made elsewhere (the learner's checkpoint and
+exported policy) come to it as bytes (see learner/artifacts.py), so no storage shared by the
+nodes is needed, and ``--resume`` and ``apexq evaluate`` find everything where the driver ran.
+"""
 from __future__ import annotations
 
 import json
@@ -97,6 +102,32 @@ class RunDir:
             os.close(fd)
         if self.scalars is not None:
             self.scalars.write(record)
+
+    def write_files(self, files: dict) -> None:
+        """Write files made elsewhere (name -> bytes), each all or nothing: a temporary file, fsync, rename.
+
+        Only the names in ``learner.artifacts.NAMES``; a write that fails (disk full) leaves the
+        previous version of that file whole and raises :class:`RunDirError`.
+        """
+        from learner.artifacts import NAMES
+        bad = [n for n in files if n not in NAMES or not isinstance(files[n], (bytes, bytearray))]
+        if bad:
+            raise ValueError(f"not a file of a run, or not bytes: {sorted(map(str, bad))}")
+        for name in sorted(files, key=NAMES.index):
+            path = self.path / name
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(files[name])
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as exc:
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+                raise self._failed(name, exc) from None
 
     def write_json(self, name: str, obj) -> None:
         """Write ``name`` atomically (temporary file, then rename): the previous version survives a failure."""

@@ -77,8 +77,17 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
               for k in range(cfg.replay.shards)]
     for sh in shards:
         sh.epoch = 1
-    learner = Learner(learner_settings(cfg), spec, shards, None, run_dir.run_id, str(run_dir.checkpoint),
-                      resume_state, cfg.to_dict())
+    # the learner's checkpoints and policy files reach the run directory as in a distributed run:
+    # as bytes from its outbox, written here (see write_files)
+    learner = Learner(learner_settings(cfg), spec, shards, None, run_dir.run_id, None, resume_state, cfg.to_dict())
+    seen: list = ["", 0]
+
+    def write_files() -> None:
+        if tuple(learner.outbox.mark()) != tuple(seen):
+            token, version, files = learner.artifacts(*seen)
+            run_dir.write_files(files)  # RunDirError when the disk is full
+            seen[:] = [token, version]
+
     actors = [ApexActor(actor_settings(cfg, i), None, run_dir.run_id, spec,
                         writer=DirectWriter(shards[i % cfg.replay.shards]), weights=DirectWeights(learner))
               for i in range(cfg.actors.num)]
@@ -129,8 +138,7 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
                     stop_reason = f"eval return {eval_return:.1f} >= train.stop_at_return"
             env_steps = steps_off + sum(a.env_steps for a in actors)
             learner.checkpoint_if_due({"time_s": round(elapsed, 3), "env_steps": env_steps})
-            if learner.checkpoint_error:  # e.g. the disk is full
-                raise RunDirError(learner.checkpoint_error)
+            write_files()
             if now >= next_tick or solved_at is not None:
                 rets = [r for a in actors for r in a.returns]
                 rec = {"time_s": round(elapsed, 3), "env_steps": env_steps, "updates": learner.updates,
@@ -165,10 +173,14 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
         stop_reason = f"run directory failed: {exc}"
         print(f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
               f"apexq train --resume {run_dir.path}", file=out, flush=True)
-    path = learner.save_checkpoint({"time_s": round(time_off + time.monotonic() - t0, 3),
-                                    "env_steps": steps_off + sum(a.env_steps for a in actors)})
-    if path is None:
-        print(f"apexq: final checkpoint failed: {learner.checkpoint_error}", file=out, flush=True)
+    learner.save_checkpoint({"time_s": round(time_off + time.monotonic() - t0, 3),
+                             "env_steps": steps_off + sum(a.env_steps for a in actors)})
+    try:
+        write_files()
+        path: Optional[str] = str(run_dir.checkpoint)
+    except RunDirError as exc:
+        path = None
+        print(f"apexq: final checkpoint failed: {exc}", file=out, flush=True)
     best = learner.best_policy or {}
     return {"stop_reason": stop_reason, "solved_at_s": solved_at, "checkpoint": path,
             "eval_time_s": eval_time, "record": prev or {}, "best_eval_return": best.get("eval_return"),

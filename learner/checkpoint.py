@@ -1,6 +1,12 @@
-"""Atomic, complete checkpoints, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+"""Atomic, complete checkpoints, loaded with ``weights_only=True`` (no arbitrary unpickling).
+
+A distributed learner never writes one to disk: it hands :func:`dumps`' bytes to the driver,
+which writes them into the run directory (see :mod:`learner.artifacts`), and a resumed or
+restarted learner is handed the bytes back and reads them with :func:`loads`.
+"""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -32,18 +38,32 @@ def save_atomic(obj: dict, path: str | Path) -> None:
         raise
 
 
+def dumps(obj: dict) -> bytes:
+    """The checkpoint file's bytes (what :func:`save_atomic` writes)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
+    return loads(path.read_bytes(), str(path))
+
+
+def loads(data: bytes, where: str) -> dict:
+    """A checkpoint from its bytes, checked to be an apexq checkpoint; ``where`` names it in errors."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CheckpointError(f"{where}: expected bytes, got {type(data).__name__}")
     try:
         with warnings.catch_warnings():  # a garbage file is one error line, not torch's warnings first
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable apexq checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(f"{where}: not a readable apexq checkpoint ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != "apexq-checkpoint-v1":
-        raise CheckpointError(f"{path}: not an apexq checkpoint")
+        raise CheckpointError(f"{where}: not an apexq checkpoint")
     return obj
 
 

@@ -26,6 +26,7 @@ import tempfile
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -38,6 +39,16 @@ log = logging.getLogger(__name__)
 def export_policy(net: torch.nn.Module, path: str | Path, info: dict | None = None) -> Path:
     """Export a CPU copy of ``net`` to ``path`` (``policy.pt2``) and its siblings, each atomically."""
     return PolicyExporter().save(net, path, info)
+
+
+SUFFIXES = (".safetensors", ".json", ".pt2", ".onnx")  # in the order they are written
+
+
+def read_policy_files(path: str | Path) -> dict[str, bytes]:
+    """name -> bytes of the files an export to ``path`` (``policy.pt2``) wrote; ``.onnx`` only if there."""
+    stem = Path(path).with_suffix("")
+    return {stem.name + s: stem.with_suffix(s).read_bytes() for s in SUFFIXES
+            if s != ".onnx" or stem.with_suffix(s).is_file()}
 
 
 class PolicyExporter:
@@ -104,13 +115,22 @@ class BackgroundExporter:
         self._fallback = PolicyExporter()
         self._finalizer = None
 
-    def submit(self, state: dict, path: str | Path, info: dict | None = None) -> Future:
+    def submit(self, state: dict, path: str | Path, info: dict | None = None,
+               then: Callable[[str], None] | None = None) -> Future:
         """Export the network with weights ``state`` to ``path``; the snapshot is taken now.
 
         ``info`` (plain JSON: ``env_id``, ``weights_version``, ``eval_return``) goes into ``policy.json``.
+        ``then(path)`` runs after a successful export, before the future is done (a done-callback
+        could still be running when a waiter wakes up).
         """
         snapshot = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
-        return self._pool.submit(self._export, snapshot, str(path), dict(info or {}))
+        return self._pool.submit(self._job, snapshot, str(path), dict(info or {}), then)
+
+    def _job(self, state: dict, path: str, info: dict, then) -> str:
+        out = self._export(state, path, info)
+        if then is not None:
+            then(out)
+        return out
 
     def _export(self, state: dict, path: str, info: dict) -> str:
         # runs on the one thread of self._pool: exports never overlap

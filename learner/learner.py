@@ -8,9 +8,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Optional, Sequence
@@ -23,9 +26,10 @@ from replay_server.keys import Keys
 
 from . import checkpoint as ckpt
 from . import weights_store
+from .artifacts import Outbox
 from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .cuda_graph import UpdateGraph
-from .export import BackgroundExporter
+from .export import BackgroundExporter, read_policy_files
 from .network import build_network
 from .optim import FlatAdam
 from .prefetch import PrefetchSampler, undeal
@@ -48,7 +52,7 @@ class Learner:
     def __init__(self, settings: LearnerSettings, spec: dict, shards: Sequence,
                  redis_url: Optional[str] = None, namespace: str = "default",
                  checkpoint_path: Optional[str] = None, resume: Optional[dict] = None,
-                 config: Optional[dict] = None, restore_if_exists: bool = False):
+                 config: Optional[dict] = None):
         self.s = settings
         torch.set_num_threads(settings.torch_threads)
         torch.manual_seed(settings.seed)
@@ -66,10 +70,10 @@ class Learner:
         self.extra: dict = {}
         # the prefetch sampler's generator lives here so that checkpoints carry its state
         self.sample_rng = np.random.default_rng([settings.seed, 7])
+        # with a path, checkpoints are written there; without one, they go to the outbox (see save_checkpoint)
         self.checkpoint_path = checkpoint_path
-        if resume is None and restore_if_exists and checkpoint_path and os.path.exists(checkpoint_path):
-            resume = ckpt.load(checkpoint_path)  # a restarted learner continues from its last checkpoint
-            log.warning("learner restored from %s at update %d", checkpoint_path, int(resume["updates"]))
+        self.outbox = Outbox()
+        self._export_dir: Optional[str] = None
         if resume is not None:
             self.load_state(resume)
         self.redis = connect(redis_url) if redis_url else None
@@ -156,37 +160,81 @@ class Learner:
         if state.get("cuda_rng") and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def save_checkpoint(self, extra: Optional[dict] = None, wait: bool = True) -> Optional[str]:
-        """Write the checkpoint (atomic) and, beside it, the exported greedy policy ``policy.pt2``.
+    def restore(self, data: bytes, where: str = "checkpoint.pt") -> None:
+        """Continue from a checkpoint's bytes (a resumed run; a learner process Ray restarted).
 
+        The driver reads them from its run directory and hands them over, so this works on any
+        node. Read with ``weights_only=True``. Published versions keep rising: actors only take
+        a version newer than the one they hold.
+        """
+        state = ckpt.loads(data, where)
+        before = self.weights_version
+        self.load_state(state)
+        if state.get("best_policy"):
+            self.best_policy = state["best_policy"]
+        published = 0
+        if self.redis is not None:
+            try:
+                published = weights_store.published_version(self.redis, self.keys)
+            except Exception as exc:
+                log.warning("could not read the published weights version: %s", exc)
+        self.weights_version = max(self.weights_version, before, published)
+        log.warning("learner restored from %s at update %d", where, self.updates)
+        self.publish()
+
+    def save_checkpoint(self, extra: Optional[dict] = None, wait: bool = True) -> Optional[str]:
+        """Checkpoint, and export the greedy policy (``policy.pt2`` and its siblings, see export.py).
+
+        With a ``checkpoint_path`` both are written there (the checkpoint atomically). Without one,
+        as in a run, whose directory may be on another node, nothing is written where the run's
+        files live: the checkpoint's bytes go to :attr:`outbox` now, the policy files' once the
+        export (into a private folder of this process) is done; the driver takes them from there.
         The export runs in a helper process (see :class:`BackgroundExporter`); ``wait`` returns
-        only once ``policy.pt2`` is written (the periodic checkpoints of :meth:`run` do not wait).
-        Returns None (and records ``checkpoint_error``) when the checkpoint could not be written.
+        only once it is done (the periodic checkpoints of :meth:`run` do not wait).
+        Returns the checkpoint's path (``"outbox"`` without one), or None (recording
+        ``checkpoint_error``) when it could not be written.
         """
         if extra:
             self.extra.update(extra)
-        if not self.checkpoint_path:
-            return None
         self._last_ckpt = time.monotonic()
-        try:
-            ckpt.save_atomic(self.state(), self.checkpoint_path)
-        except OSError as exc:  # disk full, folder gone: the previous checkpoint is still whole
-            self.checkpoint_error = (f"{os.path.dirname(self.checkpoint_path)}: {exc.strerror or exc} while "
-                                     f"writing {os.path.basename(self.checkpoint_path)}")
-            log.error("checkpoint failed: %s", self.checkpoint_error)
-            return None
+        if self.checkpoint_path:
+            try:
+                ckpt.save_atomic(self.state(), self.checkpoint_path)
+            except OSError as exc:  # disk full, folder gone: the previous checkpoint is still whole
+                self.checkpoint_error = (f"{os.path.dirname(self.checkpoint_path)}: {exc.strerror or exc} while "
+                                         f"writing {os.path.basename(self.checkpoint_path)}")
+                log.error("checkpoint failed: %s", self.checkpoint_error)
+                return None
+            where, then = self.checkpoint_path, None
+            path = os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2")
+        else:
+            self.outbox.put({"checkpoint.pt": ckpt.dumps(self.state())})
+            where, path = "outbox", os.path.join(self.export_dir(), "policy.pt2")
+
+            def then(out: str) -> None:
+                self.outbox.put(read_policy_files(out))
         self.checkpoint_error = None
-        path = os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2")
         best = self.best_policy or {}
         info = {"env_id": self.config.get("env", {}).get("id"), "eval_return": best.get("eval_return"),
                 "weights_version": best.get("weights_version", self.weights_version)}
-        done = self._exporter.submit(self.policy_network().state_dict(), path, info)
+        done = self._exporter.submit(self.policy_network().state_dict(), path, info, then)
         if wait:
             try:
                 done.result(timeout=300)
             except Exception as exc:  # the checkpoint itself is written; the policy file is a convenience
                 log.warning("policy export to %s failed: %s", path, exc)
-        return self.checkpoint_path
+        return where
+
+    def export_dir(self) -> str:
+        """This process's private folder for the policy export (on its node; removed with the learner)."""
+        if self._export_dir is None:
+            self._export_dir = tempfile.mkdtemp(prefix="apexq-policy-")
+            weakref.finalize(self, shutil.rmtree, self._export_dir, True)
+        return self._export_dir
+
+    def artifacts(self, token: str = "", version: int = 0) -> tuple[str, int, dict]:
+        """(token, version, name -> bytes): the files newer than ``version`` (see learner/artifacts.py)."""
+        return self.outbox.since(token, version)
 
     def checkpoint_if_due(self, extra: Optional[dict] = None) -> None:
         """The periodic checkpoint: every ``checkpoint_every_s``, without waiting for the policy export."""
@@ -374,6 +422,7 @@ class Learner:
                 "beta": self.beta(), "device": str(self.device), "cuda_graph": self._graph is not None,
                 "priority_errors": self.priority_errors,
                 "checkpoint_error": self.checkpoint_error, "first_update_at": self.first_update_at,
+                "artifacts": list(self.outbox.mark()),
                 "best_eval_return": self.best_policy["eval_return"] if self.best_policy else None,
                 "best_weights_version": self.best_policy["weights_version"] if self.best_policy else None,
                 **self.metrics}

@@ -17,8 +17,19 @@ class LearnerService:
     def __init__(self, *args, **kwargs):
         from learner.learner import Learner
         self.impl = Learner(*args, **kwargs)
+        self.started = False  # whether this process has begun training (after any restore)
 
-    def run(self, max_updates: Optional[int] = None) -> dict:
+    def run(self, max_updates: Optional[int] = None, restore: Optional[bytes] = None) -> dict:
+        """Train; a process's first ``run`` starts from ``restore``, the bytes of the run's checkpoint.
+
+        The driver sends them from its run directory when resuming and again whenever Ray
+        restarted this actor (a new process on any node). A later ``run`` of the same process
+        (its earlier one raised) ignores them: its own state is newer.
+        """
+        if not self.started:
+            if restore is not None:
+                self.impl.restore(restore, "the run's checkpoint.pt")
+            self.started = True
         return self.impl.run(max_updates)
 
     def stop(self) -> None:
@@ -31,7 +42,12 @@ class LearnerService:
         return self.impl.stats()
 
     def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
-        return self.impl.save_checkpoint(extra)
+        """None from a process that has not started (restarted by Ray, not yet restored): its fresh
+        network must not replace the run's checkpoint."""
+        return self.impl.save_checkpoint(extra) if self.started else None
+
+    def artifacts(self, token: str = "", version: int = 0) -> tuple[str, int, dict]:
+        return self.impl.artifacts(token, version)
 
     def set_best_policy(self, weights_version: int, eval_return: float, state: dict) -> None:
         self.impl.set_best_policy(weights_version, eval_return, state)

@@ -1,4 +1,5 @@
-"""A two-node Ray cluster on this machine: the learner lands on the node with the stand-in resource."""
+"""A two-node Ray cluster on this machine: the learner lands on the node with the stand-in resource,
+and its checkpoint and policy end up in the driver's run directory."""
 import io
 import json
 
@@ -34,6 +35,15 @@ def test_two_node_cluster_places_learner_and_spreads_actors(tmp_path, redis_serv
         records = rd.read_metrics()
         assert records[-1]["updates"] > 0 and records[-1]["env_steps"] > 0
         assert summary["accounting"]["balanced"]
+        # the learner's node wrote nothing here: its final checkpoint and policy came to the driver as bytes
+        assert summary["checkpoint"] == str(rd.checkpoint)
+        import torch
+        ckpt = torch.load(rd.checkpoint, weights_only=True)
+        assert ckpt["updates"] == records[-1]["updates"] and ckpt["extra"]["env_steps"] == records[-1]["env_steps"]
+        policy = json.loads(rd.policy.with_suffix(".json").read_text())
+        assert policy["env_id"] == "MountainCar-v0"
+        assert rd.policy.with_suffix(".safetensors").stat().st_size > 0 and rd.policy.with_suffix(".pt2").is_file()
+        assert not list(rd.path.glob("*.tmp"))
     finally:
         if ray.is_initialized():
             ray.shutdown()
