@@ -78,6 +78,8 @@ class Monitor:
         while True:
             try:
                 cmd = self.conn.next_command()["command"]
+            except redis.TimeoutError:  # nothing sent for a while (a slow import): keep listening
+                continue
             except redis.RedisError:  # the test failed and stopped the server
                 return
             if cmd == "ECHO apexq-monitor-end":
