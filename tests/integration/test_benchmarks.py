@@ -2,9 +2,11 @@
 
 The convention (DESIGN.md, "Benchmarks: one convention"): a readable table, then as the last
 line one JSON object ``{"benchmark": NAME, "figures": {...}, "targets": {...}}`` naming at
-least the tracked figures. Only the shape is checked here, never whether a target is met:
-``--smoke`` sizes are far too small to say anything about performance.
+least the tracked figures. Whether a target is met is never checked here (``--smoke`` sizes are
+far too small to say anything about performance), but every rate must be a real measurement:
+finite and above zero, and each derived figure must agree with the rates it is derived from.
 """
+import math
 import json
 import os
 import subprocess
@@ -22,10 +24,24 @@ CASES = {
 }
 
 
+# figures that measure something: a zero (nothing flowed) or NaN fails
+RATES = {
+    "replay": ("ingest_tps", "raw_ingest_tps", "sample_tps", "shard_memory_ratio", "redis_memory_ratio",
+               "transitions_in_shard"),
+    "actors": ("actor_sps", "gym_loop_sps", "sps_1_actor", "sps_2_actors", "speedup"),
+    "learner": ("updates_per_s", "bare_updates_per_s", "efficiency"),
+}
+# derived figure = numerator / denominator, as rounded in the JSON
+RATIOS = {
+    "replay": [("ingest_vs_raw", "ingest_tps", "raw_ingest_tps")],
+    "actors": [("speedup", "actor_sps", "gym_loop_sps")],
+    "learner": [],  # its efficiency is the median of per-round ratios, not a ratio of the medians
+}
+
+
 def run_smoke(name: str, timeout: float = 240) -> dict:
     script = ROOT / "benchmarks" / f"{name}.py"
-    if not script.exists():
-        pytest.skip(f"{script.name} not written yet")
+    assert script.exists(), f"{script} is missing"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, str(script), "--smoke"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -47,3 +63,11 @@ def test_benchmark_smoke_prints_the_json_convention(name):
     for key, t in targets.items():
         assert {"target", "met"} <= set(t), f"{name}: target {key} is {t}"
         assert isinstance(t["met"], bool)
+    for key in RATES[name]:
+        v = figures[key]
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name}: {key} = {v!r}"
+    for ratio, num, den in RATIOS[name]:
+        assert figures[ratio] == pytest.approx(figures[num] / figures[den], rel=0.05, abs=0.06), \
+            f"{name}: {ratio} = {figures[ratio]} but {num} / {den} = {figures[num] / figures[den]:.3f}"
+    if name == "learner":
+        assert figures["device"] == "cpu" and figures["batch_size"] == 512
