@@ -158,7 +158,8 @@ def cmd_train(args) -> int:
           f"updates {final.get('updates', 0)} | inserted {final.get('transitions_inserted', 0)} | "
           f"sampled {final.get('transitions_sampled', 0)} | checkpoint {summary.get('checkpoint')} | run {rd.path}")
     if summary.get("checkpoint") and summary.get("best_eval_return") is not None:
-        print(f"apexq: policy.pt2 holds the best evaluated weights: v{summary['best_weights_version']}, "
+        print(f"apexq: the policy files (policy.json + policy.safetensors, .onnx, .pt2) hold the best evaluated "
+              f"weights: v{summary['best_weights_version']}, "
               f"greedy mean return {summary['best_eval_return']:.1f} over {cfg.eval.episodes} episodes")
     if failed or not summary.get("checkpoint"):
         return 1

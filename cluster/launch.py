@@ -142,8 +142,9 @@ class Launcher:
         from replay_server.connection import check
         if self.cfg.replay.external and self.redis_url is None and not self.cfg.replay.redis_urls:
             raise ClusterConfigError(
-                "replay.external: standalone replay servers cannot reach the run's private Redis; pass --redis-url "
-                "(the Redis given to `apexq replay-server`) or set replay.redis_urls")
+                "replay.external: standalone replay servers cannot reach the run's private Redis; give the run the "
+                "Redis given to `apexq replay-server` (APEXQ_REDIS_URL, --redis-url-file or --redis-url) or set "
+                "replay.redis_urls")
         if self.redis_url is not None:  # a given Redis must answer before anything starts
             check(self.redis_url)
         import ray
@@ -535,6 +536,11 @@ class Launcher:
             "eval_return": self.eval_return,
             "loss": ls.get("loss"), "td_abs": ls.get("td_abs"), "q_mean": ls.get("q_mean"),
             "restarts": sum(m.restarts for m in self.members) + self.redis_member.restarts,
+            # where the pipeline waits: the learner for samples, shards holding ingest back (the rate
+            # limiter), actors for their stream's backlog (what benchmarks/scaling.py reports)
+            "sample_waits": int(ls.get("sample_waits", 0)),
+            "insert_waits": int(sum(s.get("insert_waits", 0) for s in sh)),
+            "backpressure_waits": int(sum(s.get("backpressure_waits", 0) for s in a)),
         }
         firsts = [s["first_step_at"] for s in a if s.get("first_step_at")]
         if firsts and self.first_env_step_s is None:
