@@ -68,6 +68,7 @@ def main() -> None:
     server, run_dir, proc = start_owned_run("apexq-chaos-", seconds, [
         "train.progress_every_s=1", "learner.checkpoint_every_s=8", "eval.every_seconds=8"])
     run = Run(run_dir)
+    print(f"chaos: run directory {run_dir}", flush=True)  # tests watch its checkpoints while it runs
     faults: list[dict] = []
     peak = {k: 0.0 for k in PROCESS}
     peak["redis"] = 0.0
