@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (default: configs/mountaincar.yaml)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. --set actors.num=4 (repeatable)")
-    t.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto' or host:port)")
+    t.add_argument("--address", help="join this Ray cluster: 'auto' (the `ray start` on this machine) or HOST:PORT of its "
+                                     "GCS; default: $RAY_ADDRESS (set inside `ray job submit`), else a local Ray of "
+                                     "the run's own")
     t.add_argument("--redis-url", help="use this Redis (redis:// or rediss://, password in the URL) instead of spawning "
                                        "one; visible in `ps`: prefer --redis-url-file or $APEXQ_REDIS_URL")
     t.add_argument("--redis-url-file", metavar="PATH", help="read that URL from the first line of PATH")
@@ -92,7 +94,7 @@ def cmd_train(args) -> int:
         spec = env_spec(cfg.env.id)
     except EnvSpecError as exc:
         raise UserError(str(exc)) from None
-    if not args.address:  # everything runs on this machine: shards and, unless given, their Redis
+    if args.single_process or not (args.address or os.environ.get("RAY_ADDRESS", "").strip()):  # all on this machine
         from .components import check_replay_memory, physical_memory
         check_replay_memory(cfg, spec["obs_dim"], physical_memory(), "this machine",
                             with_redis=not (args.redis_url or cfg.replay.redis_urls or args.single_process))

@@ -102,6 +102,7 @@ class ReplayConfig:
 class LearnerConfig:
     batch_size: int = _f(512, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
     device: str = _f("auto", one_of("auto", "cpu", "cuda"))
+    gpu_wait_s: float = _f(600.0, positive())
     lr: float = _f(2e-3, positive())
     hidden_sizes: list[int] = _f([64, 64], _rule(lambda v: len(v) >= 1 and all(h > 0 for h in v),
                                                   "must be a non-empty list of positive integers"))
