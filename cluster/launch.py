@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -130,6 +130,7 @@ class Launcher:
         self.best: Optional[tuple] = None
         self.eval_time = 0.0  # seconds spent evaluating (excluded from time to solve)
         self.reaper = None  # see cluster/reaper.py
+        self.own_ray = False  # True once start_platform started a local Ray (no autoscaler behind it)
         self.redis_member = Member("redis", 0, None)  # the run's own Redis, restarted by watch_redis
         self.redis_down_since: Optional[float] = None
         self._next_redis_ping = 0.0
@@ -148,10 +149,21 @@ class Launcher:
         if self.redis_url is not None:  # a given Redis must answer before anything starts
             check(self.redis_url)
         import ray
+
+        from . import ray_platform
         set_ray_env()
-        if self.address:
-            ray.init(address=self.address, log_to_driver=True, logging_level=logging.ERROR)
+        choice = ray_platform.choose(self.address)  # --address, else RAY_ADDRESS, else a local Ray of our own
+        if choice.joins:
+            gcs = ray_platform.resolve(choice)
+            auth = ray_platform.prepare_auth(gcs, choice.source) if gcs else None
+            try:
+                ray.init(address=choice.address, log_to_driver=True, logging_level=logging.ERROR)
+            except ConnectionError as exc:
+                raise ray_platform.RayUnreachable(f"could not join the Ray cluster at {gcs or choice.address} "
+                                                  f"({choice.source}): {exc}") from None
             install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
+            print(f"apexq: joined the Ray cluster at {gcs or choice.address} (from {choice.source}"
+                  f"{'; ' + auth if auth else ''})", file=self.out, flush=True)
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             if not self.cfg.replay.external:  # one shard must fit on one node
                 from actors.envs import env_spec
@@ -169,7 +181,7 @@ class Launcher:
                 raise ClusterConfigError(
                     "redis.host: the cluster has several nodes but the spawned Redis would listen on loopback only; "
                     "pass --redis-url of a Redis every node reaches, or set redis.host to 0.0.0.0 or this node's address")
-        if self.address:
+        if choice.joins:
             self.start_redis()
             return
         # the private Redis process is spawned first and becomes ready while Ray starts
@@ -179,9 +191,15 @@ class Launcher:
         need = (self.cfg.actors.num * self.cfg.actors.num_cpus + self.cfg.replay.shards * self.cfg.replay.num_cpus
                 + self.cfg.learner.num_cpus)
         num_cpus = self.cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
+        # "local": a Ray of our own, whatever address file a `ray start` (live or killed) left behind
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=True, configure_logging=True)
         install_signal_handlers()  # ray.init installs its own SIGTERM handler: ours must win
+        self.own_ray = True
+        found = ray_platform.address_file()
+        print(f"apexq: started a local Ray ({num_cpus} CPUs)" + (
+            f"; not the cluster at {found[1]} that {found[0]} names (--address auto joins that one)" if found else ""),
+            file=self.out, flush=True)
         self.start_redis()
 
     def start_redis(self, wait: bool = True) -> None:
@@ -275,10 +293,10 @@ class Launcher:
         cfg = self.cfg
         self.spec = env_spec(cfg.env.id)
         ns = self.namespace
-        has_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.learner.device != "cpu"
+        num_gpus, device = self.learner_gpu(ray.cluster_resources().get("GPU", 0))
         # the learner first: its process start and torch import are the longest path to the first
         # update; it finds the shards by name, retrying until they answer
-        learner_opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=1 if has_gpu else 0, max_concurrency=4,
+        learner_opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=num_gpus, max_concurrency=4,
                             max_restarts=-1)
         if cfg.learner.custom_resource:
             learner_opts["resources"] = {cfg.learner.custom_resource: 1}
@@ -292,7 +310,7 @@ class Launcher:
             proxies = [RayShardProxy(self.shard_name(k)) for k in range(cfg.replay.shards)]
         # no checkpoint path: the learner may be on another node; its files come here as bytes
         # (fetch_artifacts), and it resumes from the bytes of this run directory's checkpoint
-        lh = learner_cls.remote(learner_settings(cfg), self.spec, proxies, self.redis_url, ns, config=cfg.to_dict())
+        lh = learner_cls.remote(replace(learner_settings(cfg), device=device), self.spec, proxies, self.redis_url, ns, config=cfg.to_dict())
         self.learner = Member("learner", 0, lh)
         self.learner.run_ref = lh.run.remote(None, self.checkpoint_bytes() if self.resume else None)
 
@@ -315,9 +333,51 @@ class Launcher:
             m = Member("actor", i, h)
             m.run_ref = h.run.remote()
             self.actors.append(m)
+        if num_gpus:
+            self.wait_for_gpu()
         self.members = self.shards + [self.learner] + self.actors
         self.start_metrics()
         self.record_placement()
+
+    def learner_gpu(self, cluster_gpus: float) -> tuple[int, str]:
+        """GPUs the learner asks Ray for and its torch device (learner.device); says which in one line."""
+        from .ray_platform import learner_gpu
+        num_gpus, device, line = learner_gpu(self.cfg.learner.device, cluster_gpus)
+        if num_gpus and cluster_gpus < 1 and self.own_ray:  # no autoscaler behind a Ray of our own
+            raise ClusterConfigError("learner.device=cuda: this machine has no GPU that Ray sees; set learner.device "
+                                     "to auto or cpu, or join a cluster that has or adds GPU nodes (--address)")
+        print(line, file=self.out, flush=True)
+        return num_gpus, device
+
+    def wait_for_gpu(self) -> None:
+        """Wait up to learner.gpu_wait_s for the learner's GPU: an autoscaler may be adding the node.
+
+        The learner answers once Ray has placed it; until then its request for a GPU stays
+        pending, which is the demand an autoscaler acts on. If no GPU comes, everything started
+        is stopped and one line names the keys to change.
+        """
+        import ray
+        limit = self.cfg.learner.gpu_wait_s
+        ref = self.learner.handle.node_id.remote()
+        t0 = time.monotonic()
+        note_at = t0 + 5.0
+        while not ray.wait([ref], timeout=min(1.0, limit))[0]:
+            waited = time.monotonic() - t0
+            if waited >= limit:
+                for m in [self.learner, *self.shards, *self.actors]:
+                    try:
+                        ray.kill(m.handle, no_restart=True)
+                    except Exception:
+                        pass
+                gpus = ray.cluster_resources().get("GPU", 0)
+                raise ClusterConfigError(
+                    f"learner.device={self.cfg.learner.device}: no GPU for the learner within learner.gpu_wait_s="
+                    f"{limit:g}s (the cluster has {gpus:g} GPUs); add a GPU node, raise learner.gpu_wait_s, or set "
+                    f"learner.device=cpu")
+            if time.monotonic() >= note_at:
+                print(f"apexq: waiting for a GPU node for the learner ({waited:.0f}s of learner.gpu_wait_s={limit:g})",
+                      file=self.out, flush=True)
+                note_at += 30.0
 
     def record_placement(self) -> None:
         """Write which node each component landed on (runs/<id>/placement.json)."""
