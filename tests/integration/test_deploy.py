@@ -691,7 +691,7 @@ def test_every_deploy_file_declares_the_ray_version_of_the_image():
     launcher = (DEPLOY / "ray" / "cluster.yaml").read_text()
     readme = (ROOT / "README.md").read_text()
     for where, text in (("deploy/ray/cluster.yaml", launcher), ("README.md", readme)):
-        pins = set(re.findall(r"ray\[default\]==([\w.]+)", text))
+        pins = set(re.findall(r"ray\[default\]==(\d[\w.]*)", text))
         assert pins == {version}, f"{where} pins Ray {pins}, the image {version}"
     text = "\n".join(dockerfile_instructions())
     assert '"ray[default]==${RAY_VERSION}"' in text and not re.search(r"ray\[default\](?!==\$\{RAY_VERSION\})", text)
