@@ -514,9 +514,11 @@ class Launcher:
                     st = ray.get(ref)
                 except Exception:
                     continue
+                m.last_seen = time.monotonic()
+                if st.get("started") is False:  # a learner process not yet resumed: its counters are not the run's
+                    continue
                 self.fold_if_restarted(m, st)
                 m.last_stats = st
-                m.last_seen = time.monotonic()
 
     def fold_if_restarted(self, m: Member, new: dict) -> None:
         """A new process behind ``m`` (Ray restarted it): carry the old one's counters forward.

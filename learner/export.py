@@ -12,7 +12,9 @@
 
 Observation scaling is inside the programs, so they take observations exactly as the env gives them.
 The learner writes them through :class:`BackgroundExporter`, from a helper process, so that
-training never pauses to trace.
+training never pauses to trace. A learner of a run exports into a private folder on its own node
+and hands the files' bytes (:func:`read_policy_files`) to the driver, which writes them into the
+run directory (learner/artifacts.py).
 """
 from __future__ import annotations
 

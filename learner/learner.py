@@ -13,7 +13,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Optional, Sequence
@@ -73,7 +72,6 @@ class Learner:
         # with a path, checkpoints are written there; without one, they go to the outbox (see save_checkpoint)
         self.checkpoint_path = checkpoint_path
         self.outbox = Outbox()
-        self._export_dir: Optional[str] = None
         if resume is not None:
             self.load_state(resume)
         self.redis = connect(redis_url) if redis_url else None
@@ -209,10 +207,14 @@ class Learner:
             path = os.path.join(os.path.dirname(self.checkpoint_path), "policy.pt2")
         else:
             self.outbox.put({"checkpoint.pt": ckpt.dumps(self.state())})
-            where, path = "outbox", os.path.join(self.export_dir(), "policy.pt2")
+            folder = tempfile.mkdtemp(prefix="apexq-policy-")  # removed once read: nothing stays on this node
+            where, path = "outbox", os.path.join(folder, "policy.pt2")
 
             def then(out: str) -> None:
-                self.outbox.put(read_policy_files(out))
+                try:
+                    self.outbox.put(read_policy_files(out))
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
         self.checkpoint_error = None
         best = self.best_policy or {}
         info = {"env_id": self.config.get("env", {}).get("id"), "eval_return": best.get("eval_return"),
@@ -224,13 +226,6 @@ class Learner:
             except Exception as exc:  # the checkpoint itself is written; the policy file is a convenience
                 log.warning("policy export to %s failed: %s", path, exc)
         return where
-
-    def export_dir(self) -> str:
-        """This process's private folder for the policy export (on its node; removed with the learner)."""
-        if self._export_dir is None:
-            self._export_dir = tempfile.mkdtemp(prefix="apexq-policy-")
-            weakref.finalize(self, shutil.rmtree, self._export_dir, True)
-        return self._export_dir
 
     def artifacts(self, token: str = "", version: int = 0) -> tuple[str, int, dict]:
         """(token, version, name -> bytes): the files newer than ``version`` (see learner/artifacts.py)."""

@@ -32,14 +32,16 @@ class LearnerService:
             self.started = True
         return self.impl.run(max_updates)
 
+    def stats(self) -> dict:
+        # "started": False until a restore is done, so the driver never takes a restarted process's
+        # fresh counters (updates 0) for the run's
+        return {**self.impl.stats(), "started": self.started}
+
     def stop(self) -> None:
         self.impl.stop()
 
     def ping(self) -> bool:
         return True
-
-    def stats(self) -> dict:
-        return self.impl.stats()
 
     def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
         """None from a process that has not started (restarted by Ray, not yet restored): its fresh

@@ -52,7 +52,11 @@ def test_checkpoint_bytes_round_trip_and_garbage_is_refused():
         loads("text", "here")
 
 
-def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_restores_from_them(tmp_path):
+def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_restores_from_them(tmp_path, monkeypatch):
+    import tempfile
+    private = tmp_path / "node-tmp"  # the learner node's temporary folder
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     s = LearnerSettings(batch_size=8, device="cpu", checkpoint_every_s=1e9)
     a = Learner(s, SPEC, [], config={"env": {"id": "MountainCar-v0"}})
     with torch.no_grad():
@@ -64,7 +68,8 @@ def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_res
     # the export's files are in the outbox by the time save_checkpoint returns
     assert {"checkpoint.pt", "policy.safetensors", "policy.json", "policy.pt2"} <= set(files), sorted(files)
     assert a.artifacts(token, version)[2] == {}
-    assert not list(tmp_path.iterdir())  # nothing written anywhere but the private export folder
+    assert [p.name for p in tmp_path.iterdir()] == ["node-tmp"]  # nothing written but the export's folder,
+    assert not list(private.iterdir())                             # which is gone once its files were read
     b = Learner(s, SPEC, [], config={"env": {"id": "MountainCar-v0"}})
     b.restore(files["checkpoint.pt"])
     x = torch.tensor([[-0.5, 0.01], [0.3, -0.05]])
