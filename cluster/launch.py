@@ -77,6 +77,9 @@ class Member:
     # counters of the member's earlier processes (Ray restarted it and its own counters began at 0):
     # what the driver reports is carried + the current process's, so it never goes backwards
     carried: dict = field(default_factory=dict)
+    # until when a failure of the run resubmitted after a counted death is that same death (see
+    # Launcher.same_death)
+    same_death_until: float = 0.0
 
     def total(self, key: str) -> float:
         return self.carried.get(key, 0) + self.last_stats.get(key, 0)
@@ -460,15 +463,39 @@ class Launcher:
                 reason = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if self._stop.is_set():
                 continue
-            self.note_restart(m, reason)
-            m.restarts += 1
-            log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
-            print(f"apexq: {m.kind} {m.index} {reason}; restarting (#{m.restarts})", file=self.out, flush=True)
+            counted = not self.same_death(m, reason)
+            if not counted:
+                log.info("%s %d: Ray is still restarting it; resubmitting its run", m.kind, m.index)
+            else:
+                # its new process gets a whole heartbeat timeout to come up (a learner restarting
+                # slower than the timeout counted from its old process's last answer was killed as hung)
+                m.last_seen = max(m.last_seen, time.monotonic())
+                self.note_restart(m, reason)
+                m.restarts += 1
+                log.warning("%s %d %s; restarting it (restart #%d)", m.kind, m.index, reason, m.restarts)
+                print(f"apexq: {m.kind} {m.index} {reason}; restarting (#{m.restarts})", file=self.out, flush=True)
             # a learner Ray restarted is a new process, perhaps on another node: it continues from
             # the run's latest checkpoint, which lives here (a process that only raised ignores it)
             restore = (None, self.checkpoint_bytes()) if m is self.learner else ()
             m.run_ref = m.handle.run.remote(*restore)
             self.register_metrics(m)
+            if counted:
+                m.same_death_until = time.monotonic() + 10.0
+
+    @staticmethod
+    def same_death(m: Member, reason: str) -> bool:
+        """Whether ``m``'s run failed only because Ray was still bringing back the process whose death was counted.
+
+        The run resubmitted at once can reach the dead process and fail with ActorUnavailableError
+        seconds later (here 2-4 s), even after the new process answered other calls: one SIGKILLed
+        learner counted two restarts (toward supervision.max_restarts and in
+        apexq_component_restarts_total). Only once per counted death and within 10 s of the
+        resubmission, so a crash loop is still counted.
+        """
+        if "ActorUnavailableError" in reason and time.monotonic() < m.same_death_until:
+            m.same_death_until = 0.0
+            return True
+        return False
 
     def note_restart(self, m: Member, reason: str) -> None:
         sup = self.cfg.supervision
@@ -494,7 +521,9 @@ class Launcher:
                     ray.kill(m.handle, no_restart=False)
                 except Exception:
                     pass
-                m.last_seen = now
+                # the new process gets a whole timeout of its own to come up before it can be called
+                # hung (from the kill, a restart slower than the timeout was killed again)
+                m.last_seen = now + limit
 
     def gather_stats(self, timeout: float = 5.0) -> None:
         import ray
