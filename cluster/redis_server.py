@@ -16,7 +16,7 @@ from typing import Optional
 
 import redis
 
-from replay_server.acl import acl_rule
+from replay_server.acl import CLIENT_USER, server_users
 
 
 class RedisNotFound(RuntimeError):
@@ -89,7 +89,7 @@ class RedisServer:
 
     def url_for(self, address: str) -> str:
         """The client URL as seen from elsewhere (``address`` is what other nodes reach)."""
-        return f"redis://default:{self.password}@{address}:{self.port}/0"
+        return f"redis://{CLIENT_USER}:{self.password}@{address}:{self.port}/0"
 
     @property
     def admin_url(self) -> str:
@@ -107,8 +107,8 @@ class RedisServer:
             'save ""',
             "daemonize no",
             f"logfile {self.dir / 'redis.log'}",
-            f"user default reset on >{self.password} {acl_rule()}",  # the components: only what they send
-            f"user admin on >{self.admin_password} ~* &* +@all",
+            # default: off, every right (it replays the AOF); apexq: the components, only what they send
+            *server_users(self.password, self.admin_password),
             "",
         ]))
         conf.chmod(0o600)
@@ -148,7 +148,7 @@ class RedisServer:
 
     def _wait_answer(self, timeout: float) -> "RedisServer":
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, password=self.password,
+        client = redis.Redis(host=self.host, port=self.port, username=CLIENT_USER, password=self.password,
                              socket_connect_timeout=1.0, socket_timeout=1.0)
         while True:
             if self.proc.poll() is not None:
@@ -193,7 +193,7 @@ class RedisServer:
             return self
         self.spawn()
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, password=self.password,
+        client = redis.Redis(host=self.host, port=self.port, username=CLIENT_USER, password=self.password,
                              socket_connect_timeout=1.0, socket_timeout=1.0)
         try:
             while True:

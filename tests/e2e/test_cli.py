@@ -236,7 +236,7 @@ def test_bad_input_at_every_door_is_one_line(tmp_path, redis_server):
                   "apexq: error: cannot reach Redis at redis://:***@127.0.0.1"))
     wrong = redis_server.url.replace(redis_server.password, "wrong")
     cases.append((["train", "--redis-url", wrong, "--run-dir", str(tmp_path / "b")],
-                  "apexq: error: Redis at redis://default:***@127.0.0.1"))
+                  "apexq: error: Redis at redis://apexq:***@127.0.0.1"))
     blocker = tmp_path / "a-file"          # a run directory that cannot be created (tests run as root,
     blocker.write_text("x")               # so permissions would not stop it)
     cases.append((["train", "--run-dir", str(blocker / "run")], "apexq: error: --run-dir"))

@@ -129,7 +129,7 @@ def test_replay_server_takes_the_url_from_a_file_or_the_environment(redis_server
                              stderr=subprocess.PIPE, text=True)
         try:
             line = p.stdout.readline()
-            assert line.startswith("apexq replay-server: shard 0") and "default:***@127.0.0.1" in line, line
+            assert line.startswith("apexq replay-server: shard 0") and "apexq:***@127.0.0.1" in line, line
             assert redis_server.password.encode() not in cmdline(p.pid)
         finally:
             p.kill()

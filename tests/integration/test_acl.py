@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import redis
 
-from replay_server.acl import CLIENT_COMMANDS, DANGEROUS, acl_rule
+from replay_server.acl import CLIENT_COMMANDS, CLIENT_USER, DANGEROUS, acl_rule
 
 NS = "acl"
 # the arguments each listed command is checked with (keys under apexq:, as the code uses them)
 K = f"apexq:{NS}:shard:0"
 SAMPLE_ARGS = {
-    "auth": ("default", "x"), "hello": ("2",), "client|setinfo": ("LIB-NAME", "redis-py"), "select": ("0",),
+    "auth": ("apexq", "x"), "hello": ("2",), "client|setinfo": ("LIB-NAME", "redis-py"), "select": ("0",),
     "ping": (), "multi": (), "exec": (),
     "xadd": (f"{K}:stream", "MAXLEN", "~", "10", "*", "b", "x"),
     "xreadgroup": ("GROUP", "shard", "c", "COUNT", "1", "BLOCK", "10", "STREAMS", f"{K}:stream", ">"),
@@ -40,12 +40,12 @@ def admin(redis_server):
 def test_every_listed_command_is_allowed_and_nothing_else(redis_server, admin):
     assert set(SAMPLE_ARGS) == set(CLIENT_COMMANDS)
     for name in CLIENT_COMMANDS:
-        assert admin.execute_command("ACL", "DRYRUN", "default", *argv(name, SAMPLE_ARGS[name])) == b"OK", name
+        assert admin.execute_command("ACL", "DRYRUN", CLIENT_USER, *argv(name, SAMPLE_ARGS[name])) == b"OK", name
     # only apexq's keys
-    denied = admin.execute_command("ACL", "DRYRUN", "default", "GET", "someone-else:key")
+    denied = admin.execute_command("ACL", "DRYRUN", CLIENT_USER, "GET", "someone-else:key")
     assert b"no permissions to access the 'someone-else:key' key" in denied
     for cmd in DANGEROUS:
-        out = admin.execute_command("ACL", "DRYRUN", "default", *cmd)
+        out = admin.execute_command("ACL", "DRYRUN", CLIENT_USER, *cmd)
         assert b"has no permissions to run" in out, (cmd, out)
 
 
@@ -164,7 +164,7 @@ def actor_block(spec):
 def test_the_components_send_only_listed_commands(redis_server, admin):
     """Completeness: with the client user opened up (so a command missing from the list runs and is
     recorded instead of being refused), MONITOR records what the real components send."""
-    admin.execute_command("ACL", "SETUSER", "default", "+@all", "allkeys")
+    admin.execute_command("ACL", "SETUSER", CLIENT_USER, "+@all", "allkeys")
     monitor = Monitor(redis_server.admin_url)
     drive_components(redis_server.url)
     sent = monitor.stop(admin)
@@ -180,7 +180,7 @@ def test_the_components_send_only_listed_commands(redis_server, admin):
 def test_the_components_work_under_the_acl_and_are_never_refused(redis_server, admin):
     """The same code paths as the restricted user: no command refused (the server's ACL LOG records
     every refusal), and the data went where it should."""
-    (line,) = [u.decode() for u in admin.execute_command("ACL", "LIST") if u.startswith(b"user default ")]
+    (line,) = [u.decode() for u in admin.execute_command("ACL", "LIST") if u.startswith(b"user apexq ")]
     assert line.endswith(" " + acl_rule().replace("resetkeys ", "")), line  # the server runs the listed rule
     admin.execute_command("ACL", "LOG", "RESET")
     actor, acct, backlog, shard, fresh = drive_components(redis_server.url)
@@ -190,3 +190,36 @@ def test_the_components_work_under_the_acl_and_are_never_refused(redis_server, a
     assert appended >= 1500 and shard["inserted"] == appended - 4
     assert acct["balanced"] and acct["appended"] == appended
     assert fresh["size"] == appended and backlog == 0
+
+
+def test_a_restart_replays_the_consumer_groups_under_the_acl(tmp_path):
+    """Redis replays its AOF as the `default` user and checks each command of a replayed MULTI
+    against that user's rights; XREADGROUP is logged as XCLAIMs + XGROUP SETID in a MULTI. With the
+    client rule on `default` the replay dropped them: the group's deliveries and pending list rolled
+    back on restart, a shard ingested those entries again and the run's accounting broke."""
+    from cluster.redis_server import RedisServer, find_server
+    server = RedisServer(find_server(), data_dir=str(tmp_path), appendfsync="always").start()
+    try:
+        c = redis.Redis.from_url(server.url)
+        stream = f"apexq:{NS}:shard:0:stream"
+        c.xgroup_create(stream, "shard", id="0", mkstream=True)
+        ids = [c.xadd(stream, {"b": b"x"}) for _ in range(10)]
+        c.xreadgroup("shard", "c", {stream: ">"}, count=6)
+        c.xack(stream, "shard", *ids[:2])
+        before = c.xinfo_groups(stream)[0]
+        assert (before["pending"], before["last-delivered-id"]) == (4, ids[5])
+        c.close()
+        server.kill()
+        server.restart()
+        c = redis.Redis.from_url(server.url)
+        after = c.xinfo_groups(stream)[0]
+        assert (after["pending"], after["last-delivered-id"]) == (4, ids[5]), after
+        # the next delivery is the 7th entry, not one that was delivered before the restart
+        (_, entries), = c.xreadgroup("shard", "c", {stream: ">"}, count=1)
+        assert entries[0][0] == ids[6]
+        c.close()
+        admin = redis.Redis.from_url(server.admin_url)
+        assert admin.acl_log() == []
+        admin.close()
+    finally:
+        server.stop()

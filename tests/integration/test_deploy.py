@@ -342,7 +342,7 @@ def test_ray_head_starts_a_reachable_password_protected_redis(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         pid = int(pidfile.read_text())
         url = (tmp_path / "redis" / "url").read_text().strip()
-        m = re.fullmatch(r"redis://:([0-9a-f]{48})@([\d.]+):\d+/0", url)
+        m = re.fullmatch(r"redis://apexq:([0-9a-f]{48})@([\d.]+):\d+/0", url)
         password, host = m.groups()
         assert host != "127.0.0.1"
         client = redis.Redis.from_url(url)
@@ -406,7 +406,7 @@ def test_kuberay_rayjob_runs_apexq_against_the_redis_service():
     cluster = job["spec"]["rayClusterSpec"]
     (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in head["env"]}
-    m = re.fullmatch(r"redis://:\$\((\w+)\)@([\w-]+):(\d+)/0", env["APEXQ_REDIS_URL"]["value"])
+    m = re.fullmatch(r"redis://apexq:\$\((\w+)\)@([\w-]+):(\d+)/0", env["APEXQ_REDIS_URL"]["value"])
     assert m, env["APEXQ_REDIS_URL"]
     ref = env[m.group(1)]["valueFrom"]["secretKeyRef"]
     assert ref["key"] in objs[("Secret", ref["name"])]["stringData"]
@@ -489,15 +489,22 @@ def test_cluster_config_sets_every_key_with_a_comment_above_it():
 
 
 def acl_user_rule(text, password_token):
-    """The rule of the `user default` line a deploy file writes into its Redis config."""
-    m = re.search(rf"^\s*user default reset on >{re.escape(password_token)} (.+?)\s*$", text, re.M)
-    assert m, f"no `user default reset on >{password_token} ...` line"
+    """The rule of the `user apexq` line a deploy file writes into its Redis config; the file must
+    also keep `default` off with every right (Redis replays its AOF as `default`: see acl.py)."""
+    from replay_server.acl import DEFAULT_USER_LINE
+    assert re.search(rf"^\s*{re.escape(DEFAULT_USER_LINE)}\s*$", text, re.M), f"no `{DEFAULT_USER_LINE}` line"
+    m = re.search(rf"^\s*user apexq reset on >{re.escape(password_token)} (.+?)\s*$", text, re.M)
+    assert m, f"no `user apexq reset on >{password_token} ...` line"
     return m.group(1)
 
 
 def acl_list_rule(admin):
-    """The default user's rule as a running server reports it (ACL LIST), in acl_rule()'s form."""
-    (line,) = [u.decode() for u in admin.execute_command("ACL", "LIST") if u.startswith(b"user default ")]
+    """The apexq user's rule as a running server reports it (ACL LIST), in acl_rule()'s form; the
+    default user must be off with every right."""
+    users = [u.decode() for u in admin.execute_command("ACL", "LIST")]
+    (default,) = [u for u in users if u.startswith("user default ")]
+    assert " off " in default and "~*" in default and "+@all" in default, default
+    (line,) = [u for u in users if u.startswith("user apexq ")]
     return "resetkeys " + line[line.index(" ~") + 1:]
 
 
@@ -629,7 +636,7 @@ def test_deploy_redis_scripts_start_a_server_with_the_client_acl(which, tmp_path
     port = free_tcp_port()
     proc, conf = run_redis_script(redis_start_scripts()[which], tmp_path, port)
     try:
-        client = redis.Redis(port=port, password="c1ient-pw")
+        client = redis.Redis(port=port, username="apexq", password="c1ient-pw")
         deadline = time.monotonic() + 15
         while True:
             try:
