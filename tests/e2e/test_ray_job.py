@@ -2,7 +2,10 @@
 
 Ray's authentication stays at its default: with a token where Ray looks, `ray start --head`
 turns token authentication on, and the ray CLI is given RAY_AUTH_MODE=token as Ray tells a
-user to. Inside the job Ray sets RAY_ADDRESS, and apexq joins that cluster by itself.
+user to. Inside the job Ray sets RAY_ADDRESS, and apexq joins that cluster by itself. The Redis URL
+comes from the head's environment (APEXQ_REDIS_URL, as a Kubernetes Secret or the launcher sets it),
+so it is in no `ray job` record: the test looks for its password in every one, the job's logs
+and the run's files.
 """
 import json
 import subprocess
@@ -18,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_ray_job_submit_without_address_joins_the_cluster_and_runs_to_completion(tmp_path):
     from needs import require_module
     require_module("aiohttp", "the Ray job server needs ray[default] (the test extra)")
-    head = RayHead(num_cpus=4).start()
+    import redis
+    from cluster.redis_server import RedisServer, find_server
+    server = RedisServer(find_server()).start()
+    head = RayHead(num_cpus=4)
+    head.env["APEXQ_REDIS_URL"] = server.url  # the head's environment; the job's driver inherits it
+    head.start()
     run_dir = tmp_path / "run"
     cli = dict(head.env, RAY_AUTH_MODE="token")  # what the ray CLI needs to reach an authenticated job server
     job = f"http://127.0.0.1:{head.dash}"
@@ -44,5 +52,18 @@ def test_ray_job_submit_without_address_joins_the_cluster_and_runs_to_completion
         assert records[-1]["updates"] > 0 and records[-1]["env_steps"] > 0
         assert json.loads((run_dir / "accounting.json").read_text())["balanced"]
         assert (run_dir / "checkpoint.pt").exists()
+        # the run used the head's Redis, and its password is in no record a user or Ray keeps
+        admin = redis.Redis.from_url(server.admin_url)
+        assert admin.xlen("apexq:run:shard:0:stream") > 0
+        admin.close()
+        listed = subprocess.run([RAY, "job", "list", "--address", job], env=cli, capture_output=True, text=True,
+                                timeout=60)
+        assert "apexq-job" in listed.stdout, listed.stdout + listed.stderr
+        records = {"ray job list": listed.stdout + listed.stderr, "ray job status": status.stdout,
+                   "ray job logs": logs, "ray job submit": out}
+        records.update({str(f): f.read_bytes().decode(errors="replace") for f in run_dir.rglob("*") if f.is_file()})
+        leaked = [name for name, text in records.items() if server.password in text]
+        assert not leaked, f"the Redis password is in {leaked}"
     finally:
         head.stop()
+        server.stop()
