@@ -97,7 +97,7 @@ def test_rediss_urls_carry_the_whole_replay_path(redis_server, tmp_path):
     cert, key = self_signed(tmp_path)
     proxy = TlsTerminator(cert, key, redis_server.port)
     try:
-        url = f"rediss://default:{redis_server.password}@127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
+        url = f"rediss://apexq:{redis_server.password}@127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
         check(url)
         assert connect(url).connection_pool.connection_class.__name__ == "SSLConnection"
         shard = ReplayShard(ShardSpec(shard_id=0, capacity=1000, obs_dim=2, num_actions=3, min_size_to_sample=10,
@@ -118,8 +118,8 @@ def test_rediss_urls_carry_the_whole_replay_path(redis_server, tmp_path):
         finally:
             shard.stop()
         # a client that does not trust the server's certificate gets one clear line, not a hang
-        untrusted = f"rediss://default:{redis_server.password}@127.0.0.1:{proxy.port}/0"
-        with pytest.raises(ConnectionError, match=r"cannot reach Redis at rediss://default:\*\*\*@127.0.0.1.*certif"):
+        untrusted = f"rediss://apexq:{redis_server.password}@127.0.0.1:{proxy.port}/0"
+        with pytest.raises(ConnectionError, match=r"cannot reach Redis at rediss://apexq:\*\*\*@127.0.0.1.*certif"):
             check(untrusted)
     finally:
         proxy.close()
