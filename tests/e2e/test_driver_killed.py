@@ -4,17 +4,8 @@ import time
 
 import pytest
 
-from test_redis_faults import Run, descendants, records, wait
-
-
-def start_time(pid: int):
-    """The kernel's start time of a live process (tells a process from a later one with its pid), else None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in (b"Z", b"X") else int(fields[19])
+from procs import descendants, start_time
+from test_redis_faults import Run, records, wait
 
 
 @pytest.mark.slow

@@ -14,36 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import descendants, pids_of
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-
-
-def descendants(root: int) -> dict[int, str]:
-    """pid -> command line of every live descendant of ``root`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = {}, [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            try:
-                out[c] = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            todo.append(c)
-    return out
-
-
-def pids_of(root: int, needle: str) -> list[int]:
-    return [p for p, cmd in descendants(root).items() if needle in cmd]
 
 
 def records(run_dir: Path) -> list[dict]:
