@@ -136,6 +136,7 @@ class Launcher:
         self.own_ray = False  # True once start_platform started a local Ray (no autoscaler behind it)
         self.redis_member = Member("redis", 0, None)  # the run's own Redis, restarted by watch_redis
         self.redis_down_since: Optional[float] = None
+        self.eval_wall: Optional[float] = None  # Unix time of the latest finished evaluation
         self._next_redis_ping = 0.0
         self.artifacts_seen: tuple = ("", 0)  # (learner process, version) of the files in the run directory
         self._redis_clients: dict = {}
@@ -402,7 +403,7 @@ class Launcher:
         rec = getattr(self, "last_record", None) or {}
         # Unix time of the latest finished evaluation, the launch time before the first one (so an
         # alert can say "no evaluation for 30 min" from launch on); absent when evaluation is off.
-        eval_at = getattr(self, "eval_wall", self.launch_wall) if self.cfg.eval.every_seconds > 0 else None
+        eval_at = (self.eval_wall or self.launch_wall) if self.cfg.eval.every_seconds > 0 else None
         return {"eval_return": self.eval_return, "time_to_solve_s": self.solved_at, "restarts": restarts,
                 "env_steps": rec.get("env_steps", 0), "eval_last_time": eval_at}
 
@@ -869,6 +870,9 @@ class Launcher:
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None
+        for client in self._redis_clients.values():
+            client.close()
+        self._redis_clients.clear()
         from . import reaper
         reaper.release(self.reaper)
         self.reaper = None

@@ -146,7 +146,7 @@ class RedisServer:
                 self.spawn()
         raise AssertionError("unreachable")
 
-    def _wait_answer(self, timeout: float) -> "RedisServer":
+    def _wait_answer(self, timeout: float, remove_on_timeout: bool = True) -> "RedisServer":
         deadline = time.monotonic() + timeout
         client = redis.Redis(host=self.host, port=self.port, username=CLIENT_USER, password=self.password,
                              socket_connect_timeout=1.0, socket_timeout=1.0)
@@ -161,7 +161,7 @@ class RedisServer:
                 raise error(f"redis server exited with {self.proc.returncode}: {text[-400:].strip()}")
             if time.monotonic() > deadline:  # after the exit check: a slow PING may cross the deadline
                 client.close()
-                self.stop()
+                self.stop(remove=remove_on_timeout)
                 raise RuntimeError(f"redis server did not answer within {timeout:.0f} s")
             try:
                 if client.ping():
@@ -191,28 +191,7 @@ class RedisServer:
         """
         if self.exited() is None:
             return self
-        self.spawn()
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, username=CLIENT_USER, password=self.password,
-                             socket_connect_timeout=1.0, socket_timeout=1.0)
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    log = self.dir / "redis.log"
-                    tail = log.read_text(errors="replace")[-300:].strip() if log.exists() else ""
-                    raise RuntimeError(f"exited with {self.proc.returncode} while restarting: {tail}")
-                try:
-                    if client.ping():
-                        return self
-                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                    pass
-                if time.monotonic() > deadline:
-                    self.proc.kill()
-                    self.proc.wait()
-                    raise RuntimeError(f"did not answer within {timeout:.0f} s of a restart")
-                time.sleep(0.05)
-        finally:
-            client.close()
+        return self.spawn()._wait_answer(timeout, remove_on_timeout=False)
 
     def stop(self, remove: bool = True) -> None:
         if self.proc and self.proc.poll() is None:

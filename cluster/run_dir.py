@@ -114,27 +114,22 @@ class RunDir:
         if bad:
             raise ValueError(f"not a file of a run, or not bytes: {sorted(map(str, bad))}")
         for name in sorted(files, key=NAMES.index):
-            path = self.path / name
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(files[name])
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except OSError as exc:
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
-                raise self._failed(name, exc) from None
+            self._replace(name, bytes(files[name]), sync=True)
 
     def write_json(self, name: str, obj) -> None:
         """Write ``name`` atomically (temporary file, then rename): the previous version survives a failure."""
+        self._replace(name, json.dumps(obj, indent=1).encode())
+
+    def _replace(self, name: str, data: bytes, sync: bool = False) -> None:
+        """``name`` becomes ``data`` all or nothing: a temporary file (fsynced with ``sync``), then a rename."""
         path = self.path / name
         tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(obj, indent=1))
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
             try:
