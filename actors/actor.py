@@ -14,8 +14,8 @@ from typing import Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from replay_server.client import StreamWriter
-from replay_server.codec import Block
+from apexq.replay_server.client import StreamWriter
+from apexq.replay_server.codec import Block
 
 from .envs import final_observations, make_vector_env
 from .exploration import TemporallyExtendedEpsilonGreedy, apex_epsilons

@@ -5,9 +5,9 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
-from learner import weights_store
-from replay_server.connection import connect
-from replay_server.keys import Keys
+from apexq.learner import weights_store
+from apexq.replay_server.connection import connect
+from apexq.replay_server.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ class EncodingWriter:
     """Stands in for the Redis stream writer: encodes every block (wire cost) and counts it."""
 
     def __init__(self):
-        from replay_server.codec import encode_block
+        from apexq.replay_server.codec import encode_block
         self._encode = encode_block
         self.blocks = self.transitions = self.bytes = self.backpressure_waits = 0
 
@@ -70,8 +70,8 @@ class NoWeights:
 
 
 def spec_and_settings(num_envs: int, actor_id: int = 0, num_actors: int = 1, **kw):
-    from actors.actor import ActorSettings
-    from actors.envs import env_spec
+    from apexq.actors.actor import ActorSettings
+    from apexq.actors.envs import env_spec
     spec = env_spec(ENV_ID)
     s = ActorSettings(actor_id=actor_id, env_id=ENV_ID, num_envs=num_envs, env_offset=actor_id * num_envs,
                       total_envs=num_actors * num_envs, shard=0, seed=1, **kw)
@@ -94,7 +94,7 @@ def run_for(actor, seconds: float) -> tuple[int, float]:
 
 def acting_core_sps(num_envs: int, seconds: float) -> tuple[float, dict]:
     """Env steps/s of the real ApexActor loop without Redis (see module docstring)."""
-    from actors.actor import ApexActor
+    from apexq.actors.actor import ApexActor
     spec, s = spec_and_settings(num_envs)
     writer = EncodingWriter()
     actor = ApexActor(s, None, "bench", spec, writer=writer, weights=NoWeights())
@@ -109,7 +109,7 @@ def gym_loop_sps(seconds: float, epsilon: float = 0.1) -> float:
     import gymnasium as gym
     import torch
 
-    from learner.network import build_network
+    from apexq.learner.network import build_network
     spec, s = spec_and_settings(1)
     torch.set_num_threads(1)
     net = build_network(spec, s.hidden_sizes, s.dueling).eval()
@@ -144,7 +144,7 @@ def gym_loop_sps(seconds: float, epsilon: float = 0.1) -> float:
 
 def _actor_process(actor_id: int, num_actors: int, num_envs: int, url: str, namespace: str, maxlen: int,
                    seconds: float, ready, go, results) -> None:
-    from actors.actor import ApexActor
+    from apexq.actors.actor import ApexActor
     spec, s = spec_and_settings(num_envs, actor_id, num_actors, stream_maxlen=maxlen)
     actor = ApexActor(s, url, namespace, spec)
     ready.put(actor_id)
@@ -157,11 +157,11 @@ def _actor_process(actor_id: int, num_actors: int, num_envs: int, url: str, name
 
 
 def actors_to_shard_sps(num_actors: int, num_envs: int, seconds: float, server, namespace: str) -> dict:
-    from learner import weights_store
-    from learner.network import build_network
-    from replay_server.connection import connect
-    from replay_server.keys import Keys
-    from replay_server.shard import ReplayShard, ShardSpec
+    from apexq.learner import weights_store
+    from apexq.learner.network import build_network
+    from apexq.replay_server.connection import connect
+    from apexq.replay_server.keys import Keys
+    from apexq.replay_server.shard import ReplayShard, ShardSpec
     spec, s = spec_and_settings(num_envs)
     capacity = 1_000_000
     maxlen = math.ceil(capacity / s.block_size) + s.max_backlog_blocks + 16
@@ -215,7 +215,7 @@ def main() -> None:
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
     core_s, proc_s, sweep = SIZES[mode]
 
-    from cluster.redis_server import RedisServer, find_server
+    from apexq.cluster.redis_server import RedisServer, find_server
 
     actor_sps, core_info = acting_core_sps(args.envs, core_s)
     gym_sps = gym_loop_sps(core_s)

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from learner.learner import Learner, LearnerSettings, resolve_device  # noqa: E402
-from replay_server import rpc  # noqa: E402
-from replay_server.codec import Block  # noqa: E402
-from replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
+from apexq.learner.learner import Learner, LearnerSettings, resolve_device  # noqa: E402
+from apexq.replay_server import rpc  # noqa: E402
+from apexq.replay_server.codec import Block  # noqa: E402
+from apexq.replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.redis_server import RedisServer, find_server  # noqa: E402
+from apexq.cluster.redis_server import RedisServer, find_server  # noqa: E402
 
 
 class Run:
@@ -42,7 +42,7 @@ def start_owned_run(prefix: str, seconds: float, sets: list[str]) -> tuple[Redis
     server = RedisServer(find_server(), data_dir=str(work / "redis")).start()
     run_dir = work / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
+    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
            "--set", f"train.max_seconds={seconds}", "--set", "metrics.port=0"]
     for s in sets:
         cmd += ["--set", s]

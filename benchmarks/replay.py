@@ -48,11 +48,11 @@ import redis
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster.redis_server import RedisServer, find_server  # noqa: E402
-from replay_server.codec import Block, encode_block  # noqa: E402
-from replay_server.connection import connect  # noqa: E402
-from replay_server.keys import Keys  # noqa: E402
-from replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
+from apexq.cluster.redis_server import RedisServer, find_server  # noqa: E402
+from apexq.replay_server.codec import Block, encode_block  # noqa: E402
+from apexq.replay_server.connection import connect  # noqa: E402
+from apexq.replay_server.keys import Keys  # noqa: E402
+from apexq.replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
 
 OBS_DIM, NUM_ACTIONS = 2, 3
 RAW_BYTES = 2 * OBS_DIM * 4 + 4 + 4 + 4 + 4  # obs + next_obs + action + return + discount + priority = 32
@@ -161,10 +161,10 @@ def sample_loop(shard: ReplayShard, calls: int, batch: int, chunk: int = 200, se
 def rpc_sample_loop(url: str, capacity: int, calls: int, batch: int, chunk: int = 10) -> list:
     """Transitions/s sampled from an ``apexq replay-server`` subprocess (it rebuilds the stream's window)."""
     import subprocess
-    from replay_server.rpc import RedisShardClient
+    from apexq.replay_server.rpc import RedisShardClient
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "replay-server", "--redis-url", url, "--shard", "0",
+        [sys.executable, "-m", "apexq.cluster.cli", "replay-server", "--redis-url", url, "--shard", "0",
          "--namespace", NAMESPACE, "--set", f"replay.capacity={capacity}", "--set", "replay.min_size_to_sample=1",
          "--set", "replay.samples_per_insert=1000", "--set", "replay.error_buffer=1e15",
          "--set", f"learner.batch_size={min(batch, capacity)}"],

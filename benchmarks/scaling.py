@@ -36,7 +36,7 @@ COLUMNS = ("actors", "env_steps_per_s", "inserts_per_s", "samples_per_s", "updat
 
 def run_apexq(args: list[str], timeout: float, label: str) -> tuple[int, list[str], Path]:
     run_dir = Path(tempfile.mkdtemp(prefix="apexq-scaling-")) / "run"
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), *args]
+    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), *args]
     env = dict(os.environ)
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")

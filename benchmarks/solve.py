@@ -36,7 +36,7 @@ FINAL_SEED = 777
 
 def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir: Path) -> dict:
     run_dir = workdir / f"apexq-{'single' if single else 'dist'}-{seed}"
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--set", f"seed={seed}",
+    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--set", f"seed={seed}",
            "--set", f"train.max_seconds={budget}", "--set", f"train.stop_at_return={SOLVED}",
            "--set", f"eval.every_seconds={eval_every}", "--set", "metrics.port=0"]
     if single:
@@ -53,7 +53,7 @@ def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir
     out = {"seed": seed, "exit": proc.returncode, "wall_s": round(wall, 1), "startup_s": startup,
            "solve_s": round(solve["time_s"] - solve.get("eval_time_s", 0.0), 1) if solve else None,
            "solve_env_steps": solve["env_steps"] if solve else None}
-    ev = subprocess.run([sys.executable, "-m", "cluster.cli", "evaluate", str(run_dir), "--episodes", "100",
+    ev = subprocess.run([sys.executable, "-m", "apexq.cluster.cli", "evaluate", str(run_dir), "--episodes", "100",
                          "--seed", str(FINAL_SEED), "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
     out["final_return"] = json.loads(ev.stdout.strip().splitlines()[-1])["mean"] if ev.returncode == 0 else None
     if proc.returncode != 0:
@@ -96,7 +96,7 @@ def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from learner.evaluate import evaluate
+    from apexq.learner.evaluate import evaluate
 
     t_launch = PROCESS_START
     torch.set_num_threads(1)

@@ -74,7 +74,7 @@ def cmd_train(args) -> int:
             raise UserError(f"--resume {args.resume}: not a run directory (no config.yaml)")
         if not rd.checkpoint.is_file():
             raise UserError(f"--resume {args.resume}: no checkpoint.pt to resume from")
-        from learner.checkpoint import CheckpointError, load
+        from apexq.learner.checkpoint import CheckpointError, load
         try:
             load(rd.checkpoint)
         except CheckpointError as exc:
@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
         from .tensorboard import INSTALL_HINT, available
         if not available():
             raise UserError(INSTALL_HINT)
-    from actors.envs import EnvSpecError, env_spec
+    from apexq.actors.envs import EnvSpecError, env_spec
     try:
         spec = env_spec(cfg.env.id)
     except EnvSpecError as exc:
@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
     from .launch import ClusterConfigError, train
     from .run_dir import RunDirError
     from .redis_server import RedisNotFound
-    from replay_server.connection import RedisAuthError
+    from apexq.replay_server.connection import RedisAuthError
     if args.single_process and cfg.replay.external:
         raise UserError("replay.external: --single-process keeps its shards in the process; set replay.external=false")
     try:
@@ -117,7 +117,7 @@ def cmd_train(args) -> int:
             from .serial import train_serial
             resume_state = None
             if args.resume:
-                from learner.checkpoint import load
+                from apexq.learner.checkpoint import load
                 resume_state = load(rd.checkpoint)
             summary = train_serial(cfg, rd, resume_state=resume_state, launch_time=LAUNCH_TIME)
         else:
@@ -173,10 +173,10 @@ def cmd_replay_server(args) -> int:
     import signal
     import threading
 
-    from actors.envs import EnvSpecError, env_spec
-    from replay_server.connection import RedisAuthError, check, redact
-    from replay_server.rpc import ShardRpcServer
-    from replay_server.shard import ReplayShard
+    from apexq.actors.envs import EnvSpecError, env_spec
+    from apexq.replay_server.connection import RedisAuthError, check, redact
+    from apexq.replay_server.rpc import ShardRpcServer
+    from apexq.replay_server.shard import ReplayShard
 
     from .components import shard_spec
     from .redis_url import ENV_VAR, from_cli
@@ -246,8 +246,8 @@ def _load_policy_for_eval(target: Path, env_override) -> tuple:
     """
     import numpy as np
 
-    from actors.policy import NumpyQPolicy
-    from learner.policy_file import PolicyFileError, read_policy_files
+    from apexq.actors.policy import NumpyQPolicy
+    from apexq.learner.policy_file import PolicyFileError, read_policy_files
 
     from .run_dir import RunDir
     path = target
@@ -275,7 +275,7 @@ def _load_policy_for_eval(target: Path, env_override) -> tuple:
         known = {"source": str(stem.with_suffix(".json")), "weights_version": arch["weights_version"],
                  "eval_return": arch["eval_return"], "updates": None}
     else:
-        from learner.checkpoint import CheckpointError, load, policy_weights  # (imports torch)
+        from apexq.learner.checkpoint import CheckpointError, load, policy_weights  # (imports torch)
         try:
             state = load(path)
             arch, weights = policy_weights(state, path)
@@ -302,7 +302,7 @@ def _run_env_id(run: Path) -> str:
 
 
 def _check_env_fits(env_id: str, arch: dict, path: Path) -> None:
-    from actors.envs import EnvSpecError, env_spec
+    from apexq.actors.envs import EnvSpecError, env_spec
     try:
         spec = env_spec(env_id)
     except EnvSpecError as exc:
@@ -314,7 +314,7 @@ def _check_env_fits(env_id: str, arch: dict, path: Path) -> None:
 
 def cmd_evaluate(args) -> int:
     import numpy as np
-    from learner.evaluate import evaluate
+    from apexq.learner.evaluate import evaluate
     if args.episodes < 1:
         raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
     policy, env_id, known = _load_policy_for_eval(Path(args.target), args.env)
@@ -323,7 +323,7 @@ def cmd_evaluate(args) -> int:
            "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)), **known,
            "returns": [float(r) for r in returns]}
     if args.gif:
-        from learner.render import RenderUnavailable, record_gif
+        from apexq.learner.render import RenderUnavailable, record_gif
         try:
             res["gif"] = record_gif(policy, env_id, args.gif, seed=args.seed)
         except RenderUnavailable as exc:

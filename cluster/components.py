@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import math
 
-from actors.actor import ActorSettings
-from learner.settings import LearnerSettings
-from replay_server.codec import block_nbytes
-from replay_server.shard import ShardSpec
+from apexq.actors.actor import ActorSettings
+from apexq.learner.settings import LearnerSettings
+from apexq.replay_server.codec import block_nbytes
+from apexq.replay_server.shard import ShardSpec
 
 from .config import Config
 

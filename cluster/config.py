@@ -15,16 +15,13 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-def _default_config() -> Path:
-    """configs/mountaincar.yaml of a source checkout, else the copy pip installed under <prefix>/share."""
-    import sys
-    here = Path(__file__).resolve().parent.parent / "configs" / "mountaincar.yaml"
-    if here.exists():
-        return here
-    return Path(sys.prefix) / "share" / "apexq" / "configs" / "mountaincar.yaml"
+def bundled_config(name: str) -> Path:
+    """A config that ships with apexq (``configs/NAME`` of the checkout, package data of any install)."""
+    from importlib.resources import files
+    return Path(str(files("apexq.configs").joinpath(name)))
 
 
-DEFAULT_CONFIG = _default_config()
+DEFAULT_CONFIG = bundled_config("mountaincar.yaml")
 
 
 class ConfigError(ValueError):
@@ -299,7 +296,7 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.train.max_seconds is None and cfg.train.max_env_steps is None and cfg.train.stop_at_return is None:
         raise ConfigError("train.max_seconds: at least one of train.max_seconds, train.max_env_steps "
                           "or train.stop_at_return must be set, or the run never ends")
-    from replay_server.rate_limiter import SampleToInsertRatio, RateLimiterError
+    from apexq.replay_server.rate_limiter import SampleToInsertRatio, RateLimiterError
     try:
         SampleToInsertRatio(cfg.replay.samples_per_insert, cfg.replay.min_size_to_sample,
                             cfg.replay.error_buffer).check_progress(

@@ -144,7 +144,7 @@ class Launcher:
     # -- platform ----------------------------------------------------------------------------
 
     def start_platform(self) -> None:
-        from replay_server.connection import check
+        from apexq.replay_server.connection import check
         if self.cfg.replay.external and self.redis_url is None and not self.cfg.replay.redis_urls:
             raise ClusterConfigError(
                 "replay.external: standalone replay servers cannot reach the run's private Redis; give the run the "
@@ -170,7 +170,7 @@ class Launcher:
                   f"{'; ' + auth if auth else ''})", file=self.out, flush=True)
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             if not self.cfg.replay.external:  # one shard must fit on one node
-                from actors.envs import env_spec
+                from apexq.actors.envs import env_spec
 
                 from .components import check_replay_memory
                 from .config import ConfigError
@@ -208,7 +208,7 @@ class Launcher:
 
     def start_redis(self, wait: bool = True) -> None:
         """Spawn the run's private Redis unless a URL was given; with ``wait``, check every Redis answers."""
-        from replay_server.connection import check
+        from apexq.replay_server.connection import check
         if self.redis_url is None and self.redis_server is None:
             from .redis_server import RedisServer, find_server
             binary = find_server(self.cfg.redis.server_path)
@@ -260,7 +260,7 @@ class Launcher:
                       flush=True)
             self.redis_down_since = None
             return
-        from replay_server.connection import redact
+        from apexq.replay_server.connection import redact
         limit = self.cfg.redis.unreachable_timeout_s
         if self.redis_down_since is None:
             self.redis_down_since = now
@@ -288,7 +288,7 @@ class Launcher:
 
     def create_components(self) -> None:
         import ray
-        from actors.envs import env_spec
+        from apexq.actors.envs import env_spec
 
         from .services.actor import ActorService as ApexActor
         from .services.learner import LearnerService as Learner
@@ -306,7 +306,7 @@ class Launcher:
             learner_opts["resources"] = {cfg.learner.custom_resource: 1}
         learner_cls = ray.remote(Learner).options(**learner_opts)
         if cfg.replay.external:  # standalone `apexq replay-server` processes, reached through Redis
-            from replay_server.rpc import RedisShardClient
+            from apexq.replay_server.rpc import RedisShardClient
             proxies = [RedisShardClient(shard_redis_url(cfg, k, self.redis_url), ns, k, self.spec["obs_dim"])
                        for k in range(cfg.replay.shards)]
             self.external_shards = [Member("shard", k, p) for k, p in enumerate(proxies)]
@@ -660,11 +660,11 @@ class Launcher:
                 f"replay {k(r['replay_size'])} | weights v{r['weights_version']}")
 
     def evaluate_now(self) -> Optional[float]:
-        from actors.policy import NumpyQPolicy
-        from learner import weights_store
-        from learner.evaluate import evaluate
-        from replay_server.connection import connect
-        from replay_server.keys import Keys
+        from apexq.actors.policy import NumpyQPolicy
+        from apexq.learner import weights_store
+        from apexq.learner.evaluate import evaluate
+        from apexq.replay_server.connection import connect
+        from apexq.replay_server.keys import Keys
         try:
             client = connect(self.redis_url)
             got = weights_store.fetch_if_newer(client, Keys(self.namespace), -1, as_numpy=True)
@@ -811,8 +811,8 @@ class Launcher:
 
     def accounting(self) -> dict:
         """Reconcile appended = ingested + pending from Redis; compare with what actors saw acknowledged."""
-        from replay_server.accounting import reconcile
-        from replay_server.connection import connect
+        from apexq.replay_server.accounting import reconcile
+        from apexq.replay_server.connection import connect
         shards = []
         for k in range(self.cfg.replay.shards):
             try:
@@ -846,8 +846,8 @@ class Launcher:
         return acct
 
     def _backlog(self) -> int:
-        from replay_server.connection import connect
-        from replay_server.keys import Keys
+        from apexq.replay_server.connection import connect
+        from apexq.replay_server.keys import Keys
         keys = Keys(self.namespace)
         total = 0
         for k in range(self.cfg.replay.shards):

@@ -109,7 +109,7 @@ class StatsCollector:
         yield self._emit("apexq_replay_size", s["size"], i)
         yield self._emit("apexq_replay_capacity", s["capacity"], i)
         f = _family("apexq_replay_rejected_total")
-        from replay_server.codec import REASONS  # noqa: F811
+        from apexq.replay_server.codec import REASONS  # noqa: F811
         for reason in REASONS:
             f.add_metric([i, reason], float(s["rejected"].get(reason, 0)))
         yield f

@@ -9,7 +9,7 @@ kernel's start time, so a recycled pid is never touched); when the pipe closes (
 exited without saying it stopped cleanly) it sends SIGTERM to every recorded process still alive, then SIGKILL
 after ``GRACE_S``. Linux only (it reads /proc); elsewhere :func:`start` does nothing.
 
-Run as ``python -m cluster.reaper DRIVER_PID`` with the pipe on stdin.
+Run as ``python -m apexq.cluster.reaper DRIVER_PID`` with the pipe on stdin.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def start() -> Optional[subprocess.Popen]:
     """Start the reaper for this process (call before ``ray.init``); :func:`release` it after a clean stop."""
     if not sys.platform.startswith("linux"):
         return None
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.reaper", str(os.getpid())], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "apexq.cluster.reaper", str(os.getpid())], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return proc

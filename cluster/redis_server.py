@@ -16,7 +16,7 @@ from typing import Optional
 
 import redis
 
-from replay_server.acl import CLIENT_USER, server_users
+from apexq.replay_server.acl import CLIENT_USER, server_users
 
 
 class RedisNotFound(RuntimeError):

@@ -109,7 +109,7 @@ class RunDir:
         Only the names in ``learner.artifacts.NAMES``; a write that fails (disk full) leaves the
         previous version of that file whole and raises :class:`RunDirError`.
         """
-        from learner.artifacts import NAMES
+        from apexq.learner.artifacts import NAMES
         bad = [n for n in files if n not in NAMES or not isinstance(files[n], (bytes, bytearray))]
         if bad:
             raise ValueError(f"not a file of a run, or not bytes: {sorted(map(str, bad))}")

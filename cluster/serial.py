@@ -12,13 +12,13 @@ from typing import Optional
 
 import numpy as np
 
-from actors.actor import ApexActor
-from actors.envs import env_spec
-from learner.evaluate import evaluate
-from learner.learner import Learner
-from learner.network import build_network
-from learner.prefetch import PrefetchSampler
-from replay_server.shard import ReplayShard
+from apexq.actors.actor import ApexActor
+from apexq.actors.envs import env_spec
+from apexq.learner.evaluate import evaluate
+from apexq.learner.learner import Learner
+from apexq.learner.network import build_network
+from apexq.learner.prefetch import PrefetchSampler
+from apexq.replay_server.shard import ReplayShard
 
 from .components import actor_settings, learner_settings, shard_spec
 from .config import Config

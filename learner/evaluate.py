@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.envs import make_vector_env
-from actors.policy import NumpyQPolicy
+from apexq.actors.envs import make_vector_env
+from apexq.actors.policy import NumpyQPolicy
 
 EVAL_SEED_BASE = 2_000_000_000  # actors seed from seed*1_000_003 upwards: far below this
 

@@ -104,7 +104,7 @@ class BackgroundExporter:
     on an idle core here, more under load, during which training stopped. On a second thread
     of the learner's process it would not stop but crawl: tracing is pure Python, and the
     update gets the GIL back only at switch intervals (3,000 updates took 478 s instead of 2.4 s
-    with tracing going on beside them). The helper (``python -m learner.export --serve``, at
+    with tracing going on beside them). The helper (``python -m apexq.learner.export --serve``, at
     low priority) is started at the first export and keeps its traced program, so later exports
     only copy weights in and save. Weights travel as safetensors bytes over its stdin; nothing
     is pickled. If the helper fails, that export is done in this process instead.
@@ -153,10 +153,9 @@ class BackgroundExporter:
     def _export_in_helper(self, state: dict, path: str, info: dict) -> str:
         from safetensors.torch import save
         if self._proc is None or self._proc.poll() is not None:
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in sys.path if p]))
-            self._proc = subprocess.Popen([sys.executable, "-m", "learner.export", "--serve"], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, env=env, cwd=root)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            self._proc = subprocess.Popen([sys.executable, "-m", "apexq.learner.export", "--serve"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             self._finalizer = weakref.finalize(self, _close_helper, self._proc)
         payload = save(state)
         header = {"path": path, "nbytes": len(payload), "info": info, **self.arch}
@@ -221,7 +220,7 @@ def serve(inp, out) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--serve"]:
-        raise SystemExit("usage: python -m learner.export --serve  (the learner starts this itself)")
+        raise SystemExit("usage: python -m apexq.learner.export --serve  (the learner starts this itself)")
     # replies go to a private copy of stdout; whatever else writes to stdout (torch.onnx's progress
     # lines, C libraries) lands on stderr instead of in the middle of the protocol
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from replay_server.connection import connect
-from replay_server.keys import Keys
+from apexq.replay_server.connection import connect
+from apexq.replay_server.keys import Keys
 
 from . import checkpoint as ckpt
 from . import weights_store

@@ -9,7 +9,7 @@ import json
 import struct
 from typing import Optional
 
-from replay_server.keys import Keys
+from apexq.replay_server.keys import Keys
 
 
 def encode_weights(state_dict: dict, version: int) -> bytes:

@@ -73,5 +73,5 @@ def setuser_command(user: str = CLIENT_USER, password: str = "PASSWORD") -> str:
     return f"ACL SETUSER {user} reset on >{password} {acl_rule()}"
 
 
-if __name__ == "__main__":  # python -m replay_server.acl: the ACL SETUSER line to paste
+if __name__ == "__main__":  # python -m apexq.replay_server.acl: the ACL SETUSER line to paste
     print(setuser_command())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.metrics import METRICS  # noqa: E402
+from apexq.cluster.metrics import METRICS  # noqa: E402
 
 
 def table() -> str:

@@ -14,7 +14,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 @pytest.fixture
 def redis_server():
     """A real private Redis-protocol server (redis-server, valkey-server or the pip-shipped Valkey)."""
-    from cluster.redis_server import RedisServer, find_server
+    from apexq.cluster.redis_server import RedisServer, find_server
     server = RedisServer(find_server()).start()
     yield server
     server.stop()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from actors.actor import ApexActor
+from apexq.actors.actor import ApexActor
 
 from ..metrics import serve_component
 from . import current_node_id, new_incarnation

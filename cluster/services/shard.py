@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from replay_server.shard import ReplayShard
+from apexq.replay_server.shard import ReplayShard
 
 from ..metrics import serve_component
 from . import current_node_id, new_incarnation

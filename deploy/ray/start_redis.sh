@@ -34,8 +34,8 @@ if [ -s "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; the
   exit 0
 fi
 
-server="$("$python" -c 'from cluster.redis_server import find_server; print(find_server())')"
-rule="$("$python" -c 'from replay_server.acl import acl_rule; print(acl_rule())')"
+server="$("$python" -c 'from apexq.cluster.redis_server import find_server; print(find_server())')"
+rule="$("$python" -c 'from apexq.replay_server.acl import acl_rule; print(acl_rule())')"
 conf="$dir/redis.conf"
 (umask 077 && cat > "$conf" <<CONF
 bind ${host}

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cluster.redis_server import free_port
+from apexq.cluster.redis_server import free_port
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

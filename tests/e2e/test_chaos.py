@@ -26,7 +26,7 @@ def records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_chaos_quick_recovers_everything_and_accounts_for_every_transition():
-    from learner.checkpoint import load
+    from apexq.learner.checkpoint import load
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     p = subprocess.Popen([sys.executable, "benchmarks/chaos.py", "--quick"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -19,14 +19,14 @@ ENV = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_EN
 
 def apexq(*args, **kw):
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=kw.pop("cwd", ROOT), env=env,
+    return subprocess.run([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=kw.pop("cwd", ROOT), env=env,
                           capture_output=True, text=True, **kw)
 
 
 def watched(args: list, timeout: float) -> tuple[subprocess.CompletedProcess, Watch]:
     """``apexq ARGS`` with its process tree recorded while it runs (its own processes only: other
     tests may run Ray or Redis on this machine at the same time)."""
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     watch = Watch(p.pid)
     try:
@@ -114,7 +114,7 @@ def test_train_end_to_end(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_gracefully_with_a_checkpoint(tmp_path, sig):
     run_dir = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *short_run_args(run_dir, 300)], cwd=ROOT, env=ENV,
+    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 300)], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watch = Watch(p.pid)
     metrics = run_dir / "metrics.jsonl"
@@ -151,7 +151,7 @@ def test_killed_run_resumes_with_its_counters(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     args = short_run_args(run_dir, 300)
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env,
+    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + 150
@@ -190,7 +190,7 @@ def test_killed_single_process_run_resumes_with_its_counters(tmp_path):
     import torch
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *short_run_args(run_dir, 300), "--single-process"],
+    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 300), "--single-process"],
                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     ckpt = run_dir / "checkpoint.pt"
@@ -292,7 +292,7 @@ def test_full_disk_stops_the_run_with_one_line_and_keeps_what_was_stored(tiny_di
     there is space again."""
     run_dir = tiny_disk / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *short_run_args(run_dir, 200),
+    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 200),
                           "--set", "learner.checkpoint_every_s=2", "--set", "train.progress_every_s=1"],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

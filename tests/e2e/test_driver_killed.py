@@ -33,7 +33,7 @@ def test_sigkilled_driver_leaves_nothing_running_and_resume_continues(tmp_path):
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
-    from learner.checkpoint import load
+    from apexq.learner.checkpoint import load
     ckpt_updates = int(load(run_dir / "checkpoint.pt")["updates"])
     assert ckpt_updates > 0
     last_env_steps = max(r["env_steps"] for r in records(run_dir))

@@ -19,7 +19,7 @@ SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0
 
 def apexq(*args, timeout=120):
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -130,8 +130,8 @@ def exported(tmp_path_factory):
     """A genuine policy's four files, exported from a small network (as a run writes them)."""
     import torch
 
-    from learner.export import export_policy
-    from learner.network import build_network
+    from apexq.learner.export import export_policy
+    from apexq.learner.network import build_network
     d = tmp_path_factory.mktemp("policy")
     torch.manual_seed(0)
     export_policy(build_network(SPEC, [16], False), d / "policy.pt2",
@@ -143,8 +143,8 @@ def test_seed_picks_the_episodes(tmp_path):
     """A random CartPole network: its greedy episodes end at steps that depend on the start state."""
     import torch
 
-    from learner.export import export_policy
-    from learner.network import build_network
+    from apexq.learner.export import export_policy
+    from apexq.learner.network import build_network
     torch.manual_seed(3)
     export_policy(build_network({"obs_dim": 4, "num_actions": 2}, [8], False), tmp_path / "policy.pt2",
                   {"env_id": "CartPole-v1"})
@@ -197,7 +197,7 @@ def spoil_json(d: Path, **fields) -> None:
 def test_broken_policy_files_and_checkpoints_are_one_line_exit_2(exported, tmp_path):
     import torch
 
-    from learner.network import build_network
+    from apexq.learner.network import build_network
     cases = []
     d = copy_policy(exported, tmp_path / "garbage-weights")
     (d / "policy.safetensors").write_bytes(os.urandom(300))

@@ -57,7 +57,7 @@ def wait(pred, timeout):
 def test_killed_actor_and_shard_are_replaced_and_nothing_acknowledged_is_lost(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--set", "train.max_seconds=600",
+    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--set", "train.max_seconds=600",
            "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0", "--set", "metrics.port=0",
            "--set", "actors.envs_per_actor=16", "--set", "replay.capacity=100000", "--set", "replay.min_size_to_sample=500"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -113,12 +113,12 @@ def test_redis_killed_and_restarted_with_aof_the_run_continues(tmp_path):
     """SIGKILL the run's Redis, start it again on its AOF: shards, actors and learner reconnect and
     carry on; what Redis lost is reported exactly and is at most the last second of appends."""
     sys.path.insert(0, str(ROOT))
-    from cluster.redis_server import RedisServer, find_server
+    from apexq.cluster.redis_server import RedisServer, find_server
     (tmp_path / "redis").mkdir()
     server = RedisServer(find_server(), data_dir=str(tmp_path / "redis")).start()
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
+    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
            "--set", "train.max_seconds=60", "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0",
            "--set", "metrics.port=0", "--set", "actors.envs_per_actor=16", "--set", "replay.min_size_to_sample=500"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,8 +21,8 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.redis_server import RedisServer, find_server
-from replay_server.keys import Keys
+from apexq.cluster.redis_server import RedisServer, find_server
+from apexq.replay_server.keys import Keys
 from test_redis_faults import ROOT, Run, records, wait
 
 NAMESPACE = "twoshards"

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import METRICS
+from apexq.cluster.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "apexq.json"
@@ -135,7 +135,7 @@ def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
     prometheus = require_tool("prometheus", "Debian/Ubuntu: apt-get install prometheus")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     run_dir = tmp_path / "run"
-    run = Proc([sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir),
+    run = Proc([sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir),
                 "--set", "train.max_seconds=45", "--set", "metrics.port=0", "--set", "eval.episodes=20",
                 "--set", "replay.min_size_to_sample=500"], cwd=ROOT, env=env)
     prom = None

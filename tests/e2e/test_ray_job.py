@@ -22,7 +22,7 @@ def test_ray_job_submit_without_address_joins_the_cluster_and_runs_to_completion
     from needs import require_module
     require_module("aiohttp", "the Ray job server needs ray[default] (the test extra)")
     import redis
-    from cluster.redis_server import RedisServer, find_server
+    from apexq.cluster.redis_server import RedisServer, find_server
     server = RedisServer(find_server()).start()
     head = RayHead(num_cpus=4)
     head.env["APEXQ_REDIS_URL"] = server.url  # the head's environment; the job's driver inherits it

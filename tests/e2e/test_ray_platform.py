@@ -32,7 +32,7 @@ def head():
 def apexq(args, env, timeout=240):
     """`apexq train ARGS` as a user runs it: (exit status, stdout, stderr, seconds)."""
     t = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", *args], cwd=ROOT, env=env, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", "train", *args], cwd=ROOT, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -85,7 +85,7 @@ def test_plain_train_starts_its_own_ray_beside_a_live_or_a_stale_cluster(head, t
     """A `ray start` on the machine (live), then the address file a killed Ray left (stale)."""
     stale = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's sockets go below it
     (stale / "ray").mkdir()
-    from cluster.redis_server import free_port
+    from apexq.cluster.redis_server import free_port
     dead = f"127.0.0.1:{free_port()}"
     (stale / "ray" / "ray_current_cluster").write_text(dead)
     try:

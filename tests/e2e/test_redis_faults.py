@@ -43,7 +43,7 @@ class Run:
     """``apexq train`` in a subprocess, its output collected line by line."""
 
     def __init__(self, run_dir: "Path | None", *args: str, env: dict = ENV):
-        cmd = [sys.executable, "-m", "cluster.cli", "train", *(["--run-dir", str(run_dir)] if run_dir else []), *args]
+        cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", *(["--run-dir", str(run_dir)] if run_dir else []), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
@@ -126,7 +126,7 @@ def test_default_run_survives_its_redis_then_a_shard_then_an_actor_being_killed(
 
 @pytest.mark.slow
 def test_run_stops_with_an_error_when_its_redis_stays_unreachable(tmp_path):
-    from cluster.redis_server import RedisServer, find_server
+    from apexq.cluster.redis_server import RedisServer, find_server
     server = RedisServer(find_server()).start()
     run_dir = tmp_path / "run"
     try:

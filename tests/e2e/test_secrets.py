@@ -69,7 +69,7 @@ def test_the_redis_password_stays_out_of_argv_records_logs_and_metrics(redis_ser
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
                APEXQ_REDIS_URL=redis_server.url)
-    argv = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir),
+    argv = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir),
             "--set", "train.max_seconds=15", "--set", "train.progress_every_s=2", "--set", "eval.every_seconds=5",
             "--set", "eval.episodes=5", "--set", "learner.checkpoint_every_s=5",
             "--set", "replay.min_size_to_sample=500", "--set", f"replay.redis_urls=[file:{url_file}]"]
@@ -117,7 +117,7 @@ def test_the_redis_password_stays_out_of_argv_records_logs_and_metrics(redis_ser
 def test_replay_server_takes_the_url_from_a_file_or_the_environment(redis_server, tmp_path):
     """`apexq replay-server` without --redis-url: a one-line error when no source gives a URL; with the
     file or the variable it serves, and neither its argv nor its output holds the password."""
-    base = [sys.executable, "-m", "cluster.cli", "replay-server", "--shard", "0", "--namespace", "sec"]
+    base = [sys.executable, "-m", "apexq.cluster.cli", "replay-server", "--shard", "0", "--namespace", "sec"]
     env = {k: v for k, v in os.environ.items() if k != "APEXQ_REDIS_URL"}
     r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == (

@@ -67,7 +67,7 @@ def test_run_files_reach_a_driver_that_does_not_share_the_learners_filesystem(tm
         address = head.stdout.readline().strip()
         assert address, "the Ray head did not start"
         run = private / "run"
-        cli = [sys.executable, "-m", "cluster.cli"]
+        cli = [sys.executable, "-m", "apexq.cluster.cli"]
         q = shlex.quote
         script = "\n".join([
             f"mount -t tmpfs -o size=256m tmpfs {q(str(private))} || exit 97",

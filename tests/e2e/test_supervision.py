@@ -18,7 +18,7 @@ import time
 import pytest
 import redis
 
-from replay_server.keys import Keys
+from apexq.replay_server.keys import Keys
 from test_redis_faults import Run, pids_of, records, wait
 
 NAMESPACE = "supervised"
@@ -51,7 +51,7 @@ class VersionWatch(threading.Thread):
 
 @pytest.mark.slow
 def test_learner_restart_hung_actor_and_giving_up(tmp_path, redis_server):
-    from learner.checkpoint import load
+    from apexq.learner.checkpoint import load
     run_dir = tmp_path / "run"
     admin = redis.Redis.from_url(redis_server.admin_url)
     version_key = Keys(NAMESPACE).weights_version

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tensorboard import LAG_TAGS, TAGS, scalars
+from apexq.cluster.tensorboard import LAG_TAGS, TAGS, scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def apexq(*args, env=None, timeout=240):
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

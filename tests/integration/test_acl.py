@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import redis
 
-from replay_server.acl import CLIENT_COMMANDS, CLIENT_USER, DANGEROUS, acl_rule
+from apexq.replay_server.acl import CLIENT_COMMANDS, CLIENT_USER, DANGEROUS, acl_rule
 
 NS = "acl"
 # the arguments each listed command is checked with (keys under apexq:, as the code uses them)
@@ -104,15 +104,15 @@ def drive_components(url):
     driver's accounting and backlog reads."""
     import torch
 
-    from actors.actor import ActorSettings, ApexActor
-    from actors.envs import env_spec
-    from learner import weights_store
-    from learner.network import build_network
-    from replay_server.accounting import reconcile
-    from replay_server.connection import check, connect
-    from replay_server.keys import Keys
-    from replay_server.rpc import RedisShardClient, ShardRpcServer
-    from replay_server.shard import ReplayShard, ShardSpec
+    from apexq.actors.actor import ActorSettings, ApexActor
+    from apexq.actors.envs import env_spec
+    from apexq.learner import weights_store
+    from apexq.learner.network import build_network
+    from apexq.replay_server.accounting import reconcile
+    from apexq.replay_server.connection import check, connect
+    from apexq.replay_server.keys import Keys
+    from apexq.replay_server.rpc import RedisShardClient, ShardRpcServer
+    from apexq.replay_server.shard import ReplayShard, ShardSpec
 
     spec = env_spec("MountainCar-v0")
     keys = Keys(NS)
@@ -154,7 +154,7 @@ def drive_components(url):
 
 
 def actor_block(spec):
-    from replay_server.codec import Block
+    from apexq.replay_server.codec import Block
     n, d = 4, spec["obs_dim"]
     obs = np.zeros((n, d), np.float32)
     return Block(obs=obs, action=np.zeros(n, np.int32), ret=np.zeros(n, np.float32),
@@ -197,7 +197,7 @@ def test_a_restart_replays_the_consumer_groups_under_the_acl(tmp_path):
     against that user's rights; XREADGROUP is logged as XCLAIMs + XGROUP SETID in a MULTI. With the
     client rule on `default` the replay dropped them: the group's deliveries and pending list rolled
     back on restart, a shard ingested those entries again and the run's accounting broke."""
-    from cluster.redis_server import RedisServer, find_server
+    from apexq.cluster.redis_server import RedisServer, find_server
     server = RedisServer(find_server(), data_dir=str(tmp_path), appendfsync="always").start()
     try:
         c = redis.Redis.from_url(server.url)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.metrics import METRICS
+from apexq.cluster.metrics import METRICS
 from promql_checks import aggregations_dropping, metric_names, promtool
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -103,7 +103,7 @@ def test_the_shipped_prometheus_configs_load_the_rules():
 def test_the_driver_exports_the_evaluation_time_the_no_evaluation_alert_reads():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from cluster.metrics import StatsCollector
+    from apexq.cluster.metrics import StatsCollector
 
     def scrape(stats):
         registry = CollectorRegistry()

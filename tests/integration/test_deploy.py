@@ -15,9 +15,9 @@ import pytest
 import redis
 import yaml
 
-from cluster.config import MetricsConfig, load_config
-from cluster.metrics import METRICS
-from replay_server.acl import acl_rule
+from apexq.cluster.config import MetricsConfig, load_config
+from apexq.cluster.metrics import METRICS
+from apexq.replay_server.acl import acl_rule
 from promql_checks import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -491,7 +491,7 @@ def test_cluster_config_sets_every_key_with_a_comment_above_it():
 def acl_user_rule(text, password_token):
     """The rule of the `user apexq` line a deploy file writes into its Redis config; the file must
     also keep `default` off with every right (Redis replays its AOF as `default`: see acl.py)."""
-    from replay_server.acl import DEFAULT_USER_LINE
+    from apexq.replay_server.acl import DEFAULT_USER_LINE
     assert re.search(rf"^\s*{re.escape(DEFAULT_USER_LINE)}\s*$", text, re.M), f"no `{DEFAULT_USER_LINE}` line"
     m = re.search(rf"^\s*user apexq reset on >{re.escape(password_token)} (.+?)\s*$", text, re.M)
     assert m, f"no `user apexq reset on >{password_token} ...` line"
@@ -616,7 +616,7 @@ def test_compose_requires_every_password_variable():
 
 def run_redis_script(script, tmp_path, port):
     """A deploy file's Redis start script, run by sh on this machine with the embedded server binary."""
-    from cluster.redis_server import find_server
+    from apexq.cluster.redis_server import find_server
     data = tmp_path / "data"
     data.mkdir()
     conf = tmp_path / "redis.conf"
@@ -660,7 +660,7 @@ def test_deploy_redis_scripts_start_a_server_with_the_client_acl(which, tmp_path
 
 
 def test_readme_gives_the_acl_line_and_the_pod_security_profile():
-    from replay_server.acl import setuser_command
+    from apexq.replay_server.acl import setuser_command
     readme = (ROOT / "README.md").read_text()
     assert setuser_command() in readme
     assert "meet Pod Security \"restricted\"" in readme

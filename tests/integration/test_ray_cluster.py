@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from cluster.config import load_config
-from cluster.run_dir import RunDir
+from apexq.cluster.config import load_config
+from apexq.cluster.run_dir import RunDir
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_two_node_cluster_places_learner_and_spreads_actors(tmp_path, redis_serv
     gpu_like = cluster.add_node(num_cpus=2, resources={"learner_node": 1})
     cluster.wait_for_nodes()
     try:
-        from cluster.launch import train
+        from apexq.cluster.launch import train
         cfg = load_config(overrides=["train.max_seconds=35", "learner.custom_resource=learner_node",
                                      "eval.every_seconds=0", "metrics.port=0", "replay.min_size_to_sample=500",
                                      "actors.envs_per_actor=8", "train.progress_every_s=2"])

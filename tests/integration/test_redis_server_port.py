@@ -4,7 +4,7 @@ import socket
 import pytest
 import redis
 
-import cluster.redis_server as rs
+import apexq.cluster.redis_server as rs
 
 
 def held_port():

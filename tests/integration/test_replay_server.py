@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import redis
 
-from replay_server.client import StreamWriter
-from replay_server.codec import Block
-from replay_server.keys import Keys
-from replay_server.rpc import RedisShardClient, decode, encode
+from apexq.replay_server.client import StreamWriter
+from apexq.replay_server.codec import Block
+from apexq.replay_server.keys import Keys
+from apexq.replay_server.rpc import RedisShardClient, decode, encode
 
 SETTINGS = ["--set", "replay.capacity=4000", "--set", "replay.min_size_to_sample=100",
             "--set", "replay.samples_per_insert=1000", "--set", "learner.batch_size=64",
@@ -27,7 +27,7 @@ def block(n, start, seq):
 
 
 def start_server(url, ns="rs", shard=0):
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", "replay-server", "--redis-url", url,
+    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", "replay-server", "--redis-url", url,
                           "--shard", str(shard), "--namespace", ns, *SETTINGS],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -117,7 +117,7 @@ def test_bad_arguments_one_line(redis_server):
     for argv, msg in (([ "--shard", "3"], "--shard: must be between 0 and replay.shards-1=0, got 3"),
                       (["--shard", "0"], "--namespace: give the run's namespace"),
                       (["--shard", "0", "--namespace", "x", "--set", "replay.capacity=-1"], "replay.capacity")):
-        r = subprocess.run([sys.executable, "-m", "cluster.cli", "replay-server", "--redis-url", redis_server.url, *argv],
+        r = subprocess.run([sys.executable, "-m", "apexq.cluster.cli", "replay-server", "--redis-url", redis_server.url, *argv],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
@@ -129,7 +129,7 @@ def test_training_run_with_a_standalone_shard(redis_server, tmp_path):
     p, _ = start_server(redis_server.url, ns="ext")
     try:
         env = {**os.environ, "PYTHONPATH": os.getcwd()}
-        r = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--redis-url", redis_server.url,
+        r = subprocess.run([sys.executable, "-m", "apexq.cluster.cli", "train", "--redis-url", redis_server.url,
                             "--run-dir", str(tmp_path / "run"), *SETTINGS, "--set", "replay.external=true",
                             "--set", "replay.namespace=ext", "--set", "train.max_seconds=25", "--set", "actors.num=1",
                             "--set", "actors.envs_per_actor=8", "--set", "eval.every_seconds=0", "--set", "ray.num_cpus=2"],

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import redis
 
-from replay_server.client import StreamWriter
-from replay_server.codec import MAX_PRIORITY, encode_block
-from replay_server.keys import Keys
-from replay_server.rpc import RedisShardClient, ShardRpcServer, decode, encode
-from replay_server.rpc_messages import MAGIC
+from apexq.replay_server.client import StreamWriter
+from apexq.replay_server.codec import MAX_PRIORITY, encode_block
+from apexq.replay_server.keys import Keys
+from apexq.replay_server.rpc import RedisShardClient, ShardRpcServer, decode, encode
+from apexq.replay_server.rpc_messages import MAGIC
 
 from test_replay_server import block, start_server, wait_for  # noqa: E402 (the same server and blocks)
 

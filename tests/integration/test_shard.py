@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import redis
 
-from replay_server.client import StreamWriter
-from replay_server.codec import Block, encode_block
-from replay_server.keys import Keys
-from replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.client import StreamWriter
+from apexq.replay_server.codec import Block, encode_block
+from apexq.replay_server.keys import Keys
+from apexq.replay_server.shard import ReplayShard, ShardSpec
 
 
 def block(n, start=0.0, seq=0, prio=1.0):
@@ -135,7 +135,7 @@ def test_forged_entries_are_rejected_and_counted_and_the_shard_keeps_serving(red
 
 
 def test_wrong_password_is_refused(redis_server):
-    from replay_server.connection import RedisAuthError, check
+    from apexq.replay_server.connection import RedisAuthError, check
     bad = redis_server.url.replace(redis_server.password, "not-the-password")
     with pytest.raises(RedisAuthError, match="refused the password"):
         check(bad)
@@ -148,7 +148,7 @@ def test_wrong_password_is_refused(redis_server):
 
 
 def test_accounting_balances_across_a_shard_restart(redis_server):
-    from replay_server.accounting import reconcile
+    from apexq.replay_server.accounting import reconcile
     r = redis.Redis.from_url(redis_server.url)
     w = StreamWriter(redis_server.url, "t5", 0, actor_id=3, maxlen=100, max_backlog=100)
     shard = ReplayShard(spec(), redis_server.url, "t5")

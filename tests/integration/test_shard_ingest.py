@@ -5,10 +5,10 @@ import time
 import numpy as np
 import redis
 
-from replay_server.codec import Block, encode_block
-from replay_server.connection import connect
-from replay_server.keys import Keys
-from replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.codec import Block, encode_block
+from apexq.replay_server.connection import connect
+from apexq.replay_server.keys import Keys
+from apexq.replay_server.shard import ReplayShard, ShardSpec
 
 
 def block(n, start=0.0):

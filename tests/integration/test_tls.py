@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from replay_server.client import StreamWriter
-from replay_server.codec import Block
-from replay_server.connection import check, connect
-from replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.client import StreamWriter
+from apexq.replay_server.codec import Block
+from apexq.replay_server.connection import check, connect
+from apexq.replay_server.shard import ReplayShard, ShardSpec
 
 from needs import require_module
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from actors.exploration import apex_epsilons
-from actors.nstep import NStepAccumulator
+from apexq.actors.exploration import apex_epsilons
+from apexq.actors.nstep import NStepAccumulator
 
 G = 0.9
 

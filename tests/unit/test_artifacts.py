@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.run_dir import RunDir
-from learner.artifacts import Outbox
-from learner.checkpoint import CheckpointError, dumps, loads
-from learner.learner import Learner, LearnerSettings
+from apexq.cluster.run_dir import RunDir
+from apexq.learner.artifacts import Outbox
+from apexq.learner.checkpoint import CheckpointError, dumps, loads
+from apexq.learner.learner import Learner, LearnerSettings
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 
@@ -79,8 +79,8 @@ def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_res
     rd = RunDir(tmp_path)
     rd.write_files(files)
     # the files the driver wrote are the policy apexq evaluate reads: the same Q values
-    from actors.policy import NumpyQPolicy
-    from learner.policy_file import read_policy_files
+    from apexq.actors.policy import NumpyQPolicy
+    from apexq.learner.policy_file import read_policy_files
     desc, weights = read_policy_files(tmp_path / "policy")
     assert desc["env_id"] == "MountainCar-v0" and desc["weights_version"] == 9
     policy = NumpyQPolicy(SPEC, desc["hidden_sizes"], desc["dueling"])

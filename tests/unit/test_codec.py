@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from replay_server.codec import HEADER_SIZE, MAX_PRIORITY, Block, BlockError, block_nbytes, decode_block, encode_block
+from apexq.replay_server.codec import HEADER_SIZE, MAX_PRIORITY, Block, BlockError, block_nbytes, decode_block, encode_block
 
 
 def make_block(n=5, dim=2, seed=0):

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from cluster.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from apexq.cluster.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 
 def test_default_config_is_what_the_yaml_documents():

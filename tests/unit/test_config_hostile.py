@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import MAX_CONFIG_DEPTH, ConfigError, load_config
+from apexq.cluster.config import MAX_CONFIG_DEPTH, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_huge_integer_in_set_is_one_line():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -76,7 +76,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, name):
 
 
 def test_capacity_beyond_memory_is_refused_before_anything_starts(tmp_path):
-    from cluster.components import physical_memory
+    from apexq.cluster.components import physical_memory
     # 10**12 transitions of MountainCar (2-dim obs: 32 bytes raw, ~84 bytes in a shard) need ~78 TiB
     assert physical_memory() < 10**12 * 84
     r = run_cli("train", "--set", "replay.capacity=1000000000000", "--run-dir", str(tmp_path / "run"))
@@ -88,12 +88,12 @@ def test_capacity_beyond_memory_is_refused_before_anything_starts(tmp_path):
 
 
 def test_replay_memory_estimate_by_hand():
-    from cluster.components import replay_memory_bytes
+    from apexq.cluster.components import replay_memory_bytes
     cfg = load_config(overrides=["replay.capacity=1000", "replay.min_size_to_sample=100", "learner.batch_size=64",
                                  "actors.block_size=100", "actors.max_backlog_blocks=4"])
     shard, stream = replay_memory_bytes(cfg, obs_dim=2)
     # shard: 1000 items x (2 obs x 2 dims x 4 B + action, return, discount 12 B + key 8 B + tree 32 B)
     assert shard == 1000 * (16 + 12 + 8 + 32)
     # stream: ceil(1000/100) + 4 backlog + 16 spare = 30 blocks of 100 transitions (32 B each) + header
-    from replay_server.codec import HEADER_SIZE
+    from apexq.replay_server.codec import HEADER_SIZE
     assert stream == 30 * (HEADER_SIZE + 100 * 32)

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import torch
 
-from learner.prefetch import PrefetchSampler
-from replay_server.codec import Block
-from replay_server.shard import ReplayShard, ShardSpec
+from apexq.learner.prefetch import PrefetchSampler
+from apexq.replay_server.codec import Block
+from apexq.replay_server.shard import ReplayShard, ShardSpec
 
 # item id (written into obs[:, 0]) -> (shard, priority)
 ITEMS = {0: (0, 1.0), 1: (0, 1.0), 2: (1, 2.0), 3: (1, 4.0)}

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from replay_server.codec import Block, BlockError, decode_batch, decode_block, encode_block
-from replay_server.sum_tree import SumTree
+from apexq.replay_server.codec import Block, BlockError, decode_batch, decode_block, encode_block
+from apexq.replay_server.sum_tree import SumTree
 
 
 def make_block(n, seed, dim=2):

@@ -8,12 +8,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 DRIVER_IMPORTS = """
 import sys
-import cluster.cli, cluster.launch
-from cluster.services.actor import ActorService
-from cluster.services.learner import LearnerService
-from cluster.services.shard import ShardService
-from learner import weights_store
-from learner.evaluate import evaluate
+import apexq.cluster.cli, apexq.cluster.launch
+from apexq.cluster.services.actor import ActorService
+from apexq.cluster.services.learner import LearnerService
+from apexq.cluster.services.shard import ShardService
+from apexq.learner import weights_store
+from apexq.learner.evaluate import evaluate
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 
@@ -25,7 +25,7 @@ def test_driver_modules_do_not_import_torch():
 
 def test_learner_service_forwards_every_method_the_driver_calls():
     # Ray exposes only methods defined on the class: each call the launcher makes must exist on the shell
-    from cluster.services.learner import LearnerService
+    from apexq.cluster.services.learner import LearnerService
     launch = (ROOT / "cluster" / "launch.py").read_text()
     called = set(re.findall(r"learner\.handle\.([a-z_]+)\.remote", launch)) | {"run", "stats", "serve_metrics", "node_id"}
     assert called <= set(dir(LearnerService)), called - set(dir(LearnerService))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from actors.exploration import TemporallyExtendedEpsilonGreedy
+from apexq.actors.exploration import TemporallyExtendedEpsilonGreedy
 
 
 class Scripted:

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint import CheckpointError, load
-from learner.learner import Learner, LearnerSettings
-from learner.network import build_network
-from replay_server.codec import Block
-from replay_server.shard import SEQ_MASK, ReplayShard, ShardSpec
+from apexq.learner.checkpoint import CheckpointError, load
+from apexq.learner.learner import Learner, LearnerSettings
+from apexq.learner.network import build_network
+from apexq.replay_server.codec import Block
+from apexq.replay_server.shard import SEQ_MASK, ReplayShard, ShardSpec
 
 
 def load_policy(path):
@@ -86,7 +86,7 @@ def test_polyak_target_update_by_hand(tmp_path):
     sh = shard_with()
     lr = make(tmp_path, sh, target_tau=0.25)
     before = [p.detach().clone() for p in lr.target.parameters()]
-    from learner.prefetch import PrefetchSampler
+    from apexq.learner.prefetch import PrefetchSampler
     sp = PrefetchSampler([sh], 32, 1, lr.device, lr.beta)
     lr.step(sp.sample_once()[0])
     for t0, t1, o in zip(before, lr.target.parameters(), lr.online.parameters()):
@@ -115,8 +115,8 @@ def test_compiled_update_matches_eager(tmp_path):
 
 def test_repeated_exports_carry_the_current_weights(tmp_path):
     """Later checkpoints re-save the traced program with new weights: the file follows the network."""
-    from learner.export import PolicyExporter
-    from learner.network import build_network
+    from apexq.learner.export import PolicyExporter
+    from apexq.learner.network import build_network
     net = build_network(SPEC, [16, 16], True)
     exporter = PolicyExporter()
     x = torch.randn(32, 2) * torch.tensor([0.5, 0.03])
@@ -193,7 +193,7 @@ def test_read_only_arrays_from_ray_raise_no_torch_warning():
 def test_every_minibatch_of_a_request_spans_the_whole_replay():
     """One request of k minibatches is one stratified draw of k*B items in slot order; each
     minibatch must still come from the whole buffer, not from the j-th k-th of it."""
-    from learner.prefetch import PrefetchSampler
+    from apexq.learner.prefetch import PrefetchSampler
     sh = shard_with(n=2000)  # equal priorities: slot i holds the i-th 1/2000 of the mass
     sampler = PrefetchSampler([sh], 64, 4, torch.device("cpu"), lambda: 0.5, inline=True, batches_per_request=4,
                               rng=np.random.default_rng(3))
@@ -207,7 +207,7 @@ def test_every_minibatch_of_a_request_spans_the_whole_replay():
 
 
 def test_background_exporter_follows_the_weights_and_survives_its_helper_dying(tmp_path):
-    from learner.export import BackgroundExporter
+    from apexq.learner.export import BackgroundExporter
     net = build_network(SPEC, [16], False)
     exp = BackgroundExporter(SPEC, [16], False)
     x = torch.randn(32, 2) * torch.tensor([0.5, 0.03])
@@ -235,7 +235,7 @@ def test_background_exporter_follows_the_weights_and_survives_its_helper_dying(t
 
 
 def test_deal_by_hand():
-    from learner.prefetch import deal, undeal
+    from apexq.learner.prefetch import deal, undeal
     a = np.arange(6)
     assert deal(a, 2).tolist() == [0, 2, 4, 1, 3, 5]  # group 0 gets rows 0, 2, 4
     assert deal(a, 3).tolist() == [0, 3, 1, 4, 2, 5]
@@ -295,7 +295,7 @@ class Remote:
 
 def test_remote_replies_become_minibatches_on_the_training_thread():
     """On a CPU device the prefetch thread only fetches; get() turns a reply into its k minibatches."""
-    from learner.prefetch import PrefetchSampler
+    from apexq.learner.prefetch import PrefetchSampler
     sampler = PrefetchSampler([Remote(shard_with(n=2000), True)], 16, 4, torch.device("cpu"), lambda: 0.5,
                               batches_per_request=4).start()
     try:
@@ -326,7 +326,7 @@ def test_priorities_leave_from_the_training_thread_unless_the_shard_blocks(tmp_p
 def test_a_cuda_graph_that_cannot_be_captured_leaves_the_learner_training_eagerly(tmp_path, monkeypatch, caplog):
     """learner.cuda_graphs where capturing fails (an op the installed torch cannot capture): a
     warning, then the same updates as without graphs, counted once each."""
-    import learner.learner as learner_mod
+    import apexq.learner.learner as learner_mod
 
     def refuse(*a, **k):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -335,7 +335,7 @@ def test_a_cuda_graph_that_cannot_be_captured_leaves_the_learner_training_eagerl
     eager, graphed = make(tmp_path, sh), make(tmp_path, sh)
     graphed._graphs = True  # as on a CUDA device (there is none here)
     graphed.opt.enable_graph_step()
-    from learner.prefetch import PrefetchSampler
+    from apexq.learner.prefetch import PrefetchSampler
     batches = PrefetchSampler([sh], 32, 1, eager.device, eager.beta, batches_per_request=3).sample_once()
     with caplog.at_level("WARNING"):
         for b in batches:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint import load
-from learner.learner import Learner, LearnerSettings
-from learner.prefetch import PrefetchSampler
-from replay_server.codec import Block
-from replay_server.shard import ReplayShard, ShardSpec
+from apexq.learner.checkpoint import load
+from apexq.learner.learner import Learner, LearnerSettings
+from apexq.learner.prefetch import PrefetchSampler
+from apexq.replay_server.codec import Block
+from apexq.replay_server.shard import ReplayShard, ShardSpec
 from test_learner import Remote  # a shard seen as another process's
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.losses import beta_at, double_dqn_targets, importance_weights, new_priorities, td_loss
+from apexq.learner.losses import beta_at, double_dqn_targets, importance_weights, new_priorities, td_loss
 
 
 def test_double_dqn_targets_by_hand():

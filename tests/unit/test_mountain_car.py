@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
-from actors.envs import final_observations, make_vector_env
-from actors.mountain_car import MIN_POSITION, MountainCarVectorEnv
+from apexq.actors.envs import final_observations, make_vector_env
+from apexq.actors.mountain_car import MIN_POSITION, MountainCarVectorEnv
 
 N_ENVS, N_STEPS = 16, 10_000
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.policy import NumpyQPolicy, initial_priorities, obs_scaling
-from learner import weights_store
-from learner.network import build_network
+from apexq.actors.policy import NumpyQPolicy, initial_priorities, obs_scaling
+from apexq.learner import weights_store
+from apexq.learner.network import build_network
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 

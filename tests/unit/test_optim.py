@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from learner.network import QNetwork
-from learner.optim import FlatAdam
+from apexq.learner.network import QNetwork
+from apexq.learner.optim import FlatAdam
 
 
 def test_adam_steps_by_hand():

@@ -1,7 +1,7 @@
 """The platform choice and the learner's GPU request (cluster/ray_platform.py): pure decisions."""
 import pytest
 
-from cluster.ray_platform import RayChoice, RayUnreachable, choose, learner_gpu
+from apexq.cluster.ray_platform import RayChoice, RayUnreachable, choose, learner_gpu
 
 
 def test_address_beats_ray_address_which_beats_a_local_ray():

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors.policy import NumpyQPolicy
-from learner.export import export_policy
-from learner.network import build_network
-from learner.policy_file import PolicyFileError, read_policy_files
+from apexq.actors.policy import NumpyQPolicy
+from apexq.learner.export import export_policy
+from apexq.learner.network import build_network
+from apexq.learner.policy_file import PolicyFileError, read_policy_files
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 INFO = {"env_id": "MountainCar-v0", "weights_version": 41, "eval_return": -123.5}
@@ -67,7 +67,7 @@ def test_export_writes_files_that_give_torchs_q_values(tmp_path, dueling):
 
 
 def test_repeated_exports_carry_the_current_weights_into_every_file(tmp_path):
-    from learner.export import PolicyExporter
+    from apexq.learner.export import PolicyExporter
     exporter, obs = PolicyExporter(), observations(20)
     net = net_with_random_weights(False, seed=0)
     exporter.save(net, tmp_path / "policy.pt2", INFO)
@@ -82,14 +82,14 @@ def test_repeated_exports_carry_the_current_weights_into_every_file(tmp_path):
 
 
 def test_without_onnx_the_export_skips_policy_onnx_with_one_log_line(tmp_path, monkeypatch, caplog):
-    from learner.export import PolicyExporter
+    from apexq.learner.export import PolicyExporter
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
     exporter, net = PolicyExporter(), net_with_random_weights(False)
-    with caplog.at_level(logging.WARNING, logger="learner.onnx_export"):
+    with caplog.at_level(logging.WARNING, logger="apexq.learner.onnx_export"):
         exporter.save(net, tmp_path / "policy.pt2", INFO)
         exporter.save(net, tmp_path / "policy.pt2", INFO)
     assert {p.name for p in tmp_path.iterdir()} == {"policy.pt2", "policy.safetensors", "policy.json"}
-    lines = [r.getMessage() for r in caplog.records if r.name == "learner.onnx_export"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "apexq.learner.onnx_export"]
     assert len(lines) == 1 and "pip install 'apexq[onnx]'" in lines[0] and caplog.records[0].levelname == "WARNING"
 
 

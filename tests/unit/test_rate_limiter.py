@@ -1,6 +1,6 @@
 import pytest
 
-from replay_server.rate_limiter import RateLimiterError, SampleToInsertRatio
+from apexq.replay_server.rate_limiter import RateLimiterError, SampleToInsertRatio
 
 
 # need = (sample batch 256 + insert block 32 * spi) / 2, by hand

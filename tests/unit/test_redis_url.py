@@ -3,8 +3,8 @@ and what records of a run keep of it (cluster/redis_url.py, Config.to_dict)."""
 import pytest
 import yaml
 
-from cluster.config import ConfigError, dump_config, load_config
-from cluster.redis_url import ENV_VAR, from_cli, resolve_entry, resolved
+from apexq.cluster.config import ConfigError, dump_config, load_config
+from apexq.cluster.redis_url import ENV_VAR, from_cli, resolve_entry, resolved
 
 URL = "redis://default:s3cret-pw@10.0.0.5:6380/0"
 

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replay_server.codec import MAX_PRIORITY, Block
-from replay_server.keys import Keys
-from replay_server.rpc_messages import (MAGIC, MAX_DEPTH, MAX_HEADER, MAX_TIMEOUT, Request, RpcError, encode,
+from apexq.replay_server.codec import MAX_PRIORITY, Block
+from apexq.replay_server.keys import Keys
+from apexq.replay_server.rpc_messages import (MAGIC, MAX_DEPTH, MAX_HEADER, MAX_TIMEOUT, Request, RpcError, encode,
                                         parse_priorities, parse_request, too_deep)
-from replay_server.shard import ReplayShard, ShardSpec
-from replay_server.sum_tree import STRATA_CACHED, SumTree
+from apexq.replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.sum_tree import STRATA_CACHED, SumTree
 
 PREFIX = Keys("ns").reply(0, "")
 MAX = 512

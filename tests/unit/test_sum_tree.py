@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay_server.sum_tree import SumTree
+from apexq.replay_server.sum_tree import SumTree
 
 
 def test_hand_computed_tree():

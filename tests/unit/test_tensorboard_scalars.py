@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tensorboard import LAG_TAGS, TAGS, ScalarLogger, scalars
+from apexq.cluster.tensorboard import LAG_TAGS, TAGS, ScalarLogger, scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 

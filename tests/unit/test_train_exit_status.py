@@ -2,7 +2,7 @@
 that stayed unreachable exit 1 with one line saying why, never `done` and 0."""
 import pytest
 
-from cluster import cli, launch
+from apexq.cluster import cli, launch
 
 BALANCED = {"reconciled": True, "appended": 1024, "ingested": 768, "pending": 256, "balanced": True,
             "rejected_entries": 0, "lost_in_redis": 0, "in_flight_lost": 0}

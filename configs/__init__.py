@@ -1,0 +1,1 @@
+"""The YAML configs that ship with apexq (package data: ``importlib.resources.files("apexq.configs")``)."""
