@@ -5,9 +5,8 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
-from apexq.learner import weights_store
-from apexq.replay_server.connection import connect
-from apexq.replay_server.keys import Keys
+from apexq.core import weights_store
+from apexq.core.connection import connect
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +14,7 @@ log = logging.getLogger(__name__)
 class WeightsClient:
     def __init__(self, redis_url: str, namespace: str):
         self.redis = connect(redis_url)
-        self.keys = Keys(namespace)
+        self.keys = weights_store.WeightsKeys(namespace)
         self.version = -1           # version in use
         self.latest_seen = -1       # newest version seen in Redis
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weights")

@@ -157,17 +157,16 @@ def _actor_process(actor_id: int, num_actors: int, num_envs: int, url: str, name
 
 
 def actors_to_shard_sps(num_actors: int, num_envs: int, seconds: float, server, namespace: str) -> dict:
-    from apexq.learner import weights_store
+    from apexq.core import weights_store
+    from apexq.core.connection import connect
     from apexq.learner.network import build_network
-    from apexq.replay_server.connection import connect
-    from apexq.replay_server.keys import Keys
     from apexq.replay_server.shard import ReplayShard, ShardSpec
     spec, s = spec_and_settings(num_envs)
     capacity = 1_000_000
     maxlen = math.ceil(capacity / s.block_size) + s.max_backlog_blocks + 16
     r = connect(server.url)
     net = build_network(spec, s.hidden_sizes, s.dueling)
-    weights_store.publish(r, Keys(namespace), net.state_dict(), 1)  # so actors start at once
+    weights_store.publish(r, weights_store.WeightsKeys(namespace), net.state_dict(), 1)  # so actors start at once
     shard = ReplayShard(ShardSpec(shard_id=0, capacity=capacity, obs_dim=spec["obs_dim"],
                                   num_actions=spec["num_actions"], samples_per_insert=1.0,
                                   min_size_to_sample=1, error_buffer=1e15), server.url, namespace)

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owned_run import Run, start_owned_run  # noqa: E402
+from apexq.core.connection import connect  # noqa: E402
 from apexq.replay_server.accounting import reconcile  # noqa: E402
-from apexq.replay_server.connection import connect  # noqa: E402
 
 PROCESS = {"actor": "ray::ActorService", "shard": "ray::ShardService", "learner": "ray::LearnerService"}
 

@@ -49,8 +49,8 @@ import redis
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from apexq.cluster.redis_server import RedisServer, find_server  # noqa: E402
+from apexq.core.connection import connect  # noqa: E402
 from apexq.replay_server.codec import Block, encode_block  # noqa: E402
-from apexq.replay_server.connection import connect  # noqa: E402
 from apexq.replay_server.keys import Keys  # noqa: E402
 from apexq.replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
 

@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
     from .launch import ClusterConfigError, train
     from .run_dir import RunDirError
     from .redis_server import RedisNotFound
-    from apexq.replay_server.connection import RedisAuthError
+    from apexq.core.connection import RedisAuthError
     if args.single_process and cfg.replay.external:
         raise UserError("replay.external: --single-process keeps its shards in the process; set replay.external=false")
     try:
@@ -174,7 +174,7 @@ def cmd_replay_server(args) -> int:
     import threading
 
     from apexq.actors.envs import EnvSpecError, env_spec
-    from apexq.replay_server.connection import RedisAuthError, check, redact
+    from apexq.core.connection import RedisAuthError, check, redact
     from apexq.replay_server.rpc import ShardRpcServer
     from apexq.replay_server.shard import ReplayShard
 

@@ -144,7 +144,7 @@ class Launcher:
     # -- platform ----------------------------------------------------------------------------
 
     def start_platform(self) -> None:
-        from apexq.replay_server.connection import check
+        from apexq.core.connection import check
         if self.cfg.replay.external and self.redis_url is None and not self.cfg.replay.redis_urls:
             raise ClusterConfigError(
                 "replay.external: standalone replay servers cannot reach the run's private Redis; give the run the "
@@ -208,7 +208,7 @@ class Launcher:
 
     def start_redis(self, wait: bool = True) -> None:
         """Spawn the run's private Redis unless a URL was given; with ``wait``, check every Redis answers."""
-        from apexq.replay_server.connection import check
+        from apexq.core.connection import check
         if self.redis_url is None and self.redis_server is None:
             from .redis_server import RedisServer, find_server
             binary = find_server(self.cfg.redis.server_path)
@@ -260,7 +260,7 @@ class Launcher:
                       flush=True)
             self.redis_down_since = None
             return
-        from apexq.replay_server.connection import redact
+        from apexq.core.connection import redact
         limit = self.cfg.redis.unreachable_timeout_s
         if self.redis_down_since is None:
             self.redis_down_since = now
@@ -661,10 +661,10 @@ class Launcher:
 
     def evaluate_now(self) -> Optional[float]:
         from apexq.actors.policy import NumpyQPolicy
-        from apexq.learner import weights_store
+        from apexq.core import weights_store
+        from apexq.core.connection import connect
+        from apexq.core.weights_store import WeightsKeys as Keys
         from apexq.learner.evaluate import evaluate
-        from apexq.replay_server.connection import connect
-        from apexq.replay_server.keys import Keys
         try:
             client = connect(self.redis_url)
             got = weights_store.fetch_if_newer(client, Keys(self.namespace), -1, as_numpy=True)
@@ -811,8 +811,8 @@ class Launcher:
 
     def accounting(self) -> dict:
         """Reconcile appended = ingested + pending from Redis; compare with what actors saw acknowledged."""
+        from apexq.core.connection import connect
         from apexq.replay_server.accounting import reconcile
-        from apexq.replay_server.connection import connect
         shards = []
         for k in range(self.cfg.replay.shards):
             try:
@@ -846,7 +846,7 @@ class Launcher:
         return acct
 
     def _backlog(self) -> int:
-        from apexq.replay_server.connection import connect
+        from apexq.core.connection import connect
         from apexq.replay_server.keys import Keys
         keys = Keys(self.namespace)
         total = 0

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional
 
-from apexq.replay_server.connection import redact
+from apexq.core.connection import redact
 
 from .config import Config, ConfigError
 

@@ -20,11 +20,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from apexq.replay_server.connection import connect
-from apexq.replay_server.keys import Keys
+from apexq.core import weights_store
+from apexq.core.connection import connect
 
 from . import checkpoint as ckpt
-from . import weights_store
 from .artifacts import Outbox
 from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .cuda_graph import UpdateGraph
@@ -75,7 +74,7 @@ class Learner:
         if resume is not None:
             self.load_state(resume)
         self.redis = connect(redis_url) if redis_url else None
-        self.keys = Keys(namespace)
+        self.keys = weights_store.WeightsKeys(namespace)
         if self.redis is not None:
             # a restarted or resumed learner must publish versions newer than what actors already hold
             try:

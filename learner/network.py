@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apexq.actors.policy import obs_scaling
+from apexq.core.network_layout import obs_scaling
 
 
 class QNetwork(nn.Module):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apexq.actors.policy import parameter_shapes
+from apexq.core.network_layout import parameter_shapes
 
 FORMAT = "apexq-policy-v1"
 MAX_WIDTH = 65_536        # observation size, action count and each hidden layer at most this

@@ -4,8 +4,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from apexq.core.connection import connect, with_backoff
+
 from .codec import Block, encode_block
-from .connection import connect, with_backoff
 from .keys import Keys
 
 

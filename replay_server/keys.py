@@ -1,4 +1,7 @@
-"""Redis key names of one run. A namespace (the run id) lets several runs share a server."""
+"""Redis key names of one run's replay. A namespace (the run id) lets several runs share a server.
+
+The weights' keys are in :mod:`apexq.core.weights_store`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,11 +39,3 @@ class Keys:
     def reply(self, shard: int, client: str) -> str:
         """A requester's own list of replies from a standalone shard."""
         return f"apexq:{self.namespace}:shard:{shard}:reply:{client}"
-
-    @property
-    def weights(self) -> str:
-        return f"apexq:{self.namespace}:weights"
-
-    @property
-    def weights_version(self) -> str:
-        return f"apexq:{self.namespace}:weights_version"

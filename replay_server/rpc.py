@@ -32,7 +32,8 @@ from typing import Optional
 import numpy as np
 import redis
 
-from .connection import RETRYABLE, connect, with_backoff
+from apexq.core.connection import RETRYABLE, connect, with_backoff
+
 from .keys import Keys
 from .rpc_messages import (MAX_ITEMS, MAX_TIMEOUT, SAMPLE_COLUMNS, RpcError, decode, encode, parse_priorities, parse_request,
                            prio_layout, sample_layout)

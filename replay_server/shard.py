@@ -20,8 +20,9 @@ from typing import Optional
 import numpy as np
 import redis
 
+from apexq.core.connection import RETRYABLE, connect, with_backoff
+
 from .codec import HEADER_SIZE, MAX_PRIORITY, Block, BlockError, decode_batch, decode_block
-from .connection import RETRYABLE, connect, with_backoff
 from .keys import Keys
 from .rate_limiter import SampleToInsertRatio
 from .sum_tree import SumTree

@@ -18,7 +18,7 @@ import time
 import pytest
 import redis
 
-from apexq.replay_server.keys import Keys
+from apexq.core.weights_store import WeightsKeys
 from test_redis_faults import Run, pids_of, records, wait
 
 NAMESPACE = "supervised"
@@ -54,7 +54,7 @@ def test_learner_restart_hung_actor_and_giving_up(tmp_path, redis_server):
     from apexq.learner.checkpoint import load
     run_dir = tmp_path / "run"
     admin = redis.Redis.from_url(redis_server.admin_url)
-    version_key = Keys(NAMESPACE).weights_version
+    version_key = WeightsKeys(NAMESPACE).version
     run = Run(run_dir, "--redis-url", redis_server.url, "--set", f"replay.namespace={NAMESPACE}",
               "--set", "train.max_seconds=600", "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0",
               "--set", "metrics.port=0", "--set", "replay.min_size_to_sample=500", "--set", "learner.checkpoint_every_s=4",

@@ -106,20 +106,20 @@ def drive_components(url):
 
     from apexq.actors.actor import ActorSettings, ApexActor
     from apexq.actors.envs import env_spec
-    from apexq.learner import weights_store
+    from apexq.core import weights_store
+    from apexq.core.connection import check, connect
     from apexq.learner.network import build_network
     from apexq.replay_server.accounting import reconcile
-    from apexq.replay_server.connection import check, connect
     from apexq.replay_server.keys import Keys
     from apexq.replay_server.rpc import RedisShardClient, ShardRpcServer
     from apexq.replay_server.shard import ReplayShard, ShardSpec
 
     spec = env_spec("MountainCar-v0")
-    keys = Keys(NS)
+    keys, weights_keys = Keys(NS), weights_store.WeightsKeys(NS)
     check(url)  # the driver's and replay-server's start-up check (PING)
     learner_redis = connect(url)
     torch.manual_seed(0)
-    weights_store.publish(learner_redis, keys, build_network(spec, [16], False).state_dict(), 1)
+    weights_store.publish(learner_redis, weights_keys, build_network(spec, [16], False).state_dict(), 1)
     shard_spec = ShardSpec(shard_id=0, capacity=4000, obs_dim=spec["obs_dim"], num_actions=spec["num_actions"],
                            min_size_to_sample=64, samples_per_insert=1.0, error_buffer=1e9)
     shard = ReplayShard(shard_spec, url, NS)
@@ -137,8 +137,8 @@ def drive_components(url):
         time.sleep(0.05)
     got = client.sample(32, timeout=5.0)
     client.update_priorities(got["keys"], np.full(len(got["keys"]), 2.0, np.float32))
-    weights_store.publish(learner_redis, keys, build_network(spec, [16], False).state_dict(), 2)
-    assert weights_store.fetch_if_newer(connect(url), keys, 1, as_numpy=True)[0] == 2
+    weights_store.publish(learner_redis, weights_keys, build_network(spec, [16], False).state_dict(), 2)
+    assert weights_store.fetch_if_newer(connect(url), weights_keys, 1, as_numpy=True)[0] == 2
     server.stop()
     shard.stop()
     # one entry delivered to a consumer that dies before acknowledging: a restarted shard re-reads it

@@ -135,7 +135,7 @@ def test_forged_entries_are_rejected_and_counted_and_the_shard_keeps_serving(red
 
 
 def test_wrong_password_is_refused(redis_server):
-    from apexq.replay_server.connection import RedisAuthError, check
+    from apexq.core.connection import RedisAuthError, check
     bad = redis_server.url.replace(redis_server.password, "not-the-password")
     with pytest.raises(RedisAuthError, match="refused the password"):
         check(bad)

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import redis
 
+from apexq.core.connection import connect
 from apexq.replay_server.codec import Block, encode_block
-from apexq.replay_server.connection import connect
 from apexq.replay_server.keys import Keys
 from apexq.replay_server.shard import ReplayShard, ShardSpec
 

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 
+from apexq.core.connection import check, connect
 from apexq.replay_server.client import StreamWriter
 from apexq.replay_server.codec import Block
-from apexq.replay_server.connection import check, connect
 from apexq.replay_server.shard import ReplayShard, ShardSpec
 
 from needs import require_module

@@ -12,7 +12,7 @@ import apexq.cluster.cli, apexq.cluster.launch
 from apexq.cluster.services.actor import ActorService
 from apexq.cluster.services.learner import LearnerService
 from apexq.cluster.services.shard import ShardService
-from apexq.learner import weights_store
+from apexq.core import weights_store
 from apexq.learner.evaluate import evaluate
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from apexq.actors.policy import NumpyQPolicy, initial_priorities, obs_scaling
-from apexq.learner import weights_store
+from apexq.actors.policy import NumpyQPolicy, initial_priorities
+from apexq.core import weights_store
+from apexq.core.network_layout import obs_scaling
 from apexq.learner.network import build_network
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}

@@ -1,15 +1,31 @@
 """Versioned weights in Redis, serialized with safetensors (plain tensors, never pickle).
 
-Importing this module does not import torch: actors and the driver read the weights as numpy
-arrays (``fetch_if_newer(..., as_numpy=True)``); only the learner encodes them from tensors.
+The learner publishes; actors and the driver's evaluation fetch. Importing this module does not
+import torch: they read the weights as numpy arrays (``fetch_if_newer(..., as_numpy=True)``);
+only the learner encodes them from tensors.
 """
 from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from typing import Optional
 
-from apexq.replay_server.keys import Keys
+
+@dataclass(frozen=True)
+class WeightsKeys:
+    """The Redis keys of one run's weights (the namespace is the run id, as for the replay keys)."""
+    namespace: str
+
+    @property
+    def blob(self) -> str:
+        """The newest weights, as safetensors bytes."""
+        return f"apexq:{self.namespace}:weights"
+
+    @property
+    def version(self) -> str:
+        """Their version: read first, so a reader fetches the blob only when it is news."""
+        return f"apexq:{self.namespace}:weights_version"
 
 
 def encode_weights(state_dict: dict, version: int) -> bytes:
@@ -32,25 +48,25 @@ def decode_weights(blob: bytes, as_numpy: bool = False) -> tuple[int, dict]:
     return version, st_load(blob)
 
 
-def publish(redis_client, keys: Keys, state_dict: dict, version: int) -> int:
+def publish(redis_client, keys: WeightsKeys, state_dict: dict, version: int) -> int:
     blob = encode_weights(state_dict, version)
     pipe = redis_client.pipeline(transaction=True)
-    pipe.set(keys.weights, blob)
-    pipe.set(keys.weights_version, int(version))
+    pipe.set(keys.blob, blob)
+    pipe.set(keys.version, int(version))
     pipe.execute()
     return len(blob)
 
 
-def published_version(redis_client, keys: Keys) -> int:
-    v = redis_client.get(keys.weights_version)
+def published_version(redis_client, keys: WeightsKeys) -> int:
+    v = redis_client.get(keys.version)
     return int(v) if v is not None else -1
 
 
-def fetch_if_newer(redis_client, keys: Keys, have: int, as_numpy: bool = False) -> Optional[tuple[int, dict]]:
+def fetch_if_newer(redis_client, keys: WeightsKeys, have: int, as_numpy: bool = False) -> Optional[tuple[int, dict]]:
     """(version, state_dict) when Redis holds a version newer than ``have``; else None."""
     if published_version(redis_client, keys) <= have:
         return None
-    blob = redis_client.get(keys.weights)
+    blob = redis_client.get(keys.blob)
     if blob is None:
         return None
     version, state = decode_weights(blob, as_numpy)
