@@ -96,7 +96,7 @@ def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from apexq.learner.evaluate import evaluate
+    from apexq.cluster.evaluate import evaluate
 
     t_launch = PROCESS_START
     torch.set_num_threads(1)

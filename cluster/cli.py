@@ -314,7 +314,8 @@ def _check_env_fits(env_id: str, arch: dict, path: Path) -> None:
 
 def cmd_evaluate(args) -> int:
     import numpy as np
-    from apexq.learner.evaluate import evaluate
+
+    from .evaluate import evaluate
     if args.episodes < 1:
         raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
     policy, env_id, known = _load_policy_for_eval(Path(args.target), args.env)
@@ -323,7 +324,7 @@ def cmd_evaluate(args) -> int:
            "std": float(np.std(returns)), "min": float(np.min(returns)), "max": float(np.max(returns)), **known,
            "returns": [float(r) for r in returns]}
     if args.gif:
-        from apexq.learner.render import RenderUnavailable, record_gif
+        from .render import RenderUnavailable, record_gif
         try:
             res["gif"] = record_gif(policy, env_id, args.gif, seed=args.seed)
         except RenderUnavailable as exc:

@@ -664,7 +664,7 @@ class Launcher:
         from apexq.core import weights_store
         from apexq.core.connection import connect
         from apexq.core.weights_store import WeightsKeys as Keys
-        from apexq.learner.evaluate import evaluate
+        from .evaluate import evaluate
         try:
             client = connect(self.redis_url)
             got = weights_store.fetch_if_newer(client, Keys(self.namespace), -1, as_numpy=True)

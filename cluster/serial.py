@@ -14,7 +14,6 @@ import numpy as np
 
 from apexq.actors.actor import ApexActor
 from apexq.actors.envs import env_spec
-from apexq.learner.evaluate import evaluate
 from apexq.learner.learner import Learner
 from apexq.learner.network import build_network
 from apexq.learner.prefetch import PrefetchSampler
@@ -22,6 +21,7 @@ from apexq.replay_server.shard import ReplayShard
 
 from .components import actor_settings, learner_settings, shard_spec
 from .config import Config
+from .evaluate import evaluate
 from .run_dir import RunDir, RunDirError
 
 

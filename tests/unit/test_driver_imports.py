@@ -12,8 +12,8 @@ import apexq.cluster.cli, apexq.cluster.launch
 from apexq.cluster.services.actor import ActorService
 from apexq.cluster.services.learner import LearnerService
 from apexq.cluster.services.shard import ShardService
+from apexq.cluster.evaluate import evaluate
 from apexq.core import weights_store
-from apexq.learner.evaluate import evaluate
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 

@@ -12,7 +12,7 @@ class RenderUnavailable(RuntimeError):
 
 
 def record_gif(policy, env_id: str, path: str | Path, seed: int = 0, fps: int = 30) -> dict:
-    """``policy``: a NumpyQPolicy or a torch module returning Q (as for learner.evaluate.evaluate)."""
+    """``policy``: a NumpyQPolicy or a torch module returning Q (as for :func:`.evaluate.evaluate`)."""
     import gymnasium as gym
 
     from .evaluate import greedy_actions
