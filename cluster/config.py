@@ -28,156 +28,157 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-def _rule(check: Callable[[Any], bool], message: str) -> dict:
-    return {"check": check, "message": message}
+def _rule(check: Callable[[Any], bool], message: str):
+    """A field whose value must pass ``check``. Like every field, it has no default here: defaults
+    live in configs/mountaincar.yaml only, which :func:`load_config` reads under every config."""
+    return field(metadata={"check": check, "message": message})
 
 
-def positive() -> dict:
+def positive():
     return _rule(lambda v: v > 0, "must be > 0")
 
 
-def non_negative() -> dict:
+def non_negative():
     return _rule(lambda v: v >= 0, "must be >= 0")
 
 
-def in_range(lo: float, hi: float) -> dict:
+def in_range(lo: float, hi: float):
     return _rule(lambda v: lo <= v <= hi, f"must be between {lo} and {hi}")
 
 
-def one_of(*choices: str) -> dict:
+def one_of(*choices: str):
     return _rule(lambda v: v in choices, "must be one of " + ", ".join(choices))
 
 
-def _f(default, rule: Optional[dict] = None):
-    meta = rule or {}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def not_empty():
+    return _rule(lambda v: len(v) > 0, "must not be empty")
 
 
 @dataclass
 class EnvConfig:
-    id: str = _f("MountainCar-v0", _rule(lambda v: len(v) > 0, "must not be empty"))
+    id: str = not_empty()
 
 
 @dataclass
 class ActorsConfig:
-    num: int = _f(2, _rule(lambda v: 1 <= v <= 4096, "must be between 1 and 4096"))
-    envs_per_actor: int = _f(32, _rule(lambda v: 1 <= v <= 65536, "must be between 1 and 65536"))
-    epsilon_base: float = _f(0.5, in_range(0.0, 1.0))
-    epsilon_alpha: float = _f(6.0, non_negative())
-    explore_max_duration: int = _f(50, _rule(lambda v: 1 <= v <= 100_000, "must be between 1 and 100000"))
-    explore_mu: float = _f(1.5, _rule(lambda v: 1.0 < v <= 100.0, "must be in (1, 100]"))
-    n_step: int = _f(3, _rule(lambda v: 1 <= v <= 100, "must be between 1 and 100"))
-    gamma: float = _f(0.98, _rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
-    block_size: int = _f(256, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
-    weights_update_period: int = _f(50, positive())
-    max_backlog_blocks: int = _f(64, positive())
-    num_cpus: float = _f(0.5, non_negative())
-    spread: bool = _f(True)
+    num: int = _rule(lambda v: 1 <= v <= 4096, "must be between 1 and 4096")
+    envs_per_actor: int = _rule(lambda v: 1 <= v <= 65536, "must be between 1 and 65536")
+    epsilon_base: float = in_range(0.0, 1.0)
+    epsilon_alpha: float = non_negative()
+    explore_max_duration: int = _rule(lambda v: 1 <= v <= 100_000, "must be between 1 and 100000")
+    explore_mu: float = _rule(lambda v: 1.0 < v <= 100.0, "must be in (1, 100]")
+    n_step: int = _rule(lambda v: 1 <= v <= 100, "must be between 1 and 100")
+    gamma: float = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
+    block_size: int = _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000")
+    weights_update_period: int = positive()
+    max_backlog_blocks: int = positive()
+    num_cpus: float = non_negative()
+    spread: bool
 
 
 @dataclass
 class ReplayConfig:
-    shards: int = _f(1, _rule(lambda v: 1 <= v <= 256, "must be between 1 and 256"))
-    capacity: int = _f(50_000, _rule(lambda v: v >= 1, "must be >= 1"))
-    redis_urls: list[str] = _f([])
-    priority_alpha: float = _f(0.6, in_range(0.0, 1.0))
-    beta_start: float = _f(0.4, in_range(0.0, 1.0))
-    beta_anneal_updates: int = _f(20_000, positive())
-    priority_eps: float = _f(1e-6, positive())
-    samples_per_insert: float = _f(8.0, positive())
-    min_size_to_sample: int = _f(2000, positive())
-    error_buffer: float = _f(20_000.0, positive())
-    num_cpus: float = _f(0.5, non_negative())
-    external: bool = _f(False)
-    namespace: Optional[str] = _f(None, _rule(lambda v: v is None or (0 < len(v) <= 64 and all(
-        c.isalnum() or c in "-_." for c in v)), "must be 1-64 letters, digits, '-', '_' or '.'"))
+    shards: int = _rule(lambda v: 1 <= v <= 256, "must be between 1 and 256")
+    capacity: int = _rule(lambda v: v >= 1, "must be >= 1")
+    redis_urls: list[str]
+    priority_alpha: float = in_range(0.0, 1.0)
+    beta_start: float = in_range(0.0, 1.0)
+    beta_anneal_updates: int = positive()
+    priority_eps: float = positive()
+    samples_per_insert: float = positive()
+    min_size_to_sample: int = positive()
+    error_buffer: float = positive()
+    num_cpus: float = non_negative()
+    external: bool
+    namespace: Optional[str] = _rule(lambda v: v is None or (0 < len(v) <= 64 and all(
+        c.isalnum() or c in "-_." for c in v)), "must be 1-64 letters, digits, '-', '_' or '.'")
 
 
 @dataclass
 class LearnerConfig:
-    batch_size: int = _f(512, _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000"))
-    device: str = _f("auto", one_of("auto", "cpu", "cuda"))
-    gpu_wait_s: float = _f(600.0, positive())
-    lr: float = _f(2e-3, positive())
-    hidden_sizes: list[int] = _f([64, 64], _rule(lambda v: len(v) >= 1 and all(h > 0 for h in v),
-                                                  "must be a non-empty list of positive integers"))
-    dueling: bool = _f(False)
-    target_update_period: int = _f(100, positive())
-    target_tau: float = _f(0.0, in_range(0.0, 1.0))
-    grad_clip: float = _f(10.0, non_negative())
-    publish_every: int = _f(25, positive())
-    prefetch: int = _f(8, _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64"))
-    batches_per_request: int = _f(8, _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64"))
-    checkpoint_every_s: float = _f(30.0, positive())
-    num_cpus: float = _f(1.0, non_negative())
-    torch_threads: int = _f(1, positive())
-    compile: bool = _f(False)
-    cuda_graphs: bool = _f(True)
-    custom_resource: Optional[str] = _f(None)
+    batch_size: int = _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000")
+    device: str = one_of("auto", "cpu", "cuda")
+    gpu_wait_s: float = positive()
+    lr: float = positive()
+    hidden_sizes: list[int] = _rule(lambda v: len(v) >= 1 and all(h > 0 for h in v),
+                                    "must be a non-empty list of positive integers")
+    dueling: bool
+    target_update_period: int = positive()
+    target_tau: float = in_range(0.0, 1.0)
+    grad_clip: float = non_negative()
+    publish_every: int = positive()
+    prefetch: int = _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64")
+    batches_per_request: int = _rule(lambda v: 1 <= v <= 64, "must be between 1 and 64")
+    checkpoint_every_s: float = positive()
+    num_cpus: float = non_negative()
+    torch_threads: int = positive()
+    compile: bool
+    cuda_graphs: bool
+    custom_resource: Optional[str]
 
 
 @dataclass
 class EvalConfig:
-    every_seconds: float = _f(10.0, non_negative())
-    episodes: int = _f(100, positive())
+    every_seconds: float = non_negative()
+    episodes: int = positive()
 
 
 @dataclass
 class TrainConfig:
-    max_seconds: Optional[float] = _f(600.0, positive())
-    max_env_steps: Optional[int] = _f(None, positive())
-    stop_at_return: Optional[float] = _f(None)
-    progress_every_s: float = _f(5.0, positive())
+    max_seconds: Optional[float] = positive()
+    max_env_steps: Optional[int] = positive()
+    stop_at_return: Optional[float]
+    progress_every_s: float = positive()
 
 
 @dataclass
 class RedisConfig:
-    server_path: Optional[str] = _f(None)
-    host: str = _f("127.0.0.1", _rule(lambda v: len(v) > 0, "must not be empty"))
-    appendfsync: str = _f("everysec", one_of("everysec", "always", "no"))
-    unreachable_timeout_s: float = _f(60.0, positive())
+    server_path: Optional[str]
+    host: str = not_empty()
+    appendfsync: str = one_of("everysec", "always", "no")
+    unreachable_timeout_s: float = positive()
 
 
 @dataclass
 class SupervisionConfig:
-    max_restarts: int = _f(20, non_negative())
-    window_s: float = _f(300.0, positive())
-    heartbeat_timeout_s: float = _f(30.0, positive())
+    max_restarts: int = non_negative()
+    window_s: float = positive()
+    heartbeat_timeout_s: float = positive()
 
 
 @dataclass
 class MetricsConfig:
-    enabled: bool = _f(True)
-    host: str = _f("127.0.0.1", _rule(lambda v: len(v) > 0, "must not be empty"))
-    port: int = _f(9400, in_range(0, 65535))
+    enabled: bool
+    host: str = not_empty()
+    port: int = in_range(0, 65535)
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = _f(False)
+    tensorboard: bool
 
 
 @dataclass
 class RayConfig:
-    num_cpus: Optional[int] = _f(None, positive())
+    num_cpus: Optional[int] = positive()
 
 
 @dataclass
 class Config:
-    seed: int = _f(0, non_negative())
-    env: EnvConfig = field(default_factory=EnvConfig)
-    actors: ActorsConfig = field(default_factory=ActorsConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    redis: RedisConfig = field(default_factory=RedisConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    """The whole config, one section per component. Build it with :func:`load_config`: no field has
+    a default in code, so the packaged configs/mountaincar.yaml is the one place defaults live."""
+    seed: int = non_negative()
+    env: EnvConfig
+    actors: ActorsConfig
+    replay: ReplayConfig
+    learner: LearnerConfig
+    eval: EvalConfig
+    train: TrainConfig
+    redis: RedisConfig
+    metrics: MetricsConfig
+    logging: LoggingConfig
+    supervision: SupervisionConfig
+    ray: RayConfig
 
     def to_dict(self) -> dict:
         """The config as records keep it (config.yaml, the checkpoint): a password inside a
@@ -264,8 +265,8 @@ def _build(cls, data: Any, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data.get(name), key)
             continue
-        if name not in data:
-            continue
+        if name not in data:  # only a packaged default that lacks a key gets here (a test checks it has all)
+            raise ConfigError(f"{key}: missing from the default config {DEFAULT_CONFIG}")
         value = _coerce(key, data[name], tp)
         rule = f.metadata.get("check")
         if rule is not None and value is not None and not rule(value):
@@ -375,25 +376,50 @@ def _check_depth(data: Any, where: str) -> None:
             todo.extend((v, d + 1) for v in node)
 
 
+def _read_yaml_file(path: Path, where: str) -> Any:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{where}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+    return _parse_yaml(text, where)
+
+
+def _overlay(base: Any, over: Any) -> Any:
+    """``over`` merged over ``base``: mappings merge key by key, anything else replaces.
+
+    An empty section (``actors:`` with nothing under it, which YAML reads as null) keeps the
+    section's defaults, as it always did. Only ``base`` (the packaged default, two levels deep)
+    is descended, so a hostile ``over`` cannot make this recurse deeply.
+    """
+    if isinstance(base, dict):
+        if over is None:
+            return dict(base)
+        if isinstance(over, dict):
+            return {**base, **{k: _overlay(base.get(k), v) for k, v in over.items()}}
+    return over
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 base: Optional[dict] = None) -> Config:
-    """Read YAML (or start from ``base``), apply ``KEY=VALUE`` overrides, validate."""
+    """The packaged default (:data:`DEFAULT_CONFIG`), the YAML at ``path`` (or ``base``, e.g. the config
+    a checkpoint holds) merged over it, then the ``KEY=VALUE`` overrides; validated.
+
+    So a config file names only the keys it changes (configs/cluster.yaml is one), and a key it
+    leaves out has the value configs/mountaincar.yaml documents. Unknown keys are refused by
+    :func:`_build`, which sees the user's keys beside the default ones.
+    """
+    data = _read_yaml_file(DEFAULT_CONFIG, f"default config {DEFAULT_CONFIG}")
     if base is not None:
-        data = base
-    else:
-        path = Path(path) if path else DEFAULT_CONFIG
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"--config {path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[:exc.start].count(b"\n") + 1
-            raise ConfigError(f"--config {path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
-        data = _parse_yaml(text, f"--config {path}") or {}
+        data = _overlay(data, base)
+    elif path:
+        data = _overlay(data, _read_yaml_file(Path(path), f"--config {path}"))
     for item in overrides or []:
         parts, value = parse_override(item)
         node = data
@@ -406,7 +432,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
                 else:
                     raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section")
             node = nxt
-        node[parts[-1]] = value
+        node[parts[-1]] = _overlay(node.get(parts[-1]), value)
     cfg = _build(Config, data, "")
     _cross_checks(cfg)
     return cfg

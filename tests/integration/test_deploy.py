@@ -15,7 +15,7 @@ import pytest
 import redis
 import yaml
 
-from apexq.cluster.config import MetricsConfig, load_config
+from apexq.cluster.config import load_config
 from apexq.cluster.metrics import METRICS
 from apexq.replay_server.acl import acl_rule
 from promql_checks import promtool
@@ -104,7 +104,7 @@ def test_prometheus_discovers_targets_from_the_driver_and_keeps_their_labels():
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     (sd,) = job["http_sd_configs"]
-    assert sd["url"] == f"http://127.0.0.1:{MetricsConfig().port}/targets"
+    assert sd["url"] == f"http://127.0.0.1:{load_config().metrics.port}/targets"
     assert sd["refresh_interval"] == "5s"
     assert job.get("metrics_path", "/metrics") == "/metrics"
     # nothing may drop or overwrite the `component` and `run` labels the driver attaches
@@ -117,7 +117,7 @@ def test_compose_variant_rewrites_loopback_targets_to_the_docker_host():
     config = yaml.safe_load((PROMETHEUS / "prometheus-compose.yml").read_text())
     (job,) = config["scrape_configs"]
     (sd,) = job["http_sd_configs"]
-    assert sd["url"] == f"http://host.docker.internal:{MetricsConfig().port}/targets"
+    assert sd["url"] == f"http://host.docker.internal:{load_config().metrics.port}/targets"
     (rule,) = job["relabel_configs"]
     assert rule["source_labels"] == ["__address__"] and rule["target_label"] == "__address__"
 
@@ -470,11 +470,29 @@ def test_cluster_config_loads_with_cluster_settings():
     assert cfg.eval.every_seconds > 0
 
 
-def test_cluster_config_sets_every_key_with_a_comment_above_it():
+def test_cluster_config_is_an_overlay_of_the_default():
+    """configs/cluster.yaml names only keys of the default that it changes, each with a comment (why it
+    differs) above it; every key it leaves out loads as the default. (When it became an overlay, the
+    overlay loaded to the same Config as the full copy it replaced, compared with to_dict().)"""
     path = ROOT / "configs" / "cluster.yaml"
-    default = yaml.safe_load((ROOT / "configs" / "mountaincar.yaml").read_text())
-    assert leaf_keys(yaml.safe_load(path.read_text())) == leaf_keys(default)
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    assert "merges this file over configs/mountaincar.yaml" in " ".join(text.split())
+    overlay = yaml.safe_load(text)
+    default = load_config().to_dict()
+    cluster = load_config(path).to_dict()
+    named = leaf_keys(overlay)
+    assert named <= leaf_keys(default), named - leaf_keys(default)
+
+    def value(data, key):
+        for part in key.split("."):
+            data = data[part]
+        return data
+
+    same = [k for k in named if value(cluster, k) == value(default, k)]
+    assert not same, f"keys set to their default value: {same}"
+    for key in leaf_keys(default) - named:
+        assert value(cluster, key) == value(default, key), key
+    lines = text.splitlines()
     undocumented = []
     for i, line in enumerate(lines):
         m = re.match(r"^(\s*)([A-Za-z_][\w]*):\s*(\S.*)?$", line)

@@ -1,3 +1,6 @@
+import dataclasses
+import typing
+
 import pytest
 import yaml
 
@@ -18,8 +21,73 @@ def test_default_config_is_what_the_yaml_documents():
         assert set(got[section]) == set(value), (section, set(got[section]) ^ set(value))
         for key, v in value.items():
             assert got[section][key] == v and type(got[section][key]) in (type(v), float), f"{section}.{key}"
-    # and a config file that leaves a key out gets the same value as the default file documents
-    assert Config().to_dict() == got
+
+
+def test_the_yaml_is_the_only_place_defaults_live():
+    """No field of the config's dataclasses has a default in code: one there could drift from the YAML."""
+    todo, checked = [Config], 0
+    while todo:
+        cls = todo.pop()
+        types = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, \
+                f"{cls.__name__}.{f.name}"
+            if dataclasses.is_dataclass(types[f.name]):
+                todo.append(types[f.name])
+            else:
+                checked += 1
+    assert checked == len(leaves(load_config().to_dict()))  # every section was walked
+
+
+def test_a_config_file_is_an_overlay_of_the_default(tmp_path):
+    """A file naming one key changes that key; every other key keeps the packaged default, and an
+    empty section keeps its section's defaults."""
+    default = load_config().to_dict()
+    path = tmp_path / "mine.yaml"
+    path.write_text("actors:\n  num: 7\nlearner:\n")
+    got = load_config(path).to_dict()
+    assert got["actors"]["num"] == 7
+    got["actors"]["num"] = default["actors"]["num"]
+    assert got == default
+    # --set goes over the file, and a whole section given by --set merges the same way
+    cfg = load_config(path, ["actors.envs_per_actor=4", "learner={lr: 0.01}"])
+    assert (cfg.actors.num, cfg.actors.envs_per_actor, cfg.learner.lr) == (7, 4, 0.01)
+    assert cfg.learner.batch_size == default["learner"]["batch_size"]
+    # so does a saved config (a checkpoint's) that predates a key
+    saved = load_config(path).to_dict()
+    del saved["redis"]["unreachable_timeout_s"]
+    assert load_config(base=saved).redis.unreachable_timeout_s == default["redis"]["unreachable_timeout_s"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("actors:\n  numm: 7\n", "actors.numm: unknown key (did you mean actors.num?)"),
+    ("actor:\n  num: 7\n", "actor: unknown key (did you mean actors?)"),
+    ("actors:\n  num: -1\n", "actors.num: must be between 1 and 4096, got -1"),
+    ("actors: 7\n", "actors: expected a mapping, got 7"),
+    ("- actors\n", "config: expected a mapping, got ['actors']"),
+])
+def test_a_bad_key_in_an_overlay_is_one_line_naming_it(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == message
+
+
+def test_errors_reading_the_users_file_name_it(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("actors: [\n")
+    with pytest.raises(ConfigError, match=f"^--config {path}: line 2 is not valid YAML$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"^--config {tmp_path / 'none.yaml'}: cannot read"):
+        load_config(tmp_path / "none.yaml")
+
+
+def leaves(data: dict, prefix: str = "") -> set:
+    out = set()
+    for k, v in data.items():
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out
 
 
 def test_documented_defaults_by_hand(tmp_path):
