@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -26,27 +26,29 @@ from .weights_client import WeightsClient
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ActorSettings:
+    """One actor's settings; cluster/components.py builds them from the config, whose default file
+    (configs/mountaincar.yaml) is the only place their defaults live, so none has one here."""
     actor_id: int
     env_id: str
     num_envs: int
     env_offset: int          # global index of this actor's first env (for the epsilon schedule)
     total_envs: int          # envs across all actors
     shard: int
-    epsilon_base: float = 0.5
-    epsilon_alpha: float = 6.0
-    explore_mu: float = 1.5
-    explore_max_duration: int = 1
-    n_step: int = 3
-    gamma: float = 0.98
-    block_size: int = 256
-    weights_update_period: int = 50
-    max_backlog_blocks: int = 64
-    stream_maxlen: int = 10_000
-    seed: int = 0
-    hidden_sizes: list = field(default_factory=lambda: [64, 64])
-    dueling: bool = False
+    epsilon_base: float
+    epsilon_alpha: float
+    explore_mu: float
+    explore_max_duration: int
+    n_step: int
+    gamma: float
+    block_size: int
+    weights_update_period: int
+    max_backlog_blocks: int
+    stream_maxlen: int       # entries the shard's stream keeps (components.stream_maxlen)
+    seed: int
+    hidden_sizes: list
+    dueling: bool
 
 
 class ApexActor:

@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -70,12 +71,14 @@ class NoWeights:
 
 
 def spec_and_settings(num_envs: int, actor_id: int = 0, num_actors: int = 1, **kw):
-    from apexq.actors.actor import ActorSettings
+    """Actor ``actor_id``'s settings as a run with the default config and these counts (seed 1) makes them."""
     from apexq.actors.envs import env_spec
+    from apexq.cluster.components import actor_settings
+    from apexq.cluster.config import load_config
     spec = env_spec(ENV_ID)
-    s = ActorSettings(actor_id=actor_id, env_id=ENV_ID, num_envs=num_envs, env_offset=actor_id * num_envs,
-                      total_envs=num_actors * num_envs, shard=0, seed=1, **kw)
-    return spec, s
+    cfg = load_config(overrides=[f"env.id={ENV_ID}", "seed=1", f"actors.num={num_actors}",
+                                 f"actors.envs_per_actor={num_envs}"])
+    return spec, replace(actor_settings(cfg, actor_id), **kw)
 
 
 def run_for(actor, seconds: float) -> tuple[int, float]:
@@ -157,19 +160,20 @@ def _actor_process(actor_id: int, num_actors: int, num_envs: int, url: str, name
 
 
 def actors_to_shard_sps(num_actors: int, num_envs: int, seconds: float, server, namespace: str) -> dict:
+    from apexq.cluster.components import shard_spec
+    from apexq.cluster.config import load_config
     from apexq.core import weights_store
     from apexq.core.connection import connect
     from apexq.learner.network import build_network
-    from apexq.replay_server.shard import ReplayShard, ShardSpec
+    from apexq.replay_server.shard import ReplayShard
     spec, s = spec_and_settings(num_envs)
     capacity = 1_000_000
     maxlen = math.ceil(capacity / s.block_size) + s.max_backlog_blocks + 16
     r = connect(server.url)
     net = build_network(spec, s.hidden_sizes, s.dueling)
     weights_store.publish(r, weights_store.WeightsKeys(namespace), net.state_dict(), 1)  # so actors start at once
-    shard = ReplayShard(ShardSpec(shard_id=0, capacity=capacity, obs_dim=spec["obs_dim"],
-                                  num_actions=spec["num_actions"], samples_per_insert=1.0,
-                                  min_size_to_sample=1, error_buffer=1e15), server.url, namespace)
+    shard = ReplayShard(replace(shard_spec(load_config(), 0, spec), capacity=capacity, samples_per_insert=1.0,
+                                min_size_to_sample=1, error_buffer=1e15), server.url, namespace, seed=0)
     shard.start()
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()

@@ -13,23 +13,32 @@ import struct
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from apexq.cluster.components import learner_settings, shard_spec  # noqa: E402
+from apexq.cluster.config import load_config  # noqa: E402
 from apexq.learner.learner import Learner, LearnerSettings, resolve_device  # noqa: E402
 from apexq.replay_server import rpc  # noqa: E402
 from apexq.replay_server.codec import Block  # noqa: E402
-from apexq.replay_server.shard import ReplayShard, ShardSpec  # noqa: E402
+from apexq.replay_server.shard import ReplayShard  # noqa: E402
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
+DEFAULTS = load_config()  # the packaged default config: every setting a benchmark does not change
+
+
+def settings(**changes) -> LearnerSettings:
+    return replace(learner_settings(DEFAULTS), **changes)
 
 
 def filled_shard(n: int, seed: int = 0) -> ReplayShard:
-    shard = ReplayShard(ShardSpec(0, n, 2, 3, min_size_to_sample=1, samples_per_insert=1.0, error_buffer=1e12),
-                        redis_url="", namespace="bench", seed=seed)
+    spec = replace(shard_spec(DEFAULTS, 0, SPEC), capacity=n, min_size_to_sample=1, samples_per_insert=1.0,
+                   error_buffer=1e12)
+    shard = ReplayShard(spec, redis_url="", namespace="bench", seed=seed)
     rng = np.random.default_rng(seed)
     obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
     shard.insert(Block(obs, rng.integers(0, 3, n).astype(np.int32), rng.normal(-3, 1, n).astype(np.float32),
@@ -147,8 +156,8 @@ class RealLearner:
 
     def __init__(self, batch_size: int, device: str, shard, threads: int = 1, batches_per_request: int = 8,
                  **modes):
-        s = LearnerSettings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9,
-                            torch_threads=threads, batches_per_request=batches_per_request, **modes)
+        s = settings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9,
+                     torch_threads=threads, batches_per_request=batches_per_request, **modes)
         self.learner = Learner(s, SPEC, [shard])
         self.run(20)  # warm-up
 
@@ -167,8 +176,8 @@ def measure(batch_size: int, updates: int, rounds: int, device: torch.device, sh
     """Interleave rounds of the bare loop and the learner fed by each shard layout (this machine's
     speed drifts); medians of the rounds: {layout: (learner upd/s, bare upd/s, ratio)}. ``modes``
     (learner.compile, learner.cuda_graphs) apply to both."""
-    bare = BareLoop(batch_size, device, LearnerSettings(batch_size=batch_size, device=str(device),
-                                                        torch_threads=threads, **modes))
+    bare = BareLoop(batch_size, device, settings(batch_size=batch_size, device=str(device), torch_threads=threads,
+                                                 **modes))
     reals = {name: RealLearner(batch_size, str(device), shard, threads, batches_per_request, **modes)
              for name, shard in shards.items()}
     per = max(1, updates // rounds)
@@ -192,7 +201,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batches-per-request", type=int, default=LearnerSettings.batches_per_request,
+    ap.add_argument("--batches-per-request", type=int, default=DEFAULTS.learner.batches_per_request,
                     help="learner.batches_per_request: minibatches per sampling request (default: the "
                          "config's default)")
     ap.add_argument("--compile", action="store_true", help="learner.compile for the learner and the bare loop")
@@ -216,7 +225,7 @@ def main() -> None:
     # thread (single-process mode); own_process: the distributed layout, the shard on its own core
     shards = {"in_process": filled_shard(capacity), "own_process": remote}
     modes = {"compile": args.compile,
-             "cuda_graphs": device.type == "cuda" and LearnerSettings.cuda_graphs and not args.no_cuda_graphs}
+             "cuda_graphs": device.type == "cuda" and DEFAULTS.learner.cuda_graphs and not args.no_cuda_graphs}
     figures: dict = {"device": str(device), "torch_threads": args.threads,
                      "batches_per_request": args.batches_per_request, **modes}
     if device.type == "cuda":

@@ -42,12 +42,15 @@ import statistics
 import sys
 import time
 import tracemalloc
+from dataclasses import replace
 
 import numpy as np
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from apexq.cluster.components import shard_spec  # noqa: E402
+from apexq.cluster.config import load_config  # noqa: E402
 from apexq.cluster.redis_server import RedisServer, find_server  # noqa: E402
 from apexq.core.connection import connect  # noqa: E402
 from apexq.replay_server.codec import Block, encode_block  # noqa: E402
@@ -215,11 +218,12 @@ def main() -> None:
         # 1. the window: XADD it, then a fresh shard (under tracemalloc) consumes it with its
         #    own ingest loop -- its ring is full afterwards, as in steady state
         fill_s = xadd_entries(r, stream, blocks, window, maxlen=window)
-        spec = ShardSpec(shard_id=0, capacity=capacity, obs_dim=OBS_DIM, num_actions=NUM_ACTIONS,
-                         samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e15, read_count=count)
+        spec = replace(shard_spec(load_config(), 0, {"obs_dim": OBS_DIM, "num_actions": NUM_ACTIONS}),
+                       capacity=capacity, samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e15,
+                       read_count=count)
         tracemalloc.start()
         traced0 = tracemalloc.get_traced_memory()[0]
-        shard = ReplayShard(spec, server.url, NAMESPACE)
+        shard = ReplayShard(spec, server.url, NAMESPACE, seed=0)
         shard.redis = connect(server.url)
         shard._rebuild()  # epoch + consumer group (what start() does, without the thread)
         first_fill_s = shard_ingest(shard, window, read_ahead=True)

@@ -55,13 +55,15 @@ def actor_settings(cfg: Config, actor_id: int) -> ActorSettings:
 
 
 def learner_settings(cfg: Config) -> LearnerSettings:
+    """The learner sends raw |TD errors|: ``replay.priority_eps`` goes to the shards (shard_spec), not here."""
     l, r = cfg.learner, cfg.replay
     return LearnerSettings(
         batch_size=l.batch_size, lr=l.lr, hidden_sizes=list(l.hidden_sizes), dueling=l.dueling,
         target_update_period=l.target_update_period, target_tau=l.target_tau, grad_clip=l.grad_clip,
-        publish_every=l.publish_every, prefetch=l.prefetch, batches_per_request=l.batches_per_request, checkpoint_every_s=l.checkpoint_every_s,
-        device=l.device, torch_threads=l.torch_threads, compile=l.compile, cuda_graphs=l.cuda_graphs, beta_start=r.beta_start,
-        beta_anneal_updates=r.beta_anneal_updates, priority_eps=r.priority_eps, seed=cfg.seed)
+        publish_every=l.publish_every, prefetch=l.prefetch, batches_per_request=l.batches_per_request,
+        checkpoint_every_s=l.checkpoint_every_s, device=l.device, torch_threads=l.torch_threads,
+        compile=l.compile, cuda_graphs=l.cuda_graphs, beta_start=r.beta_start,
+        beta_anneal_updates=r.beta_anneal_updates, seed=cfg.seed)
 
 
 def shard_redis_url(cfg: Config, shard: int, default_url: str) -> str:

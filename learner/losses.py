@@ -45,8 +45,8 @@ def td_loss(q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, weigh
     return loss, {"td": td.detach(), "q_taken": q_taken.detach()}
 
 
-def new_priorities(td: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``|td| + eps`` ([B])."""
+def new_priorities(td: torch.Tensor, eps: float) -> torch.Tensor:
+    """``|td| + eps`` ([B]). The learner passes eps 0: the shard adds replay.priority_eps itself."""
     return td.abs() + eps
 
 

@@ -13,9 +13,9 @@ from apexq.core.network_layout import obs_scaling
 class QNetwork(nn.Module):
     """``forward(obs: float32[B, obs_dim]) -> Q: float32[B, num_actions]``."""
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: Sequence[int] = (128, 128),
-                 dueling: bool = False, obs_low: Sequence[float] | None = None,
-                 obs_high: Sequence[float] | None = None):
+    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: Sequence[int], dueling: bool,
+                 obs_low: Sequence[float] | None = None, obs_high: Sequence[float] | None = None):
+        """``hidden_sizes`` and ``dueling`` are learner.hidden_sizes and learner.dueling of the config."""
         super().__init__()
         center, half = obs_scaling(obs_dim, obs_low, obs_high)
         self.register_buffer("obs_center", torch.from_numpy(center))

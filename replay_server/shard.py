@@ -32,23 +32,25 @@ SEQ_BITS = 40
 SEQ_MASK = (1 << SEQ_BITS) - 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShardSpec:
+    """One shard's settings; cluster/components.py builds them from the config's replay section, whose
+    default file (configs/mountaincar.yaml) is the only place their defaults live."""
     shard_id: int
     capacity: int
     obs_dim: int
     num_actions: int
-    priority_alpha: float = 0.6
-    priority_eps: float = 1e-6
-    samples_per_insert: float = 8.0
-    min_size_to_sample: int = 1000
-    error_buffer: float = 20000.0
-    read_count: int = 16
+    priority_alpha: float
+    priority_eps: float
+    samples_per_insert: float
+    min_size_to_sample: int
+    error_buffer: float
+    read_count: int = 16  # stream entries per XREADGROUP (not a config key)
 
 
 class ReplayShard:
     in_process = True  # a plain object in the caller's process (a Ray proxy for it is not)
-    def __init__(self, spec: ShardSpec, redis_url: str, namespace: str, seed: int = 0):
+    def __init__(self, spec: ShardSpec, redis_url: str, namespace: str, seed: int):
         self.spec = spec
         self.keys = Keys(namespace)
         self.stream = self.keys.stream(spec.shard_id)

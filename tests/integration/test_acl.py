@@ -104,7 +104,7 @@ def drive_components(url):
     driver's accounting and backlog reads."""
     import torch
 
-    from apexq.actors.actor import ActorSettings, ApexActor
+    from apexq.actors.actor import ApexActor
     from apexq.actors.envs import env_spec
     from apexq.core import weights_store
     from apexq.core.connection import check, connect
@@ -112,7 +112,8 @@ def drive_components(url):
     from apexq.replay_server.accounting import reconcile
     from apexq.replay_server.keys import Keys
     from apexq.replay_server.rpc import RedisShardClient, ShardRpcServer
-    from apexq.replay_server.shard import ReplayShard, ShardSpec
+    from apexq.replay_server.shard import ReplayShard
+    from default_components import actor_settings, shard_spec
 
     spec = env_spec("MountainCar-v0")
     keys, weights_keys = Keys(NS), weights_store.WeightsKeys(NS)
@@ -120,14 +121,12 @@ def drive_components(url):
     learner_redis = connect(url)
     torch.manual_seed(0)
     weights_store.publish(learner_redis, weights_keys, build_network(spec, [16], False).state_dict(), 1)
-    shard_spec = ShardSpec(shard_id=0, capacity=4000, obs_dim=spec["obs_dim"], num_actions=spec["num_actions"],
-                           min_size_to_sample=64, samples_per_insert=1.0, error_buffer=1e9)
-    shard = ReplayShard(shard_spec, url, NS)
+    one_shard = shard_spec(capacity=4000, min_size_to_sample=64, samples_per_insert=1.0, error_buffer=1e9)
+    shard = ReplayShard(one_shard, url, NS, seed=0)
     shard.start()
     server = ShardRpcServer(shard, url, NS, max_items=4096).start()
-    settings = ActorSettings(actor_id=0, env_id="MountainCar-v0", num_envs=8, env_offset=0, total_envs=8, shard=0,
-                             block_size=64, weights_update_period=5, max_backlog_blocks=4, stream_maxlen=200,
-                             hidden_sizes=[16])
+    settings = actor_settings(num_envs=8, total_envs=8, block_size=64, weights_update_period=5, max_backlog_blocks=4,
+                              stream_maxlen=200, hidden_sizes=[16])
     actor = ApexActor(settings, url, NS, spec)
     actor.run(max_env_steps=2000)
     actor.flush()
@@ -144,7 +143,7 @@ def drive_components(url):
     # one entry delivered to a consumer that dies before acknowledging: a restarted shard re-reads it
     actor.writer.append(actor_block(spec))
     redis.Redis.from_url(url).xreadgroup(keys.group(0), "dead", {keys.stream(0): ">"}, count=1)
-    fresh = ReplayShard(shard_spec, url, NS)
+    fresh = ReplayShard(one_shard, url, NS, seed=0)
     fresh.start()
     acct = reconcile(connect(url), NS, 0)
     backlog = actor.writer.backlog()

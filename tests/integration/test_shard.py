@@ -8,7 +8,8 @@ import redis
 from apexq.replay_server.client import StreamWriter
 from apexq.replay_server.codec import Block, encode_block
 from apexq.replay_server.keys import Keys
-from apexq.replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.shard import ReplayShard
+from default_components import shard_spec
 
 
 def block(n, start=0.0, seq=0, prio=1.0):
@@ -19,10 +20,7 @@ def block(n, start=0.0, seq=0, prio=1.0):
 
 
 def spec(**kw):
-    base = dict(shard_id=0, capacity=1000, obs_dim=2, num_actions=3, min_size_to_sample=10,
-                samples_per_insert=1.0, error_buffer=1e9)
-    base.update(kw)
-    return ShardSpec(**base)
+    return shard_spec(**{**dict(capacity=1000, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9), **kw})
 
 
 def wait_for(pred, timeout=10.0):
@@ -35,7 +33,7 @@ def wait_for(pred, timeout=10.0):
 
 
 def test_actor_to_shard_to_sample_and_priority_updates(redis_server):
-    shard = ReplayShard(spec(), redis_server.url, "t1")
+    shard = ReplayShard(spec(), redis_server.url, "t1", seed=0)
     shard.start()
     try:
         w = StreamWriter(redis_server.url, "t1", 0, actor_id=1, maxlen=100, max_backlog=50)
@@ -61,7 +59,7 @@ def test_actor_to_shard_to_sample_and_priority_updates(redis_server):
 
 
 def test_update_for_an_evicted_item_is_ignored(redis_server):
-    shard = ReplayShard(spec(capacity=100), redis_server.url, "t2")
+    shard = ReplayShard(spec(capacity=100), redis_server.url, "t2", seed=0)
     shard.epoch = 1
     keys_old = shard.insert(block(100))
     shard.insert(block(100, start=1000))        # overwrites every slot
@@ -72,7 +70,7 @@ def test_update_for_an_evicted_item_is_ignored(redis_server):
 
 def test_restarted_shard_rebuilds_every_acknowledged_transition(redis_server):
     w = StreamWriter(redis_server.url, "t3", 0, actor_id=0, maxlen=100, max_backlog=100)
-    shard = ReplayShard(spec(), redis_server.url, "t3")
+    shard = ReplayShard(spec(), redis_server.url, "t3", seed=0)
     shard.start()
     for i in range(5):
         w.append(block(50, start=i * 50, seq=i))
@@ -80,7 +78,7 @@ def test_restarted_shard_rebuilds_every_acknowledged_transition(redis_server):
     shard.stop()                                   # "killed": its memory is gone
     for i in range(5, 7):                          # appended while no shard runs
         w.append(block(50, start=i * 50, seq=i))
-    fresh = ReplayShard(spec(), redis_server.url, "t3")
+    fresh = ReplayShard(spec(), redis_server.url, "t3", seed=0)
     info = fresh.start()
     try:
         assert info["rebuilt"] == 250 and info["epoch"] == 2
@@ -92,7 +90,7 @@ def test_restarted_shard_rebuilds_every_acknowledged_transition(redis_server):
 
 
 def test_forged_entries_are_rejected_and_counted_and_the_shard_keeps_serving(redis_server):
-    shard = ReplayShard(spec(), redis_server.url, "t4")
+    shard = ReplayShard(spec(), redis_server.url, "t4", seed=0)
     shard.start()
     try:
         r = redis.Redis.from_url(redis_server.url)
@@ -151,7 +149,7 @@ def test_accounting_balances_across_a_shard_restart(redis_server):
     from apexq.replay_server.accounting import reconcile
     r = redis.Redis.from_url(redis_server.url)
     w = StreamWriter(redis_server.url, "t5", 0, actor_id=3, maxlen=100, max_backlog=100)
-    shard = ReplayShard(spec(), redis_server.url, "t5")
+    shard = ReplayShard(spec(), redis_server.url, "t5", seed=0)
     shard.start()
     for i in range(4):
         w.append(block(25, start=i * 25, seq=i))
@@ -166,7 +164,7 @@ def test_accounting_balances_across_a_shard_restart(redis_server):
     # an entry delivered to a shard that died before acknowledging is pending, then counted once rebuilt
     r.xreadgroup(Keys("t5").group(0), "dead-consumer", {Keys("t5").stream(0): ">"}, count=1)
     assert reconcile(r, "t5", 0)["pending"] == 50
-    fresh = ReplayShard(spec(), redis_server.url, "t5")
+    fresh = ReplayShard(spec(), redis_server.url, "t5", seed=0)
     fresh.start()
     try:
         assert wait_for(lambda: reconcile(r, "t5", 0)["ingested"] == 150)

@@ -8,7 +8,8 @@ import redis
 from apexq.core.connection import connect
 from apexq.replay_server.codec import Block, encode_block
 from apexq.replay_server.keys import Keys
-from apexq.replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.shard import ReplayShard
+from default_components import shard_spec
 
 
 def block(n, start=0.0):
@@ -57,11 +58,10 @@ def inserted(shard, want, timeout=60.0):
 def test_read_ahead_never_reads_past_what_the_limiter_allows(redis_server):
     # samples_per_insert 1, error buffer 500: reading one batch (16 blocks x 10) at a time, a shard
     # inserts 160, 320, 480, 640 and then waits (641 > 500); reading ahead must stop at the same point.
-    spec = ShardSpec(shard_id=0, capacity=10_000, obs_dim=2, num_actions=3, samples_per_insert=1.0,
-                     min_size_to_sample=1, error_buffer=500.0, read_count=16)
+    spec = shard_spec(capacity=10_000, samples_per_insert=1.0, min_size_to_sample=1, error_buffer=500.0, read_count=16)
     for ns, read_ahead in (("ra1", True), ("ra2", False)):
         fill(redis_server.url, ns, 100)
-        shard = ReplayShard(spec, redis_server.url, ns)
+        shard = ReplayShard(spec, redis_server.url, ns, seed=0)
         if read_ahead:
             shard.start()  # the background thread runs ingest()
         else:  # the reference: one batch at a time
@@ -80,9 +80,8 @@ def test_read_ahead_never_reads_past_what_the_limiter_allows(redis_server):
 
 def test_everything_read_is_inserted_and_acknowledged(redis_server):
     r, stream = fill(redis_server.url, "ra3", 300, n=7)
-    spec = ShardSpec(shard_id=0, capacity=10_000, obs_dim=2, num_actions=3, samples_per_insert=1.0,
-                     min_size_to_sample=1, error_buffer=1e12, read_count=16)
-    shard = ReplayShard(spec, redis_server.url, "ra3")
+    spec = shard_spec(capacity=10_000, samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e12, read_count=16)
+    shard = ReplayShard(spec, redis_server.url, "ra3", seed=0)
     shard.start()
     try:
         for i in range(300, 400):  # appends while the shard consumes

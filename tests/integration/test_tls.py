@@ -18,8 +18,9 @@ import pytest
 from apexq.core.connection import check, connect
 from apexq.replay_server.client import StreamWriter
 from apexq.replay_server.codec import Block
-from apexq.replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.shard import ReplayShard
 
+from default_components import shard_spec
 from needs import require_module
 
 x509 = require_module("cryptography.x509")  # in the test extra: CI fails without it instead of skipping
@@ -100,8 +101,8 @@ def test_rediss_urls_carry_the_whole_replay_path(redis_server, tmp_path):
         url = f"rediss://apexq:{redis_server.password}@127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
         check(url)
         assert connect(url).connection_pool.connection_class.__name__ == "SSLConnection"
-        shard = ReplayShard(ShardSpec(shard_id=0, capacity=1000, obs_dim=2, num_actions=3, min_size_to_sample=10,
-                                      samples_per_insert=1.0, error_buffer=1e9), url, "tls")
+        shard = ReplayShard(shard_spec(capacity=1000, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
+                            url, "tls", seed=0)
         shard.start()
         try:
             w = StreamWriter(url, "tls", 0, actor_id=0, maxlen=100, max_backlog=50)

@@ -6,7 +6,8 @@ import torch
 from apexq.cluster.run_dir import RunDir
 from apexq.learner.artifacts import Outbox
 from apexq.learner.checkpoint import CheckpointError, dumps, loads
-from apexq.learner.learner import Learner, LearnerSettings
+from apexq.learner.learner import Learner
+from default_components import learner_settings
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 
@@ -57,7 +58,7 @@ def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_res
     private = tmp_path / "node-tmp"  # the learner node's temporary folder
     private.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(private))
-    s = LearnerSettings(batch_size=8, device="cpu", checkpoint_every_s=1e9)
+    s = learner_settings(batch_size=8, device="cpu", checkpoint_every_s=1e9)
     a = Learner(s, SPEC, [], config={"env": {"id": "MountainCar-v0"}})
     with torch.no_grad():
         for p in a.online.parameters():

@@ -14,7 +14,8 @@ import torch
 
 from apexq.learner.prefetch import PrefetchSampler
 from apexq.replay_server.codec import Block
-from apexq.replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.shard import ReplayShard
+from default_components import shard_spec
 
 # item id (written into obs[:, 0]) -> (shard, priority)
 ITEMS = {0: (0, 1.0), 1: (0, 1.0), 2: (1, 2.0), 3: (1, 4.0)}
@@ -24,8 +25,8 @@ W_BETA_HALF = {0: 1.0, 1: 1.0, 2: 1 / math.sqrt(2), 3: 0.5}
 
 def shard(k: int, filled: bool = True) -> ReplayShard:
     n = sum(1 for s, _ in ITEMS.values() if s == k)
-    sh = ReplayShard(ShardSpec(k, n, 2, 3, priority_alpha=1.0, priority_eps=0.0, samples_per_insert=1.0,
-                               min_size_to_sample=1, error_buffer=1e12), "", "t", seed=10 + k)
+    sh = ReplayShard(shard_spec(shard_id=k, capacity=n, priority_alpha=1.0, priority_eps=0.0, samples_per_insert=1.0,
+                                min_size_to_sample=1, error_buffer=1e12), "", "t", seed=10 + k)
     return fill(sh) if filled else sh
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from apexq.learner.checkpoint import CheckpointError, load
-from apexq.learner.learner import Learner, LearnerSettings
+from apexq.learner.learner import Learner
 from apexq.learner.network import build_network
 from apexq.replay_server.codec import Block
-from apexq.replay_server.shard import SEQ_MASK, ReplayShard, ShardSpec
+from apexq.replay_server.shard import SEQ_MASK, ReplayShard
+from default_components import learner_settings, shard_spec
 
 
 def load_policy(path):
@@ -22,7 +23,7 @@ SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0
 
 
 def shard_with(n=2000, seed=0):
-    sh = ReplayShard(ShardSpec(0, n, 2, 3, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
+    sh = ReplayShard(shard_spec(capacity=n, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
                      "", "t", seed)
     rng = np.random.default_rng(seed)
     obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
@@ -32,7 +33,7 @@ def shard_with(n=2000, seed=0):
 
 
 def make(tmp_path, shard, **kw):
-    s = LearnerSettings(batch_size=32, device="cpu", publish_every=10, checkpoint_every_s=1e9, prefetch=2, **kw)
+    s = learner_settings(batch_size=32, device="cpu", publish_every=10, checkpoint_every_s=1e9, prefetch=2, **kw)
     return Learner(s, SPEC, [shard], checkpoint_path=str(tmp_path / "checkpoint.pt"), config={"env": {"id": "MountainCar-v0"}})
 
 
@@ -155,9 +156,9 @@ def test_read_only_sample_arrays_convert_without_warning():
     torch warns once per process, so the check runs in a fresh one with warnings as errors."""
     code = (
         "import sys, numpy as np, torch\n"
-        "sys.path.insert(0, 'tests/unit')\n"
+        "sys.path[:0] = ['tests/unit', 'tests']\n"
         "from test_learner import shard_with\n"
-        "from learner.prefetch import PrefetchSampler\n"
+        "from apexq.learner.prefetch import PrefetchSampler\n"
         "sh = shard_with()\n"
         "class ReadOnly:\n"
         "    def sample(self, n, timeout):\n"
@@ -176,10 +177,12 @@ def test_read_only_sample_arrays_convert_without_warning():
 def test_read_only_arrays_from_ray_raise_no_torch_warning():
     """Ray hands numpy arrays over read-only; torch warns once per process on those, so check in a fresh one."""
     code = (
-        "import numpy as np, torch\n"
-        "from learner.learner import Learner, LearnerSettings\n"
+        "import sys, numpy as np, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from apexq.learner.learner import Learner\n"
+        "from default_components import learner_settings\n"
         "spec = {'obs_dim': 2, 'num_actions': 3, 'obs_low': [-1.2, -0.07], 'obs_high': [0.6, 0.07]}\n"
-        "lr = Learner(LearnerSettings(batch_size=8), spec, [])\n"
+        "lr = Learner(learner_settings(batch_size=8), spec, [])\n"
         "state = {k: v.numpy().copy() for k, v in lr.online.state_dict().items()}\n"
         "for v in state.values():\n"
         "    v.flags.writeable = False\n"

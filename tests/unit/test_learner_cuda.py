@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from apexq.learner.checkpoint import load
-from apexq.learner.learner import Learner, LearnerSettings
+from apexq.learner.learner import Learner
 from apexq.learner.prefetch import PrefetchSampler
 from apexq.replay_server.codec import Block
-from apexq.replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.shard import ReplayShard
+from default_components import learner_settings, shard_spec
 from test_learner import Remote  # a shard seen as another process's
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -24,7 +25,7 @@ B = 64
 
 
 def shard_with(n=4000, seed=0):
-    sh = ReplayShard(ShardSpec(0, n, 2, 3, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
+    sh = ReplayShard(shard_spec(capacity=n, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
                      "", "t", seed)
     rng = np.random.default_rng(seed)
     obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
@@ -36,8 +37,8 @@ def shard_with(n=4000, seed=0):
 
 def make(tmp_path, device, shards=(), **kw):
     kw.setdefault("cuda_graphs", False)  # the eager update is the reference
-    s = LearnerSettings(batch_size=B, device=device, publish_every=10**9, checkpoint_every_s=1e9, prefetch=4,
-                        target_update_period=3, **kw)
+    s = learner_settings(batch_size=B, device=device, publish_every=10**9, checkpoint_every_s=1e9, prefetch=4,
+                         target_update_period=3, **kw)
     return Learner(s, SPEC, list(shards), checkpoint_path=str(tmp_path / f"{device}.pt"))
 
 
@@ -148,7 +149,7 @@ def test_cuda_run_loop_trains_and_its_checkpoint_loads_on_the_cpu(tmp_path, remo
     assert sh.stats()["priority_updates"] > before
     assert np.isfinite(lr.metrics["loss"])
     lr.save_checkpoint()
-    cpu = Learner(LearnerSettings(batch_size=B, device="cpu"), SPEC, [], resume=load(lr.checkpoint_path))
+    cpu = Learner(learner_settings(batch_size=B, device="cpu"), SPEC, [], resume=load(lr.checkpoint_path))
     x = torch.rand(256, 2) * torch.tensor([1.8, 0.14]) - torch.tensor([1.2, 0.07])
     torch.testing.assert_close(cpu.online(x), lr.online(x.cuda()).detach().cpu(), rtol=1e-5, atol=1e-6)
     assert cpu.updates == 200 and cpu.opt.steps == 200

@@ -3,12 +3,15 @@ import copy
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from apexq.learner.network import QNetwork
 from apexq.learner.optim import FlatAdam
+
+TESTS = str(Path(__file__).resolve().parents[1])  # tests/default_components.py, for a fresh process
 
 
 def test_adam_steps_by_hand():
@@ -49,7 +52,7 @@ def test_clip_by_hand():
 
 
 def test_parameters_and_gradients_stay_views_of_the_buffers():
-    net = QNetwork(2, 3, (8, 8))
+    net = QNetwork(2, 3, (8, 8), False)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     opt = FlatAdam(net.parameters(), lr=0.01)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # values kept
@@ -73,7 +76,7 @@ def test_parameters_and_gradients_stay_views_of_the_buffers():
 
 def test_updates_match_torch_adam_with_clip_grad_norm():
     torch.manual_seed(0)
-    ref = QNetwork(2, 3, (16, 16))
+    ref = QNetwork(2, 3, (16, 16), False)
     new = copy.deepcopy(ref)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01, foreach=False)
     opt_new = FlatAdam(new.parameters(), 0.01)
@@ -115,7 +118,7 @@ def test_graph_step_by_hand():
 
 def test_graph_step_follows_step_and_resumes_at_the_saved_count():
     torch.manual_seed(2)
-    a = QNetwork(2, 3, (8, 8))
+    a = QNetwork(2, 3, (8, 8), False)
     b = copy.deepcopy(a)
     oa, ob = FlatAdam(a.parameters(), 0.01), FlatAdam(b.parameters(), 0.01)
     ob.enable_graph_step()
@@ -147,7 +150,7 @@ def test_graph_step_follows_step_and_resumes_at_the_saved_count():
 def test_resumes_from_a_torch_adam_state():
     """Checkpoints written with torch.optim.Adam (before FlatAdam) continue the same trajectory."""
     torch.manual_seed(1)
-    ref = QNetwork(2, 3, (8,))
+    ref = QNetwork(2, 3, (8,), False)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01, fused=True)
     xs = [torch.randn(16, 2) for _ in range(6)]
     for x in xs[:3]:
@@ -172,11 +175,11 @@ def test_resumes_from_a_torch_adam_state():
 
 
 def test_mismatched_state_is_refused():
-    opt = FlatAdam(QNetwork(2, 3, (8,)).parameters(), 0.01)
-    other = torch.optim.Adam(QNetwork(2, 3, (8, 8)).parameters())
+    opt = FlatAdam(QNetwork(2, 3, (8,), False).parameters(), 0.01)
+    other = torch.optim.Adam(QNetwork(2, 3, (8, 8), False).parameters())
     with pytest.raises(ValueError, match="6 parameters in 1 groups; this network has 4"):
         opt.load_state_dict(other.state_dict())
-    wrong = FlatAdam(QNetwork(2, 3, (9,)).parameters(), 0.01)
+    wrong = FlatAdam(QNetwork(2, 3, (9,), False).parameters(), 0.01)
     wrong.step()
     with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has shape \(9, 2\), expected \(8, 2\)"):
         opt.load_state_dict(wrong.state_dict())
@@ -192,9 +195,11 @@ def test_learner_never_imports_torch_dynamo(tmp_path):
     start-up nor its updates nor its checkpoints (the policy export runs in a helper) may."""
     code = (
         "import os, sys, torch\n"
-        "from learner.learner import Learner, LearnerSettings\n"
+        f"sys.path.insert(0, {TESTS!r})\n"
+        "from apexq.learner.learner import Learner\n"
+        "from default_components import learner_settings\n"
         "spec = {'obs_dim': 2, 'num_actions': 3, 'obs_low': [-1.2, -0.07], 'obs_high': [0.6, 0.07]}\n"
-        f"lr = Learner(LearnerSettings(batch_size=8), spec, [], checkpoint_path={str(tmp_path / 'ck.pt')!r})\n"
+        f"lr = Learner(learner_settings(batch_size=8), spec, [], checkpoint_path={str(tmp_path / 'ck.pt')!r})\n"
         "b = {'obs': torch.zeros(8, 2), 'next_obs': torch.zeros(8, 2), 'action': torch.zeros(8, dtype=torch.long),\n"
         "     'ret': torch.zeros(8), 'discount': torch.ones(8), 'weights': torch.ones(8)}\n"
         "lr.step(b)\n"

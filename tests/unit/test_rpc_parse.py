@@ -14,8 +14,9 @@ from apexq.replay_server.codec import MAX_PRIORITY, Block
 from apexq.replay_server.keys import Keys
 from apexq.replay_server.rpc_messages import (MAGIC, MAX_DEPTH, MAX_HEADER, MAX_TIMEOUT, Request, RpcError, encode,
                                         parse_priorities, parse_request, too_deep)
-from apexq.replay_server.shard import ReplayShard, ShardSpec
+from apexq.replay_server.shard import ReplayShard
 from apexq.replay_server.sum_tree import STRATA_CACHED, SumTree
+from default_components import shard_spec
 
 PREFIX = Keys("ns").reply(0, "")
 MAX = 512
@@ -170,8 +171,8 @@ def test_valid_priority_updates_round_trip(items):
 # -- the shard's side: no spin on an unservable sample, priorities clamped, bounded caches ----------
 
 def small_shard(n=50) -> ReplayShard:
-    shard = ReplayShard(ShardSpec(0, 100, 2, 3, priority_alpha=1.0, priority_eps=0.0, min_size_to_sample=10,
-                                  error_buffer=1000.0), "redis://unused", "ns")
+    shard = ReplayShard(shard_spec(capacity=100, priority_alpha=1.0, priority_eps=0.0, min_size_to_sample=10,
+                                   error_buffer=1000.0), "redis://unused", "ns", seed=0)
     obs = np.zeros((n, 2), np.float32)
     shard.insert(Block(obs, np.zeros(n, np.int32), np.zeros(n, np.float32), np.ones(n, np.float32), obs,
                        np.ones(n, np.float32)))
