@@ -24,17 +24,18 @@ MAX_EPISODE_STEPS = 200
 
 
 class MountainCarVectorEnv(VectorEnv):
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 30, "autoreset_mode": AutoresetMode.NEXT_STEP}
+    """No rendering: `apexq evaluate --gif` records gymnasium's own MountainCar-v0 (see record_gif)."""
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-                 max_episode_steps: int = MAX_EPISODE_STEPS, render_mode: str | None = None):
+                 max_episode_steps: int = MAX_EPISODE_STEPS):
         self.num_envs = int(num_envs)
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         if self.autoreset_mode == AutoresetMode.DISABLED:
             raise ValueError("autoreset_mode DISABLED is not supported")
         self.metadata = dict(self.metadata, autoreset_mode=self.autoreset_mode)
         self.max_episode_steps = int(max_episode_steps)
-        self.render_mode = render_mode
         low = np.array([MIN_POSITION, -MAX_SPEED], dtype=np.float32)
         high = np.array([MAX_POSITION, MAX_SPEED], dtype=np.float32)
         self.single_observation_space = spaces.Box(low, high, dtype=np.float32)
@@ -100,10 +101,6 @@ class MountainCarVectorEnv(VectorEnv):
             infos["_final_info"] = done.copy()
             self._reset_envs(np.flatnonzero(done))
         return self._obs(), rewards, terminated, truncated, infos
-
-    def render(self):
-        from .render import render_mountain_car
-        return render_mountain_car(float(self.position[0]))
 
     # -- internals -------------------------------------------------------------------------
 
