@@ -30,7 +30,7 @@ class TemporallyExtendedEpsilonGreedy:
     """
 
     def __init__(self, epsilons: np.ndarray, num_actions: int, rng: np.random.Generator,
-                 mu: float = 1.5, max_duration: int = 50):
+                 mu: float, max_duration: int):
         if mu <= 1.0:
             raise ValueError(f"mu must be > 1 (a Zipf exponent), got {mu}")
         if max_duration < 1:

@@ -21,7 +21,7 @@ def greedy_actions(policy):
     return act
 
 
-def evaluate(policy, env_id: str, episodes: int, seed: int = 0, max_steps: int = 100_000) -> np.ndarray:
+def evaluate(policy, env_id: str, episodes: int, seed: int, max_steps: int = 100_000) -> np.ndarray:
     """Returns the undiscounted return of ``episodes`` greedy episodes (seeds actors never use).
 
     ``policy``: a :class:`NumpyQPolicy`, or a torch module mapping float32[N, obs_dim] to Q[N, A].

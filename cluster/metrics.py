@@ -158,9 +158,9 @@ def node_address(host: str) -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
-def serve_component(kind: str, index: int, stats: Callable[[], dict], host: str = "127.0.0.1",
-                    port: int = 0) -> str:
-    """Start a /metrics endpoint for one component in this process; returns ``addr:port``."""
+def serve_component(kind: str, index: int, stats: Callable[[], dict], host: str, port: int = 0) -> str:
+    """Start a /metrics endpoint for one component in this process on ``host`` (metrics.host); returns
+    ``addr:port``. Port 0, a free one, is what components use: only the driver's port is configured."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(kind, index, stats))
     server, _thread = start_http_server(port, addr=host, registry=registry)
@@ -170,7 +170,7 @@ def serve_component(kind: str, index: int, stats: Callable[[], dict], host: str 
 class DriverEndpoint:
     """The driver's HTTP server: ``/metrics`` (its own) and ``/targets`` (Prometheus HTTP SD)."""
 
-    def __init__(self, stats: Callable[[], dict], host: str = "127.0.0.1", port: int = 0, run_id: str = ""):
+    def __init__(self, stats: Callable[[], dict], host: str, port: int, run_id: str = ""):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector("driver", 0, stats))
         self.targets: dict[str, dict] = {}

@@ -14,7 +14,7 @@ class ActorService(ApexActor):
     def stats(self) -> dict:
         return {**super().stats(), "incarnation": self.incarnation}
 
-    def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    def serve_metrics(self, host: str, port: int = 0) -> str:
         return serve_component("actor", self.s.actor_id, self.stats, host, port)
 
     def node_id(self) -> str:

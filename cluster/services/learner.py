@@ -57,7 +57,7 @@ class LearnerService:
     def set_extra(self, extra: dict) -> None:
         self.impl.set_extra(extra)
 
-    def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    def serve_metrics(self, host: str, port: int = 0) -> str:
         return serve_component("learner", 0, self.impl.stats, host, port)
 
     def node_id(self) -> str:

@@ -14,7 +14,7 @@ class ShardService(ReplayShard):
     def stats(self) -> dict:
         return {**super().stats(), "incarnation": self.incarnation}
 
-    def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    def serve_metrics(self, host: str, port: int = 0) -> str:
         return serve_component("shard", self.spec.shard_id, self.stats, host, port)
 
     def node_id(self) -> str:

@@ -49,7 +49,7 @@ def test_durations_are_capped_and_episode_ends_stop_a_run():
 def test_max_duration_one_is_per_step_epsilon_greedy():
     rng = np.random.default_rng(0)
     eps = np.array([0.0, 1.0, 0.3])
-    ex = TemporallyExtendedEpsilonGreedy(eps, 3, rng, max_duration=1)
+    ex = TemporallyExtendedEpsilonGreedy(eps, 3, rng, mu=1.5, max_duration=1)
     greedy = np.zeros(3, np.int64)
     acts = np.array([ex.select(greedy) for _ in range(20_000)])
     assert (acts[:, 0] == 0).all()                                        # epsilon 0: always greedy
@@ -62,6 +62,6 @@ def test_max_duration_one_is_per_step_epsilon_greedy():
 
 def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match="mu must be > 1"):
-        TemporallyExtendedEpsilonGreedy(np.array([0.1]), 3, np.random.default_rng(0), mu=1.0)
+        TemporallyExtendedEpsilonGreedy(np.array([0.1]), 3, np.random.default_rng(0), mu=1.0, max_duration=50)
     with pytest.raises(ValueError, match="max_duration must be >= 1"):
-        TemporallyExtendedEpsilonGreedy(np.array([0.1]), 3, np.random.default_rng(0), max_duration=0)
+        TemporallyExtendedEpsilonGreedy(np.array([0.1]), 3, np.random.default_rng(0), mu=1.5, max_duration=0)
