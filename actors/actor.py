@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from apexq.core.interfaces import BlockSink, WeightsSource
 from apexq.replay_server.client import StreamWriter
 from apexq.replay_server.codec import Block
 
@@ -53,7 +54,7 @@ class ActorSettings:
 
 class ApexActor:
     def __init__(self, settings: ActorSettings, redis_url: Optional[str], namespace: str, spec: dict,
-                 writer=None, weights=None):
+                 writer: Optional[BlockSink] = None, weights: Optional[WeightsSource] = None):
         """``writer``/``weights`` replace the Redis stream writer and weights client (single-process mode)."""
         self.s = settings
         self.spec = spec

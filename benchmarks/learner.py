@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from apexq.cluster.components import learner_settings, shard_spec  # noqa: E402
 from apexq.cluster.config import load_config  # noqa: E402
+from apexq.core.batch import SAMPLE_COLUMNS, SampleBatch  # noqa: E402
 from apexq.learner.learner import Learner, LearnerSettings, resolve_device  # noqa: E402
 from apexq.replay_server import rpc  # noqa: E402
 from apexq.replay_server.codec import Block  # noqa: E402
@@ -79,9 +80,9 @@ def serve_shard(capacity: int, seed: int) -> None:
         head, _ = rpc.decode(data, header_only=True)
         if head["op"] == "sample":
             res = shard.sample(head["n"], 1.0)
-            reply = {"n": len(res["keys"]), "total": res["total"], "size": res["size"]}
-            _write(out, rpc.encode(reply, tuple(np.asarray(res[c], dt) for c, (dt, _) in
-                                                zip(rpc.SAMPLE_COLUMNS, sample_layout(reply)))))
+            reply = {"n": len(res.keys), "total": res.total, "size": res.size}
+            _write(out, rpc.encode(reply, tuple(np.asarray(getattr(res, c), dt) for c, (dt, _) in
+                                                zip(SAMPLE_COLUMNS, sample_layout(reply)))))
         elif head["op"] == "priorities":
             _, (keys, pr) = rpc.decode(data, rpc._prio_layout)
             shard.update_priorities(keys, pr)
@@ -93,6 +94,7 @@ class ShardProcess:
     """What the learner sees of a shard served by another process (``in_process`` False)."""
 
     in_process = False
+    nonblocking_priorities = False  # update_priorities writes to the child's pipe
 
     def __init__(self, capacity: int, seed: int = 0):
         import subprocess
@@ -102,11 +104,11 @@ class ShardProcess:
         self._layout = rpc._sample_layout(SPEC["obs_dim"])
         self.stats()  # waits until the child has filled its shard
 
-    def sample(self, n: int, timeout: float = 1.0) -> dict:
+    def sample(self, n: int, timeout: float = 1.0) -> SampleBatch:
         with self._lock:
             _write(self.proc.stdin, rpc.encode({"op": "sample", "n": int(n)}))
             head, arrays = rpc.decode(_read(self.proc.stdout), self._layout)  # read-only arrays, as Ray's
-        return {**dict(zip(rpc.SAMPLE_COLUMNS, arrays)), "total": head["total"], "size": head["size"], "shard": 0}
+        return SampleBatch(*arrays, total=head["total"], size=head["size"], shard=0)
 
     def update_priorities(self, keys, priorities) -> None:
         keys = np.asarray(keys, "<i8")

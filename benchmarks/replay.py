@@ -144,7 +144,7 @@ def sample_loop(shard: ReplayShard, calls: int, batch: int, chunk: int = 200, se
     new_prios = [np.abs(rng.normal(0, 1, batch)) for _ in range(64)]
     for i in range(20):  # warm-up
         s = shard.sample(batch)
-        shard.update_priorities(s["keys"], new_prios[i % 64])
+        shard.update_priorities(s.keys, new_prios[i % 64])
     both, alone = [], []
     for c in range(max(1, calls // chunk)):
         t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def sample_loop(shard: ReplayShard, calls: int, batch: int, chunk: int = 200, se
             s = shard.sample(batch)
             if s is None:
                 raise RuntimeError("sample refused by the rate limiter")
-            shard.update_priorities(s["keys"], new_prios[i % 64])
+            shard.update_priorities(s.keys, new_prios[i % 64])
         both.append(chunk * batch / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         for i in range(chunk):
@@ -183,7 +183,7 @@ def rpc_sample_loop(url: str, capacity: int, calls: int, batch: int, chunk: int 
             t0 = time.perf_counter()
             for _ in range(chunk):
                 res = client.sample(4 * batch, timeout=5.0)
-                client.update_priorities(res["keys"], np.abs(res["ret"]))
+                client.update_priorities(res.keys, np.abs(res.ret))
             rates.append(chunk * 4 * batch / (time.perf_counter() - t0))
         client.close()
         return rates

@@ -6,7 +6,7 @@ import math
 from apexq.actors.actor import ActorSettings
 from apexq.learner.settings import LearnerSettings
 from apexq.replay_server.codec import block_nbytes
-from apexq.replay_server.shard import ShardSpec
+from apexq.replay_server.shard import ShardSpec, memory_per_item
 
 from .config import Config
 
@@ -23,12 +23,11 @@ def stream_maxlen(cfg: Config) -> int:
 def replay_memory_bytes(cfg: Config, obs_dim: int) -> tuple[int, int]:
     """(bytes one shard needs, bytes its Redis stream needs) for ``replay.capacity``, an upper estimate.
 
-    A shard holds obs and next_obs (float32), action, return, discount (4 bytes each), an int64
-    key, and a float64 sum-tree of up to 4 nodes per item (its leaves round up to a power of two).
-    Its stream holds the same transitions as encoded blocks, plus the allowed backlog.
+    A shard's items take :func:`memory_per_item` each; its stream holds the same transitions as
+    encoded blocks, plus the allowed backlog.
     """
     per = shard_capacity(cfg)
-    shard = per * (8 * obs_dim + 12 + 8 + 32)
+    shard = per * memory_per_item(obs_dim)
     stream = stream_maxlen(cfg) * block_nbytes(cfg.actors.block_size, obs_dim)
     return shard, stream
 

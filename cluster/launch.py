@@ -32,6 +32,7 @@ def set_ray_env() -> None:
 class RayShardProxy:
     """What the learner sees of a shard living in another Ray process (picklable: a handle)."""
 
+    in_process = False
     nonblocking_priorities = True  # update_priorities submits the call and returns
 
     def __init__(self, name: str):

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-COLUMNS = ("obs", "next_obs", "action", "ret", "discount", "weights")
+from .prefetch import UPDATE_COLUMNS
 
 
 class UpdateGraph:
@@ -30,7 +30,7 @@ class UpdateGraph:
     """
 
     def __init__(self, update: Callable[[dict], tuple], opt, example: dict, warmup: int = 3):
-        self.inputs = {k: example[k].clone() for k in COLUMNS}
+        self.inputs = {k: example[k].clone() for k in UPDATE_COLUMNS}
         saved = opt.snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -47,11 +47,11 @@ class UpdateGraph:
 
     def fits(self, batch: dict) -> bool:
         return all(batch[k].shape == self.inputs[k].shape and batch[k].dtype == self.inputs[k].dtype
-                   for k in COLUMNS)
+                   for k in UPDATE_COLUMNS)
 
     def replay(self, batch: dict) -> tuple:
         """One update on ``batch`` (tensors on the device, shaped as the example)."""
-        for k in COLUMNS:
+        for k in UPDATE_COLUMNS:
             self.inputs[k].copy_(batch[k], non_blocking=True)
         self.graph.replay()
         return self.outputs

@@ -22,6 +22,7 @@ import torch
 
 from apexq.core import weights_store
 from apexq.core.connection import connect
+from apexq.core.interfaces import Shard
 
 from . import checkpoint as ckpt
 from .artifacts import Outbox
@@ -30,7 +31,7 @@ from .cuda_graph import UpdateGraph
 from .export import BackgroundExporter, read_policy_files
 from .network import build_network
 from .optim import FlatAdam
-from .prefetch import PrefetchSampler, undeal
+from .prefetch import PrefetchSampler, example_minibatch, undeal
 from .settings import LearnerSettings
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Learner:
-    def __init__(self, settings: LearnerSettings, spec: dict, shards: Sequence,
+    def __init__(self, settings: LearnerSettings, spec: dict, shards: Sequence[Shard],
                  redis_url: Optional[str] = None, namespace: str = "default",
                  checkpoint_path: Optional[str] = None, resume: Optional[dict] = None,
                  config: Optional[dict] = None):
@@ -94,14 +95,13 @@ class Learner:
         self._prio_buf: list = []
         self.sampler: Optional[PrefetchSampler] = None
         # shards living in this process are sampled and updated on the training thread (see prefetch.py)
-        self.local_shards = all(getattr(sh, "in_process", False) for sh in self.shards)
+        self.local_shards = all(sh.in_process for sh in self.shards)
         # Priorities go to the shards from the training thread itself when no shard makes it wait
         # (in-process shards, Ray proxies whose call returns at once): a helper thread would cost
         # more in GIL hand-offs than the call. A distributed learner's training thread waited
         # 460-520 times a second with this hand-off and the prefetch thread's, 190-220 without.
         # Shards reached through a Redis round trip still get priorities from the background thread.
-        self.inline_priorities = all(getattr(sh, "in_process", False) or getattr(sh, "nonblocking_priorities", False)
-                                     for sh in self.shards)
+        self.inline_priorities = all(sh.in_process or sh.nonblocking_priorities for sh in self.shards)
         if not self.local_shards:
             # The prefetch and priority threads hold the GIL for Ray calls while the training
             # thread is inside torch without it; at CPython's default 5 ms switch interval the
@@ -323,11 +323,7 @@ class Learner:
 
     def _example_batch(self) -> dict:
         """A minibatch of the sampler's shapes and dtypes (its values do not matter to a capture)."""
-        B, d = self.s.batch_size, int(self.spec["obs_dim"])
-        f = dict(device=self.device, dtype=torch.float32)
-        return {"obs": torch.zeros(B, d, **f), "next_obs": torch.zeros(B, d, **f),
-                "action": torch.zeros(B, dtype=torch.int64, device=self.device), "ret": torch.zeros(B, **f),
-                "discount": torch.zeros(B, **f), "weights": torch.ones(B, **f)}
+        return example_minibatch(self.s.batch_size, int(self.spec["obs_dim"]), self.device)
 
     def _capture(self, batch: dict) -> None:
         try:

@@ -27,9 +27,16 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from apexq.core.batch import TRANSITION_COLUMNS, SampleBatch
+from apexq.core.interfaces import Shard
+
 from .losses import importance_weights
 
 log = logging.getLogger(__name__)
+ROWS = ("keys", *TRANSITION_COLUMNS)  # the columns of a shard's sample that stay with each item
+# The device tensors of a minibatch. A minibatch is a dict of these plus "keys" and "shard"
+# (host arrays: where its priorities go); a dict, as the training loop reads it on every update.
+UPDATE_COLUMNS = (*TRANSITION_COLUMNS, "weights")
 
 
 def deal(a: np.ndarray, k: int) -> np.ndarray:
@@ -44,8 +51,17 @@ def undeal(a: np.ndarray, k: int) -> np.ndarray:
     return a.reshape(k, n // k, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
 
 
+def example_minibatch(batch_size: int, obs_dim: int, device: torch.device) -> dict:
+    """The :data:`UPDATE_COLUMNS` of a minibatch, shaped and typed as :meth:`PrefetchSampler.prepare`
+    makes them (zeros, weights ones): what the learner captures its CUDA graph on."""
+    B, f = batch_size, dict(device=device, dtype=torch.float32)
+    return {"obs": torch.zeros(B, obs_dim, **f), "action": torch.zeros(B, dtype=torch.int64, device=device),
+            "ret": torch.zeros(B, **f), "discount": torch.zeros(B, **f), "next_obs": torch.zeros(B, obs_dim, **f),
+            "weights": torch.ones(B, **f)}
+
+
 class PrefetchSampler:
-    def __init__(self, shards: Sequence, batch_size: int, depth: int, device: torch.device,
+    def __init__(self, shards: Sequence[Shard], batch_size: int, depth: int, device: torch.device,
                  beta: Callable[[], float], rng: Optional[np.random.Generator] = None, timeout: float = 1.0,
                  batches_per_request: int = 1, inline: bool = False):
         self.shards = list(shards)
@@ -168,7 +184,8 @@ class PrefetchSampler:
         return None if fetched is None else self.prepare(fetched)
 
     def fetch(self) -> Optional[dict]:
-        """One request per shard: the shards' replies and the mass and size they imply, or None."""
+        """One request per shard: the shards' :class:`SampleBatch` replies and the mass and size they imply,
+        or None."""
         B, k = self.batch_size, self.per_request
         counts = self.split(B * k)
         if len(self.shards) == 1:  # no thread hop for a single shard
@@ -176,7 +193,7 @@ class PrefetchSampler:
         else:
             futures = {i: self._pool.submit(self.shards[i].sample, int(n), self.timeout)
                        for i, n in enumerate(counts) if n > 0}
-        parts = {}
+        parts: dict[int, SampleBatch] = {}
         for i, fut in futures.items():
             try:
                 res = fut.result() if fut is not None else self.shards[0].sample(int(counts[0]), self.timeout)
@@ -195,7 +212,7 @@ class PrefetchSampler:
                     pass
                 continue
             parts[i] = res
-            self.totals[i], self.sizes[i], self.known[i] = res["total"], res["size"], True
+            self.totals[i], self.sizes[i], self.known[i] = res.total, res.size, True
         if len(parts) != len(futures):
             return None  # items already drawn from other shards are dropped; counted as a wait
         return {"parts": parts, "total_mass": float(self.totals.sum()), "size": int(self.sizes.sum())}
@@ -206,9 +223,10 @@ class PrefetchSampler:
         parts, total_mass, size = fetched["parts"], fetched["total_mass"], fetched["size"]
         order = sorted(parts)
         if len(order) == 1:
-            cat, n = parts[order[0]], len(parts[order[0]]["keys"])
-            shard_of = np.full(n, order[0], np.int32)
-            gprob = cat["prob"] * (cat["total"] / total_mass)
+            part = parts[order[0]]
+            cat = {c: getattr(part, c) for c in ROWS}
+            shard_of = np.full(len(part.keys), order[0], np.int32)
+            gprob = part.prob * (part.total / total_mass)
             if k > 1:
                 # A shard draws its n = k*B items stratified over its priority mass (one per
                 # stratum), in slot order: cut in k consecutive pieces, minibatch j would hold only
@@ -217,17 +235,16 @@ class PrefetchSampler:
                 # k-th stratum, itself stratified over the whole mass. Each item's probability is
                 # unchanged. (Learner.send_priorities undoes the deal, so priorities go back in
                 # slot order, which the shard's sum-tree updates twice as fast as shuffled.)
-                cat = {key: deal(cat[key], k) for key in ("keys", "obs", "action", "ret", "discount", "next_obs")}
+                cat = {c: deal(a, k) for c, a in cat.items()}
                 gprob = deal(gprob, k)
         else:
-            cat = {key: np.concatenate([parts[i][key] for i in order]) for key in
-                   ("keys", "obs", "action", "ret", "discount", "next_obs", "prob")}
-            shard_of = np.concatenate([np.full(len(parts[i]["keys"]), i, np.int32) for i in order])
+            cat = {c: np.concatenate([getattr(parts[i], c) for i in order]) for c in ROWS}
+            shard_of = np.concatenate([np.full(len(parts[i].keys), i, np.int32) for i in order])
             # global probability of each item: p_i / sum_k total_k = prob_in_shard * total_k / sum
-            scale = np.concatenate([np.full(len(parts[i]["keys"]), parts[i]["total"]) for i in order]) / total_mass
-            gprob = cat["prob"] * scale
+            scale = np.concatenate([np.full(len(parts[i].keys), parts[i].total) for i in order]) / total_mass
+            gprob = np.concatenate([parts[i].prob for i in order]) * scale
             perm = self.rng.permutation(len(shard_of))  # mix shards inside every minibatch
-            cat = {key: cat[key][perm] for key in ("keys", "obs", "action", "ret", "discount", "next_obs")}
+            cat = {c: a[perm] for c, a in cat.items()}
             shard_of, gprob = shard_of[perm], gprob[perm]
         self.sampled += int(len(shard_of))
         # importance weights of all k minibatches at once, each normalised by its own maximum
@@ -245,8 +262,8 @@ class PrefetchSampler:
                 t = t.pin_memory()
             return t.to(self.device, non_blocking=pin).view(k, B, *a.shape[1:]).unbind(0)
 
-        cols = {"obs": dev(cat["obs"]), "action": dev(cat["action"], torch.int64), "ret": dev(cat["ret"]),
-                "discount": dev(cat["discount"]), "next_obs": dev(cat["next_obs"]), "weights": dev(w.reshape(-1))}
+        cols = {c: dev(cat[c], torch.int64 if c == "action" else None) for c in TRANSITION_COLUMNS}
+        cols["weights"] = dev(w.reshape(-1))
         keys = cat["keys"].reshape(k, B)
         shard_of = shard_of.reshape(k, B)
         return [{**{name: col[j] for name, col in cols.items()}, "keys": keys[j], "shard": shard_of[j]}

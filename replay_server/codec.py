@@ -71,8 +71,14 @@ class Block:
         return int(self.action.shape[0])
 
 
+def transition_nbytes(obs_dim: int) -> int:
+    """Bytes of one transition in a block: obs and next_obs (float32[obs_dim] each), then action,
+    ret, discount and priority (4 bytes each)."""
+    return 8 * obs_dim + 16
+
+
 def block_nbytes(count: int, obs_dim: int) -> int:
-    return HEADER_SIZE + count * (8 * obs_dim + 16)
+    return HEADER_SIZE + count * transition_nbytes(obs_dim)
 
 
 def encode_block(block: Block) -> bytes:
@@ -165,7 +171,7 @@ def decode_batch(payloads, obs_dim: int, num_actions: int | None = None) -> tupl
     """
     k = len(payloads)
     dim = int(obs_dim)
-    per = 8 * dim + 16
+    per = transition_nbytes(dim)
     length = 0
     if 1 <= dim <= MAX_OBS_DIM:
         for p in payloads:

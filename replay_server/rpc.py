@@ -32,15 +32,16 @@ from typing import Optional
 import numpy as np
 import redis
 
+from apexq.core.batch import SAMPLE_COLUMNS, SampleBatch
 from apexq.core.connection import RETRYABLE, connect, with_backoff
 
 from .keys import Keys
-from .rpc_messages import (MAX_ITEMS, MAX_TIMEOUT, SAMPLE_COLUMNS, RpcError, decode, encode, parse_priorities, parse_request,
+from .rpc_messages import (MAX_ITEMS, MAX_TIMEOUT, RpcError, decode, encode, parse_priorities, parse_request,
                            prio_layout, sample_layout)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RpcError", "encode", "decode", "SAMPLE_COLUMNS", "ShardRpcServer", "RedisShardClient"]
+__all__ = ["RpcError", "encode", "decode", "ShardRpcServer", "RedisShardClient"]
 _sample_layout, _prio_layout = sample_layout, prio_layout  # the names benchmarks/learner.py uses
 MAX_QUEUED = 1000
 REPLY_TTL_MS = 20_000   # an abandoned reply goes after this (a caller waits at most MAX_TIMEOUT + 10 s)
@@ -164,10 +165,10 @@ class ShardRpcServer:
             if res is None:
                 msg = encode({"id": req.id, "ok": False})
             else:
-                head = {"id": req.id, "ok": True, "n": int(len(res["keys"])), "total": float(res["total"]),
-                        "size": int(res["size"])}
+                head = {"id": req.id, "ok": True, "n": int(len(res.keys)), "total": float(res.total),
+                        "size": int(res.size)}
                 layout = sample_layout(self.shard.spec.obs_dim)(head)  # the dtypes the client checks
-                msg = encode(head, tuple(np.asarray(res[c], dt) for c, (dt, _) in zip(SAMPLE_COLUMNS, layout)))
+                msg = encode(head, tuple(np.asarray(getattr(res, c), dt) for c, (dt, _) in zip(SAMPLE_COLUMNS, layout)))
         else:
             msg = encode({"id": req.id, "ok": True, "stats": {**self.shard.stats(), **self.stats()}})
         self._send(client, req.reply, msg)
@@ -181,7 +182,10 @@ class ShardRpcServer:
 
 
 class RedisShardClient:
-    """The learner's view of a standalone shard (same methods as a Ray shard proxy)."""
+    """The learner's view of a standalone shard (an :class:`apexq.core.interfaces.Shard`)."""
+
+    in_process = False
+    nonblocking_priorities = False  # update_priorities pushes onto a Redis list: a round trip
 
     def __init__(self, redis_url: str, namespace: str, shard: int, obs_dim: int):
         self.redis_url, self.namespace, self.shard, self.obs_dim = redis_url, namespace, shard, obs_dim
@@ -230,14 +234,12 @@ class RedisShardClient:
                     raise RpcError(str(head["error"])[:40], f"replay shard {self.shard} refused {header}")
                 return decode(bytearray(item[1]), layout) if layout else (head, [])  # writable arrays
 
-    def sample(self, n: int, timeout: float = 1.0) -> Optional[dict]:
+    def sample(self, n: int, timeout: float = 1.0) -> Optional[SampleBatch]:
         timeout = min(float(timeout), MAX_TIMEOUT)  # the longest wait a server grants
         head, arrays = self._call({"op": "sample", "n": int(n), "timeout": timeout}, timeout + 10.0, self._layout)
         if not head.get("ok"):
             return None
-        out = dict(zip(SAMPLE_COLUMNS, arrays))
-        out.update(total=float(head["total"]), size=int(head["size"]), shard=self.shard)
-        return out
+        return SampleBatch(*arrays, total=float(head["total"]), size=int(head["size"]), shard=self.shard)
 
     def update_priorities(self, keys, priorities) -> None:
         keys = np.asarray(keys, "<i8")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from apexq.core.batch import SAMPLE_COLUMNS
+
 MAGIC = b"AQR1"
 MAX_HEADER = 4096      # bytes of JSON header
 MAX_DEPTH = 8          # nesting of JSON objects/arrays in a header (a stats reply uses 3)
@@ -33,7 +35,6 @@ MAX_ID = 64            # characters of a request id and of a reply list's client
 _CLIENT = re.compile(r"[0-9A-Za-z_-]{1,%d}" % MAX_ID)
 REQUEST_FIELDS = {"sample": {"op", "id", "reply", "expires", "n", "timeout"},
                   "stats": {"op", "id", "reply", "expires"}}
-SAMPLE_COLUMNS = ("keys", "obs", "action", "ret", "discount", "next_obs", "prob")
 
 
 class RpcError(ValueError):
@@ -136,6 +137,7 @@ def number_field(header: dict, name: str, lo: float, hi: float) -> float:
 
 
 def sample_layout(obs_dim: int):
+    """The arrays of a sample reply: the :data:`SAMPLE_COLUMNS` of a ``SampleBatch``, in that order."""
     def layout(h: dict):
         n = int_field(h, "n", 0, MAX_ITEMS) if h.get("ok", True) else 0
         return [("<i8", (n,)), ("<f4", (n, obs_dim)), ("<i4", (n,)), ("<f4", (n,)), ("<f4", (n,)),

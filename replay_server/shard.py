@@ -20,9 +20,11 @@ from typing import Optional
 import numpy as np
 import redis
 
+from apexq.core.batch import SampleBatch
 from apexq.core.connection import RETRYABLE, connect, with_backoff
 
-from .codec import HEADER_SIZE, MAX_PRIORITY, Block, BlockError, decode_batch, decode_block
+from .codec import (HEADER_SIZE, MAX_PRIORITY, Block, BlockError, decode_batch, decode_block,
+                    transition_nbytes)
 from .keys import Keys
 from .rate_limiter import SampleToInsertRatio
 from .sum_tree import SumTree
@@ -48,8 +50,19 @@ class ShardSpec:
     read_count: int = 16  # stream entries per XREADGROUP (not a config key)
 
 
+def memory_per_item(obs_dim: int) -> int:
+    """Bytes one item takes in a shard, at most: its columns in the ring (obs and next_obs
+    float32[obs_dim], action, ret and discount 4 bytes each, an int64 key) and the sum-tree's
+    float64 nodes, up to 4 per item (its leaves round up to a power of two)."""
+    return 2 * 4 * obs_dim + 3 * 4 + 8 + 4 * 8
+
+
 class ReplayShard:
-    in_process = True  # a plain object in the caller's process (a Ray proxy for it is not)
+    """One shard; to the learner in its process, an :class:`apexq.core.interfaces.Shard` itself."""
+
+    in_process = True
+    nonblocking_priorities = False  # update_priorities does its work before it returns
+
     def __init__(self, spec: ShardSpec, redis_url: str, namespace: str, seed: int):
         self.spec = spec
         self.keys = Keys(namespace)
@@ -244,7 +257,7 @@ class ReplayShard:
 
     def _room_after(self, batch: list) -> bool:
         """Would the limiter allow an insert once ``batch`` is inserted (every block valid)?"""
-        per = 8 * self.spec.obs_dim + 16
+        per = transition_nbytes(self.spec.obs_dim)
         n = 0
         for _, fields in batch:
             p = _payload(fields)
@@ -273,7 +286,7 @@ class ReplayShard:
         update, instead of a dozen numpy calls per block. Rejections are counted by reason.
         """
         payloads = [_payload(f) for f in entries]
-        per = 8 * self.spec.obs_dim + 16
+        per = transition_nbytes(self.spec.obs_dim)
         longest = max((len(p) for p in payloads if isinstance(p, bytes)), default=0)
         if len(payloads) > 1 and (longest - HEADER_SIZE) // per > self.spec.capacity:
             # a block larger than the ring keeps only its newest `capacity` transitions (see insert):
@@ -352,7 +365,7 @@ class ReplayShard:
 
     # -- learner side ----------------------------------------------------------------------
 
-    def sample(self, n: int, timeout: float = 1.0) -> Optional[dict]:
+    def sample(self, n: int, timeout: float = 1.0) -> Optional[SampleBatch]:
         """``n`` items proportional to priority**alpha, or None if the rate limiter held for ``timeout`` s.
 
         ``prob`` is each item's probability within this shard; ``total`` the shard's priority mass
@@ -372,18 +385,10 @@ class ReplayShard:
             slots, leaf = self.tree.sample_with_values(n, self.rng)
             total = self.tree.total
             leaf /= total
-            out = {
-                "keys": self.item_keys.take(slots),
-                "obs": self.obs.take(slots, axis=0),
-                "action": self.action.take(slots),
-                "ret": self.ret.take(slots),
-                "discount": self.discount.take(slots),
-                "next_obs": self.next_obs.take(slots, axis=0),
-                "prob": leaf,
-                "total": total,
-                "size": self.size,
-                "shard": self.spec.shard_id,
-            }
+            out = SampleBatch(keys=self.item_keys.take(slots), obs=self.obs.take(slots, axis=0),
+                              action=self.action.take(slots), ret=self.ret.take(slots),
+                              discount=self.discount.take(slots), next_obs=self.next_obs.take(slots, axis=0),
+                              prob=leaf, total=total, size=self.size, shard=self.spec.shard_id)
             self.limiter.record_sample(n)
             self.counters["sampled"] += n
             self._cond.notify_all()

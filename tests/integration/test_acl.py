@@ -135,7 +135,7 @@ def drive_components(url):
     while client.stats()["inserted"] < actor.stats()["transitions_appended"] and time.monotonic() < deadline:
         time.sleep(0.05)
     got = client.sample(32, timeout=5.0)
-    client.update_priorities(got["keys"], np.full(len(got["keys"]), 2.0, np.float32))
+    client.update_priorities(got.keys, np.full(len(got.keys), 2.0, np.float32))
     weights_store.publish(learner_redis, weights_keys, build_network(spec, [16], False).state_dict(), 2)
     assert weights_store.fetch_if_newer(connect(url), weights_keys, 1, as_numpy=True)[0] == 2
     server.stop()

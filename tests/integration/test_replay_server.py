@@ -54,18 +54,18 @@ def test_standalone_shard_samples_updates_survives_forgery_and_kill(redis_server
         client = RedisShardClient(redis_server.url, "rs", 0, obs_dim=2)
         assert wait_for(lambda: client.stats()["inserted"] == 1000)
         s = client.sample(256)
-        assert s["obs"].shape == (256, 2) and s["obs"].dtype == np.float32 and s["keys"].dtype == np.int64
-        assert s["size"] == 1000 and s["total"] == pytest.approx(1000.0 * (1 + 1e-6))
-        np.testing.assert_allclose(s["prob"], 1 / 1000, rtol=1e-5)       # equal priorities: uniform
-        np.testing.assert_array_equal(s["next_obs"], s["obs"] + 1)         # the rows that were written
-        np.testing.assert_array_equal(s["action"], s["obs"][:, 0].astype(np.int64) % 200 % 3)
-        assert s["obs"][:, 0].min() >= 0 and s["obs"][:, 0].max() < 1000
+        assert s.obs.shape == (256, 2) and s.obs.dtype == np.float32 and s.keys.dtype == np.int64
+        assert s.size == 1000 and s.total == pytest.approx(1000.0 * (1 + 1e-6))
+        np.testing.assert_allclose(s.prob, 1 / 1000, rtol=1e-5)       # equal priorities: uniform
+        np.testing.assert_array_equal(s.next_obs, s.obs + 1)         # the rows that were written
+        np.testing.assert_array_equal(s.action, s.obs[:, 0].astype(np.int64) % 200 % 3)
+        assert s.obs[:, 0].min() >= 0 and s.obs[:, 0].max() < 1000
 
         # a priority update for one item: with alpha 1 its share of the mass is 999/(999+999)
-        client.update_priorities(s["keys"][:1], np.array([999.0], np.float32))
+        client.update_priorities(s.keys[:1], np.array([999.0], np.float32))
         assert wait_for(lambda: client.stats()["priority_updates"] == 1)
-        many = np.concatenate([client.sample(512)["keys"] for _ in range(4)])  # 512: the server's cap (64 x 8)
-        share = np.mean(many == s["keys"][0])
+        many = np.concatenate([client.sample(512).keys for _ in range(4)])  # 512: the server's cap (64 x 8)
+        share = np.mean(many == s.keys[0])
         assert 0.45 < share < 0.55
 
         # forged and malformed messages are dropped with a reason; the shard keeps answering
@@ -79,7 +79,7 @@ def test_standalone_shard_samples_updates_survives_forgery_and_kill(redis_server
         st = client.stats()
         assert set(st["rpc_rejected"]) == {"bad_magic", "bad_header_length", "bad_reply_key", "bad_op",
                                            "bad_payload_length"}
-        assert client.sample(16)["obs"].shape == (16, 2) and st["size"] == 1000
+        assert client.sample(16).obs.shape == (16, 2) and st["size"] == 1000
         assert not r.exists("apexq:elsewhere")  # nothing written outside this shard's reply lists
         # a request with a good reply key and id learns why it was refused
         admin = redis.Redis.from_url(redis_server.admin_url)  # LPOP is not a client command

@@ -109,8 +109,8 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_answering(redis_serve
 
         # 7. forged priority 3.4e38: clamped to MAX_PRIORITY; a NaN one refused
         s = client.sample(8)
-        attacker.rpush(K.prio(0), encode({"n": 1}, (s["keys"][:1], np.array([3.4e38], "<f4"))),
-                       encode({"n": 1}, (s["keys"][1:2], np.array([np.nan], "<f4"))))
+        attacker.rpush(K.prio(0), encode({"n": 1}, (s.keys[:1], np.array([3.4e38], "<f4"))),
+                       encode({"n": 1}, (s.keys[1:2], np.array([np.nan], "<f4"))))
         assert wait_for(lambda: client.stats()["priority_updates_clamped"] == 1)
         st = client.stats()
         assert st["priority_total"] == pytest.approx(MAX_PRIORITY + 999, rel=1e-6)  # alpha 1: bounded mass
@@ -127,7 +127,7 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_answering(redis_serve
         # after all of it: still running, still answering a valid request
         assert p.poll() is None
         out = client.sample(64)
-        assert out["obs"].shape == (64, 2) and client.stats()["size"] == 1000
+        assert out.obs.shape == (64, 2) and client.stats()["size"] == 1000
     finally:
         p.kill()
         p.wait(10)

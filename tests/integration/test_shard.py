@@ -41,17 +41,17 @@ def test_actor_to_shard_to_sample_and_priority_updates(redis_server):
             w.append(block(100, start=i * 100, seq=i))
         assert wait_for(lambda: shard.stats()["inserted"] == 400)
         s = shard.sample(64)
-        assert s["obs"].shape == (64, 2) and s["keys"].shape == (64,)
-        np.testing.assert_allclose(s["prob"], 1 / 400)            # equal priorities -> uniform
-        np.testing.assert_array_equal(s["next_obs"], s["obs"] + 1)
+        assert s.obs.shape == (64, 2) and s.keys.shape == (64,)
+        np.testing.assert_allclose(s.prob, 1 / 400)            # equal priorities -> uniform
+        np.testing.assert_array_equal(s.next_obs, s.obs + 1)
         # raise one item's priority: it is drawn far more often
-        key = s["keys"][0]
+        key = s.keys[0]
         assert shard.update_priorities([key], [1000.0]) == 1
         s2 = shard.sample(256)
         heavy = (1000.0 + 1e-6) ** 0.6                      # priority ** alpha
         share = heavy / (heavy + 399 * (1.0 + 1e-6) ** 0.6)  # ~0.137
-        assert abs((s2["keys"] == key).sum() - 256 * share) <= 3  # stratified: within a stratum or two
-        np.testing.assert_allclose(s2["prob"][s2["keys"] == key], share, rtol=1e-6)
+        assert abs((s2.keys == key).sum() - 256 * share) <= 3  # stratified: within a stratum or two
+        np.testing.assert_allclose(s2.prob[s2.keys == key], share, rtol=1e-6)
         appended = redis.Redis.from_url(redis_server.admin_url).hget(Keys("t1").appended(0), "1")  # (HGET: admin only)
         assert int(appended) == 400
     finally:

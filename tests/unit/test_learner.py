@@ -163,7 +163,7 @@ def test_read_only_sample_arrays_convert_without_warning():
         "class ReadOnly:\n"
         "    def sample(self, n, timeout):\n"
         "        res = sh.sample(n, timeout)\n"
-        "        for v in res.values():\n"
+        "        for v in res:\n"
         "            if isinstance(v, np.ndarray):\n"
         "                v.flags.writeable = False\n"
         "        return res\n"
@@ -279,6 +279,8 @@ def test_priorities_leave_once_per_request_paired_with_their_keys(tmp_path):
 
 class Remote:
     """A shard seen as from another process: same answers, but not ``in_process``."""
+
+    in_process = False
 
     def __init__(self, shard, nonblocking: bool):
         self.shard, self.nonblocking_priorities = shard, nonblocking

@@ -196,7 +196,7 @@ def test_an_unservable_sample_waits_its_timeout_at_most_and_does_not_spin(timeou
 
 def test_priorities_above_the_maximum_are_clamped_on_update_and_insert():
     shard = small_shard()
-    keys = shard.sample(2, 0)["keys"]
+    keys = shard.sample(2, 0).keys
     assert shard.update_priorities(keys[:1], [3.4e38]) == 1
     leaf = int(keys[0]) & 0xFFFFFFFFFF
     assert shard.tree.get([leaf])[0] == MAX_PRIORITY  # alpha 1, eps 0: the clamped value itself
