@@ -107,12 +107,7 @@ class ApexActor:
 
     def run(self, max_env_steps: Optional[int] = None) -> dict:
         """Act until :meth:`stop` (or ``max_env_steps`` of this actor); flushes what it holds at the end."""
-        # act at once with whatever weights are there (the initial ones if the learner has not
-        # published yet); newer versions arrive through the non-blocking poll
-        got = self.weights.wait_first(timeout=0.0)
-        if got is not None:
-            self._load(*got)
-        self.reset()
+        self.begin()
         while not self._stop.is_set():
             self.step()
             if max_env_steps is not None and self.env_steps >= max_env_steps:
@@ -120,6 +115,17 @@ class ApexActor:
         self.flush()
         self.weights.close()
         return self.stats()
+
+    def begin(self) -> None:
+        """Take whatever weights are there and reset the envs: the actor can :meth:`step` from here.
+
+        It acts at once, with the initial weights if the learner has not published yet; newer
+        versions arrive through the non-blocking poll of each step.
+        """
+        got = self.weights.wait_first(timeout=0.0)
+        if got is not None:
+            self._load(*got)
+        self.reset()
 
     def reset(self) -> None:
         s = self.s

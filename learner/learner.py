@@ -383,18 +383,46 @@ class Learner:
                 batch = self.sampler.get(timeout=0.5)
                 if batch is None:
                     continue
-                extra = self.step(batch)
-                self.send_priorities(batch["keys"], batch["shard"], extra["td"])
-                if self.updates % 10 == 0:
-                    self.metrics = {"loss": float(extra["loss"]), "td_abs": float(extra["td"].abs().mean()),
-                                    "q_mean": float(extra["q_taken"].mean())}
-                if self.updates % self.s.publish_every == 0:
-                    self.publish()
-                self.checkpoint_if_due()
+                self.train_step(batch)
                 if max_updates is not None and self.updates >= max_updates:
                     break
         finally:
             self.sampler.stop()
+        return self.finish()
+
+    def train_step(self, batch: dict) -> None:
+        """One update and what follows it: priorities back, metrics, publishing, the periodic checkpoint.
+
+        The whole of training is this, whoever drives it: :meth:`run` on its own thread, or the
+        single-process run's loop through :meth:`train_ready`.
+        """
+        extra = self.step(batch)
+        self.send_priorities(batch["keys"], batch["shard"], extra["td"])
+        if self.updates % 10 == 0:
+            self.metrics = {"loss": float(extra["loss"]), "td_abs": float(extra["td"].abs().mean()),
+                            "q_mean": float(extra["q_taken"].mean())}
+        if self.updates % self.s.publish_every == 0:
+            self.publish()
+        self.checkpoint_if_due()
+
+    def train_ready(self) -> int:
+        """Train on every batch the in-process shards allow now, on this thread; how many updates.
+
+        For a loop that steps actors and learner in turn (single-process mode): the sampler is
+        made once, reads the shards inline and never waits (the rate limiter says when to stop).
+        """
+        if self.sampler is None:
+            self.sampler = PrefetchSampler(self.shards, self.s.batch_size, 1, self.device, self.beta,
+                                           rng=self.sample_rng, timeout=0.0)
+        n = 0
+        while (got := self.sampler.sample_once()) is not None:
+            for batch in got:
+                self.train_step(batch)
+                n += 1
+        return n
+
+    def finish(self) -> dict:
+        """The last weights out (and every queued send done); this process's stats."""
         self.publish()
         self._bg.submit(lambda: None).result(timeout=30)
         return self.stats()

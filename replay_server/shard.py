@@ -105,6 +105,15 @@ class ReplayShard:
         self._thread.start()
         return {"rebuilt": rebuilt, "epoch": self.epoch}
 
+    def open_local(self) -> "ReplayShard":
+        """Use without Redis (single-process mode): blocks come through :meth:`insert`.
+
+        The shard then has no stream to rebuild from; its item keys carry epoch 1, as a first
+        start's would.
+        """
+        self.epoch = 1
+        return self
+
     def run(self) -> dict:
         """Start (rebuild + consume) and block until :meth:`stop`; returns the final stats."""
         self.start()

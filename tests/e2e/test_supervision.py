@@ -116,7 +116,7 @@ def test_learner_restart_hung_actor_and_giving_up(tmp_path, redis_server):
         # the process failed again and counted a second restart)
         assert records(run_dir)[-1]["restarts"] == 2, "\n".join(l for l in run.lines if l.startswith("apexq:"))
         # the shard and the actor that did not hang (a death of a component just restarted may be
-        # taken for its last one: see Launcher.same_death)
+        # taken for its last one: see Supervisor.same_death)
         survivor = actors[1]  # the actor process that was not stopped
         shard = pids_of(pid, "ray::ShardService")
         assert survivor in pids_of(pid, "ray::ActorService") and len(shard) == 1, shard
