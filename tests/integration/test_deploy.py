@@ -290,7 +290,7 @@ def test_dockerfile_builds_the_apexq_image_from_existing_paths():
     assert any(re.search(r"pip install .*-e \.", line) for line in lines)
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
-    for needed in ("cluster", "actors", "replay_server", "learner", "configs", "pyproject.toml", "README.md"):
+    for needed in ("core", "cluster", "actors", "replay_server", "learner", "configs", "pyproject.toml", "README.md"):
         assert needed not in ignored
 
 
