@@ -9,14 +9,13 @@ that lacks a member fails there rather than in the middle of a run.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
 from .batch import SampleBatch
 
 
-@runtime_checkable
 class Shard(Protocol):
     """A replay shard as the learner calls it: the shard itself (``ReplayShard``, in the learner's
     process), a shard in another Ray process (``RayShardProxy``) or a standalone shard reached
@@ -41,7 +40,6 @@ class Shard(Protocol):
         """The shard's counters; the learner reads ``priority_total`` and ``size``."""
 
 
-@runtime_checkable
 class BlockSink(Protocol):
     """Where an actor's blocks go: a shard's Redis stream (``StreamWriter``), straight into a shard
     in the single-process run (``DirectWriter``), or a benchmark's ``EncodingWriter``."""
@@ -55,7 +53,6 @@ class BlockSink(Protocol):
         for room early."""
 
 
-@runtime_checkable
 class WeightsSource(Protocol):
     """Where an actor gets the learner's weights: Redis, fetched on a helper thread
     (``WeightsClient``), the learner's own network in the single-process run (``DirectWeights``),
