@@ -1,4 +1,4 @@
-"""The ``apexq`` command line: ``apexq train``, ``apexq evaluate`` and ``apexq replay-server``."""
+"""The ``apexq`` command line: ``apexq train``, ``apexq evaluate``, ``apexq replay-server`` and ``apexq tune``."""
 from __future__ import annotations
 
 import time
@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--gif", metavar="PATH", help="also write an animation of one greedy episode (needs pygame)")
     e.add_argument("--env", help="environment id (default: the run's)")
+    from .tune import add_arguments as add_tune_arguments
+    add_tune_arguments(sub.add_parser("tune", help="search config keys for the fastest solve (Ray Tune, Optuna "
+                                                   "TPE, ASHA; needs pip install 'apexq[tune]')"))
     return p
 
 
@@ -350,6 +353,12 @@ def main(argv=None) -> int:
             return cmd_evaluate(args)
         if args.command == "replay-server":
             return cmd_replay_server(args)
+        if args.command == "tune":
+            from .tune import TuneError, run
+            try:
+                return run(args)
+            except TuneError as exc:
+                raise UserError(str(exc)) from None
     except (ConfigError, UserError) as exc:
         print(f"apexq: error: {exc}", file=sys.stderr)
         return 2

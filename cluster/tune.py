@@ -1,0 +1,224 @@
+"""``apexq tune``: search any config keys for the configuration that solves fastest.
+
+    apexq tune --config BASE.yaml --space SPACE.yaml --trials N [--seeds K] [--budget S] [--id NAME] [--resume]
+
+A trial draws a value for each key of SPACE.yaml (format: :mod:`.tune_space`, example:
+configs/tune/mountaincar_space.yaml) and runs ``apexq train --single-process`` on BASE.yaml with
+those values, once per seed 0 .. K-1, each run with ``train.max_seconds`` = S (:mod:`.tune_trial`).
+Its objective (:mod:`.tune_objective`) is what a user waits for: the median over the seeds of the
+seconds from launch to a greedy evaluation reaching BASE's ``train.stop_at_return``, unsolved
+runs counted at S, ties broken by the final evaluation return.
+
+Why Optuna's TPE (through Tune's ``OptunaSearch``): each trial costs minutes, so the search gets a
+handful of them, and TPE is sample-efficient there: after a few random trials it models which
+values the good trials had and draws near them, and it takes log-scaled ranges, integers and
+categorical choices as they are (no encoding, no Gaussian-process fitting to tune itself).
+Why ASHA (``ASHAScheduler``): most drawn configurations are hopeless, and a trial reports after
+every evaluation, so ASHA compares trials at the same amount of run time (rungs at a quarter of a
+seed's budget, then x3) and stops those below the best third there. It is asynchronous: a trial
+is judged the moment it reaches a rung, against the trials that got there before, so it needs no
+fixed number of rungs or brackets filled in lock-step and works with one trial at a time. A
+stopped trial still has an objective (its runs not made count at the budget), which Optuna learns from.
+
+What a distributed run inherits from these single-process trials: the hyperparameters (learning
+rate, batch size, n-step, target period, replay ratio ...) and their balance, which is what the
+rate limiter (``replay.samples_per_insert``) keeps the same in both modes. Not the throughput: a
+distributed run steps more environments per second, so its time to solve differs; settings that
+only change throughput (``actors.num`` and the like) are best measured with the distributed run.
+
+Trials run one at a time by default (``--cpus-per-trial`` = all CPUs): the objective is wall
+time, which trials sharing the machine would distort. Everything lands in ``tune/<id>/``: the
+table's ``trials.csv``, ``best.yaml`` (an overlay of the searched keys), ``objective.png``,
+``runs/<trial>/seed<i>/`` (each run's directory), copies of BASE and SPACE, and Tune's own state
+(``ray/``). ``--resume --id NAME`` continues an interrupted search where it stopped.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, load_config
+from .tune_space import load_space
+from .tune_trial import TrialSettings
+
+INSTALL_HINT = 'apexq tune needs the tune extra: pip install "apexq[tune]"'
+ROOT = Path("tune")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+DEFAULT_SEEDS = 3
+
+
+class TuneError(Exception):
+    """Something the user can fix; one line, exit status 2."""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="the base config (YAML overlay); must set train.stop_at_return")
+    p.add_argument("--space", help="the search space (YAML; see configs/tune/mountaincar_space.yaml)")
+    p.add_argument("--trials", type=int, metavar="N", help="how many configurations to try")
+    p.add_argument("--seeds", type=int, metavar="K",
+                   help=f"runs per trial, seeds 0..K-1; the objective is their median (default {DEFAULT_SEEDS})")
+    p.add_argument("--budget", type=float, metavar="S",
+                   help="seconds each run may take (train.max_seconds; default: the base config's)")
+    p.add_argument("--id", help="the search's name: its folder is tune/<id> (default: a new timestamped id)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search --id")
+    p.add_argument("--cpus-per-trial", type=float, metavar="C",
+                   help="CPUs Ray gives each trial (default: all of this machine's, so one trial at a time)")
+
+
+@dataclass
+class Search:
+    """A search's settings, as tune/<id>/search.json keeps them for --resume."""
+
+    trials: int
+    seeds: int
+    budget_s: float
+    target: float
+    command: str
+
+    def settings(self, folder: Path, params) -> TrialSettings:
+        return TrialSettings(str((folder / "base.yaml").resolve()), tuple(params), self.seeds, self.budget_s,
+                             self.target, str((folder / "runs").resolve()))
+
+
+def _positive(name: str, value, integer: bool = True) -> None:
+    if value is not None and not value > 0:
+        raise TuneError(f"--{name}: must be {'>= 1' if integer else '> 0'}, got {value:g}")
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TuneError(f"{flag} {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _new_search(args, folder: Path) -> tuple[Search, list]:
+    for flag in ("config", "space", "trials"):
+        if getattr(args, flag) is None:
+            raise TuneError(f"--{flag}: needed to start a search (or continue one with --id NAME --resume)")
+    if (folder / "ray").exists():
+        raise TuneError(f"--id {args.id}: {folder} already holds a search; add --resume to continue it")
+    base = load_config(args.config)
+    if base.train.stop_at_return is None:
+        raise TuneError(f"--config {args.config}: train.stop_at_return is not set; the objective is the time to "
+                        f"reach it, so set the return that counts as solved (e.g. -110 for MountainCar)")
+    if base.replay.external:
+        raise TuneError(f"--config {args.config}: replay.external is true; trials run --single-process, which "
+                        f"keeps its shards in the process")
+    budget = args.budget if args.budget is not None else base.train.max_seconds
+    if budget is None:
+        raise TuneError(f"--budget: give the seconds each run may take (--config {args.config} sets no "
+                        f"train.max_seconds)")
+    _positive("budget", budget, integer=False)
+    params = load_space(args.space, args.config)
+    seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS
+    command = " ".join(["apexq tune", "--config", shlex.quote(args.config), "--space", shlex.quote(args.space),
+                        f"--trials {args.trials} --seeds {seeds} --budget {budget:g} --id {args.id}"])
+    return Search(args.trials, seeds, float(budget), float(base.train.stop_at_return), command), params
+
+
+def _record(args, folder: Path, search: Search) -> None:
+    """What --resume reads: the settings, and copies of the base config and space the trials use."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.config, folder / "base.yaml")
+    shutil.copyfile(args.space, folder / "space.yaml")
+    (folder / "search.json").write_text(json.dumps(search.__dict__, indent=1) + "\n")
+
+
+def _resumed_search(args, folder: Path) -> tuple[Search, list]:
+    if not (folder / "search.json").is_file():
+        raise TuneError(f"--resume: {folder} holds no search (no search.json)")
+    search = Search(**json.loads((folder / "search.json").read_text()))
+    for flag, given, kept in (("trials", args.trials, search.trials), ("seeds", args.seeds, search.seeds),
+                              ("budget", args.budget, search.budget_s)):
+        if given is not None and given != kept:
+            raise TuneError(f"--resume: this search runs with --{flag} {kept:g}; leave --{flag} out or give that")
+    for flag, given, kept in (("config", args.config, "base.yaml"), ("space", args.space, "space.yaml")):
+        if given is not None and _read_text(given, f"--{flag}") != (folder / kept).read_text(encoding="utf-8"):
+            raise TuneError(f"--resume: --{flag} {given} differs from the one this search started with "
+                            f"({folder / kept}); leave --{flag} out")
+    return search, load_space(folder / "space.yaml", folder / "base.yaml")
+
+
+def _check_installed() -> None:
+    try:
+        for module in ("optuna", "ray.tune", "ray.tune.search.optuna"):
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise TuneError(f"{INSTALL_HINT} ({exc})") from None
+
+
+def run(args) -> int:
+    """The whole command; every check that can fail with one line runs before Ray starts."""
+    _positive("trials", args.trials)
+    _positive("seeds", args.seeds)
+    _positive("cpus-per-trial", args.cpus_per_trial, integer=False)
+    if args.id is not None and not NAME.fullmatch(args.id):
+        raise TuneError(f"--id: a folder name of letters, digits, '.', '_' and '-', got {args.id!r}")
+    if args.id is None:
+        if args.resume:
+            raise TuneError("--resume: name the search to continue with --id NAME (its folder is tune/NAME)")
+        from .run_dir import new_run_id
+        args.id = new_run_id()
+    folder = ROOT / args.id
+    try:
+        search, params = (_resumed_search if args.resume else _new_search)(args, folder)
+    except ConfigError as exc:
+        raise TuneError(str(exc)) from None
+    _check_installed()
+    if not args.resume:
+        _record(args, folder, search)
+    from . import tune_search
+    from .tune_report import HEADER, read_rows
+    cpus = args.cpus_per_trial or float(os.cpu_count() or 1)
+    ray_cpus = max(float(os.cpu_count() or 1), cpus)
+    concurrent = max(1, int(ray_cpus // cpus))
+    settings = search.settings(folder, params)
+    if args.resume and not tune_search.restorable(folder):
+        raise TuneError(f"--resume: {folder / tune_search.EXPERIMENT} holds no Ray Tune state to continue")
+    print(f"apexq tune: search {args.id} in {folder} | {search.trials} trials x {search.seeds} seed(s), "
+          f"{search.budget_s:g} s each | solved: eval return >= {search.target:g} | keys: "
+          f"{', '.join(p.key for p in params)} | Optuna TPE + ASHA on Ray Tune, {concurrent} trial(s) at a time"
+          + (" | resuming" if args.resume else ""), flush=True)
+    tune_search.start_ray(ray_cpus)
+    try:
+        if args.resume:
+            tuner = tune_search.restored_tuner(settings, cpus, folder)
+        else:
+            table = tune_search.TrialTable(settings, str(folder.resolve()), search.command, str(folder / "base.yaml"))
+            tuner = tune_search.new_tuner(settings, search.trials, cpus, concurrent, folder, table)
+        print(HEADER, flush=True)
+        tuner.fit()
+    finally:
+        import ray
+        ray.shutdown()
+    return _summary(read_rows(folder / "trials.csv"), search, folder, args.id)
+
+
+def _summary(rows: list[dict], search: Search, folder: Path, search_id: str) -> int:
+    from .tune_objective import rank_key
+    states = {s: sum(r["state"] == s for r in rows) for s in ("done", "stopped early", "error")}
+    counts = f"{states['done']} done, {states['stopped early']} stopped early, {states['error']} failed"
+    ranked = [r for r in rows if r["state"] != "error" and r["objective_s"] is not None]
+    best: Optional[dict] = min(ranked, key=lambda r: rank_key(r["objective_s"], r["final_return"]), default=None)
+    if best is not None:
+        ret = f"{best['final_return']:.1f}" if best["final_return"] is not None else "-"
+        print(f"apexq tune: best: trial {best['trial']:.0f}, objective {best['objective_s']:.1f} s "
+              f"({best['solved_seeds']:.0f}/{search.seeds} seeds solved, final return {ret}) | {folder / 'best.yaml'}"
+              f" | {folder / 'trials.csv'} | {folder / 'objective.png'}", flush=True)
+    if len(rows) < search.trials:
+        print(f"apexq tune: interrupted with {len(rows)} of {search.trials} trials finished ({counts}); continue "
+              f"with: apexq tune --id {search_id} --resume", flush=True)
+        return 130
+    print(f"apexq tune: {len(rows)} trials ({counts})", flush=True)
+    if best is None:
+        print("apexq tune: error: no trial finished without an error (see the table's failure lines)", flush=True)
+        return 1
+    return 0

@@ -1,0 +1,159 @@
+"""What ``apexq tune`` shows and leaves: a table line per finished trial, ``trials.csv``, ``best.yaml``
+(an overlay of the searched keys) and ``objective.png``, all rebuilt from Tune's trials each time
+one finishes, so a resumed search writes them over the whole search."""
+from __future__ import annotations
+
+import csv
+import math
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .tune_objective import rank_key
+from .tune_trial import TrialSettings
+
+HEADER = f"{'trial':>5}  {'id':<8}  {'objective_s':>11}  {'solved':>6}  {'final_return':>12}  {'state':<13}  params"
+
+
+@dataclass
+class Row:
+    """One finished trial."""
+
+    number: int  # Tune's creation order, 1-based (it keeps it across a resume)
+    trial_id: str
+    drawn: dict  # key -> value as drawn (choice values as their --set texts)
+    state: str  # done | stopped early | error
+    objective: Optional[float] = None
+    solved: int = 0
+    final_return: Optional[float] = None
+    budget_used_s: Optional[float] = None
+
+    @property
+    def ranked(self) -> bool:
+        return self.objective is not None and self.state != "error"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def row_of(trial, settings: TrialSettings) -> Row:
+    """A finished Tune trial as a row: its own last report says how far it got."""
+    last = trial.last_result or {}
+    drawn = {p.key: trial.config.get(p.key) for p in settings.params}
+    number = int(str(trial.experiment_tag).split("_")[0])
+    if trial.status == "ERROR":
+        return Row(number, trial.trial_id, drawn, "error")
+    state = "done" if last.get("seeds_finished") == settings.seeds else "stopped early"
+    return Row(number, trial.trial_id, drawn, state, last.get("objective"), int(last.get("solved_seeds", 0)),
+               last.get("final_return"), last.get("budget_s"))
+
+
+def table_line(row: Row, seeds: int) -> str:
+    obj = f"{row.objective:.1f}" if row.objective is not None else "-"
+    ret = f"{row.final_return:.1f}" if row.final_return is not None else "-"
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in row.drawn.items())
+    return (f"{row.number:>5}  {row.trial_id:<8}  {obj:>11}  {row.solved:>3}/{seeds:<2}  {ret:>12}  "
+            f"{row.state:<13}  {params}")
+
+
+def best_row(rows: list[Row]) -> Optional[Row]:
+    ranked = [r for r in rows if r.ranked]
+    return min(ranked, key=lambda r: (rank_key(r.objective, r.final_return), r.number)) if ranked else None
+
+
+def write_csv(rows: list[Row], settings: TrialSettings, path: Path) -> None:
+    keys = [p.key for p in settings.params]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "trial_id", *keys, "objective_s", "solved_seeds", "seeds", "final_return",
+                    "budget_used_s", "state"])
+        for r in rows:
+            w.writerow([r.number, r.trial_id, *[r.drawn[k] for k in keys], r.objective, r.solved, settings.seeds,
+                        r.final_return, r.budget_used_s, r.state])
+
+
+def overlay(settings: TrialSettings, drawn: dict) -> dict:
+    """The searched keys with their drawn values, nested as a config file holds them."""
+    out: dict = {}
+    for p in settings.params:
+        *sections, name = p.key.split(".")
+        node = out
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[name] = p.config_value(drawn[p.key])
+    return out
+
+
+def write_best(row: Row, rows: list[Row], settings: TrialSettings, command: str, base_config: str,
+               path: Path) -> None:
+    sets = " ".join(f"--set {shlex.quote(s)}" for s in settings.overrides(row.drawn))
+    ret = f"{row.final_return:.1f}" if row.final_return is not None else "none"
+    header = [
+        f"apexq tune: the best of {len(rows)} finished trials: trial {row.number} ({row.trial_id}), {row.state}",
+        f"objective {row.objective:.1f} s: median over {settings.seeds} seed(s) of the time from launch to a greedy",
+        f"evaluation >= train.stop_at_return {settings.target:g} (unsolved at the budget, {settings.budget_s:g} s);",
+        f"{row.solved}/{settings.seeds} seeds solved; final return {ret}",
+        f"found by: {command}",
+        "Only the searched keys: an overlay. Train with them over the search's base config:",
+        f"  apexq train --config {shlex.quote(base_config)} {sets}",
+    ]
+    body = yaml.safe_dump(overlay(settings, row.drawn), sort_keys=False)
+    path.write_text("".join(f"# {line}\n" for line in header) + body)
+
+
+def write_plot(rows: list[Row], settings: TrialSettings, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ranked = sorted((r for r in rows if r.ranked), key=lambda r: r.number)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for state, marker in (("done", "o"), ("stopped early", "x")):
+        pts = [(r.number, r.objective) for r in ranked if r.state == state]
+        if pts:
+            ax.plot(*zip(*pts), marker, linestyle="none", label=f"trial ({state})")
+    best, xs, ys = math.inf, [], []
+    for r in ranked:
+        best = min(best, r.objective)
+        xs.append(r.number)
+        ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    ax.axhline(settings.budget_s, color="grey", linestyle="--", linewidth=1, label="budget (unsolved)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"median seconds to return >= {settings.target:g}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[Row], settings: TrialSettings, command: str, base_config: str, folder: Path) -> None:
+    write_csv(rows, settings, folder / "trials.csv")
+    best = best_row(rows)
+    if best is not None:
+        write_best(best, rows, settings, command, base_config, folder / "best.yaml")
+    write_plot(rows, settings, folder / "objective.png")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """trials.csv back as dicts (numbers as floats, empty cells as None); [] before any trial finished."""
+    if not path.exists():
+        return []
+
+    def cell(text: str):
+        if text == "":
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    with open(path, newline="") as f:
+        return [{k: cell(v) for k, v in r.items()} for r in csv.DictReader(f)]

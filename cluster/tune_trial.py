@@ -1,0 +1,155 @@
+"""One trial of ``apexq tune``: ordinary ``apexq train --single-process`` runs, one seed after another.
+
+Each run is a subprocess (``python -m apexq.cluster.cli train --single-process --run-dir DIR --config
+BASE --set KEY=VALUE ... --set train.max_seconds=S --set seed=i``) whose ``metrics.jsonl`` is read
+as it grows; every new evaluation is reported to Tune (``tune.report``) with the objective as if
+the trial ended now, so ASHA can stop the trial at any report and Optuna still gets a value.
+
+A run is stopped as soon as its outcome is known: at its first solved evaluation, or ``S``
+seconds after its launch (a solve after that would count at ``S`` anyway). So a trial never waits
+for a run's final checkpoint and policy export, which change nothing it measures; the run
+directory keeps ``metrics.jsonl`` and the run's output (``seed<i>.log`` beside it).
+
+A run must not outlive its trial: when ASHA stops the trial, ``tune.report`` raises SystemExit
+here and the run is killed; when Ray kills the trial's worker (the search interrupted), Linux's
+parent-death signal kills the run with it. Each run has its own session (a Ctrl-C in the terminal
+reaches the search, which stops the trials, not the runs directly) and its own TMPDIR inside the
+trial's folder, removed after it, so nothing a killed run leaves lands in /tmp.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .tune_objective import TrialProgress
+from .tune_space import Param
+
+POLL_S = 0.2
+# Run as `python -c WRAPPER PARENT_PID ARGS...`: ask Linux to SIGKILL this process when its parent
+# thread dies (PR_SET_PDEATHSIG = 1), give up if the parent is already gone, then become ARGS.
+# (A preexec_fn would do the same, but is unsafe in a process with threads, as a Ray worker is.)
+WRAPPER = ("import ctypes, os, signal, sys\n"
+           "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+           "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
+           "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n")
+
+
+class TrialFailed(RuntimeError):
+    """A run of the trial ended with an error before solving (its reason in one line)."""
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a search shares (passed to Tune with ``tune.with_parameters``)."""
+
+    base_config: str  # absolute path of the search's copy of --config
+    params: tuple[Param, ...]
+    seeds: int
+    budget_s: float
+    target: float  # the base config's train.stop_at_return
+    runs_dir: str  # absolute: runs/<trial id>/seed<i>/ go here
+
+    def overrides(self, drawn: dict) -> list[str]:
+        return [f"{p.key}={p.set_text(drawn[p.key])}" for p in self.params]
+
+
+def train_command(settings: TrialSettings, drawn: dict, run_dir: Path, seed: int) -> list[str]:
+    """The ``apexq train`` command line of one seed's run (after the python executable)."""
+    sets = [*settings.overrides(drawn), f"train.max_seconds={settings.budget_s!r}", f"seed={seed}"]
+    return ["-m", "apexq.cluster.cli", "train", "--single-process", "--run-dir", str(run_dir),
+            "--config", settings.base_config, *[a for s in sets for a in ("--set", s)]]
+
+
+class Run:
+    """One seed's ``apexq train`` subprocess and its growing ``metrics.jsonl``."""
+
+    def __init__(self, args: list[str], run_dir: Path, log: Path, tmp: Path):
+        self.run_dir, self.log_path, self.tmp = run_dir, log, tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        prefix = [sys.executable, "-c", WRAPPER, str(os.getpid())] if sys.platform == "linux" else [sys.executable]
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([*prefix, *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started = time.monotonic()
+        self.offset = 0
+        self.killed = False
+
+    def records(self, deadline_s: float) -> Iterator[dict]:
+        """Each new record until the process exits, or is killed ``deadline_s`` after its launch."""
+        metrics = self.run_dir / "metrics.jsonl"
+        while True:
+            exited = self.proc.poll() is not None
+            yield from self._new_records(metrics)
+            if exited:
+                return
+            if time.monotonic() - self.started >= deadline_s:
+                self.kill()
+                return
+            time.sleep(POLL_S)
+
+    def _new_records(self, metrics: Path) -> Iterator[dict]:
+        try:
+            with open(metrics, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self.offset += end
+        for line in data[:end].splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.killed = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the group is the run
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def failure(self) -> str:
+        """The run's own error line, else its last line of output."""
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+        errors = [ln for ln in lines if ln.startswith("apexq: error:")]
+        last = errors[-1] if errors else (lines[-1] if lines else "no output")
+        return f"{self.run_dir.name}: apexq train exited with status {self.proc.returncode}: {last.strip()}"
+
+
+def run_trial(config: dict, settings: TrialSettings) -> None:
+    """Tune's trainable: the trial's seeds one after another, a report after each new evaluation."""
+    from ray import tune
+    trial_dir = Path(settings.runs_dir) / tune.get_context().get_trial_id()
+    if trial_dir.exists():  # left by this trial in a search that was interrupted: the trial starts over
+        shutil.rmtree(trial_dir)
+    trial_dir.mkdir(parents=True)
+    progress = TrialProgress(settings.seeds, settings.budget_s, settings.target)
+    for seed in range(settings.seeds):
+        run_dir = trial_dir / f"seed{seed}"
+        progress.start_seed()
+        run = Run(train_command(settings, config, run_dir, seed), run_dir, trial_dir / f"seed{seed}.log",
+                  trial_dir / f"seed{seed}.tmp")
+        try:
+            for rec in run.records(settings.budget_s):
+                if progress.record(rec):
+                    tune.report(progress.report())  # raises SystemExit when ASHA stops the trial
+                if progress.current.solved_at is not None:
+                    break
+        finally:
+            run.kill()
+        if progress.current.solved_at is None and not run.killed and run.proc.returncode != 0:
+            (trial_dir / "failed.txt").write_text(run.failure() + "\n")
+            raise TrialFailed(run.failure())
+        if progress.end_seed():
+            tune.report(progress.report())

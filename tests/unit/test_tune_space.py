@@ -1,0 +1,224 @@
+"""apexq tune without Ray: the space file and its checks, the objective worked out by hand, best.yaml."""
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from apexq.cluster.cli import main
+from apexq.cluster.config import ConfigError, load_config
+from apexq.cluster.tune_objective import TIE_BREAK_S, TrialProgress, final_return, objective, rank_key, score
+from apexq.cluster.tune_report import Row, best_row, table_line, write_best
+from apexq.cluster.tune_space import Param, load_space, parse_param, value_text
+from apexq.cluster.tune_trial import TrialSettings, train_command
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def space(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+# -- the space file --------------------------------------------------------------------------------
+
+def test_each_type_is_parsed_with_its_bounds():
+    assert parse_param("learner.lr", {"type": "loguniform", "low": 1e-4, "high": 3e-3}) == \
+        Param("learner.lr", "loguniform", 1e-4, 3e-3)
+    assert parse_param("replay.samples_per_insert", {"type": "uniform", "low": 2, "high": 16}).high == 16
+    assert parse_param("learner.batch_size", {"type": "choice", "values": [128, 256]}).choices == ("128", "256")
+
+
+def test_randint_includes_both_ends():
+    dist = parse_param("actors.n_step", {"type": "randint", "low": 1, "high": 5}).distribution()
+    assert (dist.low, dist.high, dist.step) == (1, 5, 1)  # optuna's IntDistribution: high is drawn too
+
+
+@pytest.mark.parametrize("key, spec, message", [
+    ("learner.lr", {"type": "logunif", "low": 1, "high": 2}, "learner.lr: unknown type 'logunif' (one of choice, "
+                                                              "loguniform, randint, uniform)"),
+    ("learner.lr", {"type": "uniform", "low": 2, "high": 2}, "learner.lr: empty range: low 2 >= high 2"),
+    ("learner.lr", {"type": "uniform", "low": 3e-3, "high": 1e-4}, "learner.lr: empty range: low 0.003 >= high 0.0001"),
+    ("actors.n_step", {"type": "randint", "low": 3, "high": 1}, "actors.n_step: empty range: low 3 >= high 1"),
+    ("learner.lr", {"type": "loguniform", "low": 0, "high": 1}, "learner.lr: loguniform needs low > 0, got 0"),
+    ("actors.n_step", {"type": "randint", "low": 1.5, "high": 3}, "actors.n_step: randint low must be an integer, "
+                                                                   "got 1.5"),
+    ("learner.lr", {"type": "uniform", "low": "a", "high": 1}, "learner.lr: uniform low must be a number, got 'a'"),
+    ("learner.lr", {"type": "uniform", "high": 1}, "learner.lr: uniform needs low"),
+    ("learner.lr", {"type": "uniform", "low": 0.1, "hi": 1}, "learner.lr: unknown field 'hi' for uniform"),
+    ("learner.lr", 0.001, "learner.lr: expected a mapping such as {type: loguniform"),
+    ("learner.batch_size", {"type": "choice", "values": [128]}, "learner.batch_size: choice values must be a list of "
+                                                                 "at least two values"),
+    ("learner.batch_size", {"type": "choice", "values": [128, 128]}, "learner.batch_size: choice values repeat"),
+    ("seed", {"type": "randint", "low": 0, "high": 3}, "seed: set by apexq tune"),
+    ("train.max_seconds", {"type": "uniform", "low": 5, "high": 9}, "train.max_seconds: set by apexq tune"),
+])
+def test_a_malformed_entry_is_one_line_naming_its_key(key, spec, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_param(key, spec)
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learner.lrr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}",
+     "learner.lrr: unknown key (did you mean learner.lr?)"),
+    ("learner: {type: uniform, low: 1, high: 2}", "learner: is a section, not a key"),
+    ("foo.bar: {type: uniform, low: 1, high: 2}", "foo.bar: unknown key"),
+    ("learner.batch_size: {type: uniform, low: 128, high: 512}",
+     "learner.batch_size: uniform draws fractional values such as 128.5, which the config refuses "
+     "(learner.batch_size: expected an integer, got 128.5); use randint or choice"),
+    ("train.max_env_steps: {type: loguniform, low: 1000, high: 100000}",
+     "train.max_env_steps: loguniform draws fractional values such as 1000.5"),
+    ("learner.device: {type: choice, values: [cpu, gpu]}",
+     "learner.device: choice value gpu is refused by the config (learner.device: must be one of auto, cpu, cuda"),
+    ("actors.gamma: {type: uniform, low: 0.9, high: 1.5}", "actors.gamma: uniform high 1.5 is refused by the config"),
+    ("learner.dueling: {type: randint, low: 0, high: 1}", "learner.dueling: randint low 0 is refused by the config "
+                                                          "(learner.dueling: expected true or false, got 0)"),
+    ("learner.lr: {type: uniform, low: 0, high: 0.1}", "learner.lr: uniform low 0 is refused by the config"),
+])
+def test_a_value_the_config_refuses_is_found_before_the_search(tmp_path, text, message):
+    with pytest.raises(ConfigError) as exc:
+        load_space(space(tmp_path, text), None)
+    assert str(exc.value).startswith(f"--space {tmp_path / 'space.yaml'}: {message}")
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("text, message", [("", "expected a mapping"), ("[1, 2]", "expected a mapping"),
+                                           ("a: [\nb: 1\n", "space.yaml:[0-9]+ is not valid YAML")])
+def test_a_file_that_is_no_space_is_one_line(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space(space(tmp_path, text), None)
+
+
+def test_the_example_space_fits_the_example_base_config():
+    params = load_space(ROOT / "configs/tune/mountaincar_space.yaml", ROOT / "configs/tune/mountaincar_base.yaml")
+    keys = {p.key for p in params}
+    assert {"learner.lr", "learner.batch_size", "replay.samples_per_insert", "actors.n_step",
+            "learner.target_update_period", "actors.envs_per_actor"} <= keys
+    assert load_config(ROOT / "configs/tune/mountaincar_base.yaml").train.stop_at_return is not None
+
+
+def test_values_reach_the_run_as_the_config_reads_them():
+    assert value_text(1e-05) == "1.0e-05"  # YAML 1.1 would read 1e-05 as a string
+    assert yaml.safe_load(value_text(1e-05)) == 1e-05
+    assert value_text([64, 64]) == "[64, 64]" and value_text("auto") == "auto" and value_text(None) == "null"
+    hidden = parse_param("learner.hidden_sizes", {"type": "choice", "values": [[64, 64], [128]]})
+    assert hidden.config_value("[64, 64]") == [64, 64]
+    assert parse_param("actors.n_step", {"type": "randint", "low": 1, "high": 5}).set_text(4) == "4"
+    settings = TrialSettings("/b.yaml", (hidden,), 2, 8.0, -200.0, "/runs")
+    cmd = train_command(settings, {"learner.hidden_sizes": "[128]"}, Path("/runs/t/seed1"), 1)
+    assert cmd[cmd.index("--config") + 1] == "/b.yaml"
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"] == \
+        ["learner.hidden_sizes=[128]", "train.max_seconds=8.0", "seed=1"]
+
+
+def test_a_bad_space_exits_2_with_one_line_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {stop_at_return: -110}\n")
+    bad = space(tmp_path, "learner.lr: {type: uniform, low: 3, high: 1}")
+    assert main(["tune", "--config", str(base), "--space", str(bad), "--trials", "2", "--id", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"apexq: error: --space {bad}: learner.lr: empty range: low 3 >= high 1\n"
+    assert not (tmp_path / "tune").exists()
+
+
+def test_the_base_config_must_say_what_solved_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    good = space(tmp_path, "learner.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}")
+    base = tmp_path / "base.yaml"
+    base.write_text("seed: 1\n")
+    assert main(["tune", "--config", str(base), "--space", str(good), "--trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"apexq: error: --config {base}: train.stop_at_return is not set") and err.count("\n") == 1
+
+
+def test_without_the_extra_one_line_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "optuna", None)  # import optuna now raises ImportError
+    good = space(tmp_path, "learner.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}")
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {stop_at_return: -110}\n")
+    assert main(["tune", "--config", str(base), "--space", str(good), "--trials", "2", "--id", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('apexq: error: apexq tune needs the tune extra: pip install "apexq[tune]"')
+    assert err.count("\n") == 1 and not (tmp_path / "tune").exists()
+
+
+# -- the objective -------------------------------------------------------------------------------
+
+def test_the_objective_is_the_median_with_unsolved_runs_at_the_budget():
+    assert objective([3.0, None, 5.0], 3, 8.0) == 5.0  # median of 3, 8, 5
+    assert objective([3.0], 3, 8.0) == 8.0  # runs not made yet count at the budget: 3, 8, 8
+    assert objective([3.0, 4.0], 3, 8.0) == 4.0  # 3, 4, 8
+    assert objective([2.0, 4.0], 4, 10.0) == 7.0  # even count: (4 + 10) / 2
+    assert objective([9.5], 1, 8.0) == 8.0  # a solve after the budget counts at it
+    assert objective([None, None], 2, 8.0) == 8.0
+
+
+def test_the_final_return_is_the_mean_of_the_runs_last_evaluations():
+    assert final_return([-150.0, None, -120.0]) == -135.0
+    assert final_return([None]) is None
+
+
+def test_ties_go_to_the_higher_final_return_and_nothing_else_moves():
+    assert score(8.0, -120.0) < score(8.0, -150.0) < score(8.0, None) == 8.0
+    for r in (-1e9, -200.0, 0.0, 500.0, 1e9):
+        assert 0.0 <= 8.0 - score(8.0, r) < TIE_BREAK_S
+    assert score(7.998, -1e9) < score(8.0, 1e9)  # 2 ms apart: the objective decides
+    rows = [(8.0, -150.0), (8.0, -120.0), (7.0, -200.0), (8.0, None)]
+    assert sorted(rows, key=lambda r: rank_key(*r)) == [(7.0, -200.0), (8.0, -120.0), (8.0, -150.0), (8.0, None)]
+
+
+def test_a_trial_reports_each_new_evaluation_with_the_objective_as_if_it_ended_now():
+    p = TrialProgress(seeds=2, budget_s=10.0, target=-110.0)
+    p.start_seed()
+    assert not p.record({"time_s": 3.0, "eval_return": None, "eval_time_s": 0.0, "env_steps": 100})
+    assert p.record({"time_s": 4.0, "eval_return": -200.0, "eval_time_s": 0.5, "env_steps": 200, "final": True,
+                     "actor_weights_versions": [1, 2], "loss": None})
+    rep = p.report()
+    assert rep["objective"] == 10.0 and rep["budget_s"] == 4.0 and rep["final_return"] == -200.0
+    assert (rep["solved_seeds"], rep["seeds_finished"], rep["seed"], rep["env_steps"]) == (0, 0, 0, 200)
+    assert "final" not in rep and "actor_weights_versions" not in rep and "loss" not in rep
+    assert not p.record({"time_s": 5.0, "eval_return": -200.0, "eval_time_s": 0.5})  # the same evaluation again
+    assert p.record({"time_s": 6.0, "eval_return": -100.0, "eval_time_s": 1.0})
+    rep = p.report()
+    assert (rep["objective"], rep["solved_seeds"], rep["seeds_finished"], rep["budget_s"]) == (8.0, 1, 1, 6.0)
+    assert not p.end_seed()  # its solve was already reported
+    p.start_seed()
+    assert p.record({"time_s": 4.0, "eval_return": -150.0, "eval_time_s": 0.4})
+    assert p.report()["final_return"] == -125.0 and p.report()["budget_s"] == 10.0
+    assert p.end_seed()  # ran out of budget: news
+    rep = p.report()
+    assert (rep["objective"], rep["seeds_finished"], rep["budget_s"]) == (8.0, 2, 16.0)
+    assert rep["score"] == score(8.0, -125.0)
+
+
+# -- the table and best.yaml ---------------------------------------------------------------------
+
+def test_best_yaml_is_an_overlay_of_the_searched_keys_only(tmp_path):
+    params = (parse_param("learner.lr", {"type": "loguniform", "low": 1e-4, "high": 3e-3}),
+              parse_param("learner.hidden_sizes", {"type": "choice", "values": [[64, 64], [128]]}),
+              parse_param("actors.n_step", {"type": "randint", "low": 1, "high": 5}))
+    settings = TrialSettings("/b.yaml", params, 3, 8.0, -200.0, "/runs")
+    rows = [Row(1, "aaaa0001", {"learner.lr": 1e-3, "learner.hidden_sizes": "[128]", "actors.n_step": 2}, "done",
+                6.0, 3, -150.0),
+            Row(2, "aaaa0002", {"learner.lr": 2e-3, "learner.hidden_sizes": "[64, 64]", "actors.n_step": 4},
+                "stopped early", 6.0, 2, -120.0),
+            Row(3, "aaaa0003", {"learner.lr": 3e-4, "learner.hidden_sizes": "[128]", "actors.n_step": 1}, "error")]
+    best = best_row(rows)
+    assert best.number == 2  # tie on the objective: the higher final return
+    assert table_line(best, 3).split() == ["2", "aaaa0002", "6.0", "2/3", "-120.0", "stopped", "early",
+                                           "learner.lr=0.002", "learner.hidden_sizes=[64,", "64]", "actors.n_step=4"]
+    path = tmp_path / "best.yaml"
+    write_best(best, rows, settings, "apexq tune --config b.yaml ...", "tune/x/base.yaml", path)
+    text = path.read_text()
+    assert text.startswith("# apexq tune: the best of 3 finished trials: trial 2 (aaaa0002)")
+    assert "objective 6.0 s" in text and "apexq tune --config b.yaml ..." in text
+    assert "apexq train --config tune/x/base.yaml --set learner.lr=0.002 --set 'learner.hidden_sizes=[64, 64]' " \
+           "--set actors.n_step=4" in text
+    assert yaml.safe_load(text) == {"learner": {"lr": 0.002, "hidden_sizes": [64, 64]}, "actors": {"n_step": 4}}
+    cfg = load_config(path)
+    assert (cfg.learner.lr, cfg.learner.hidden_sizes, cfg.actors.n_step) == (0.002, [64, 64], 4)
+    assert math.isinf(rank_key(6.0, None)[1])
