@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test venv bench clean
+.PHONY: train test lint venv bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	# Pin torch first: on this CPU machine the 2.13.0 CPU wheel is on disk; a plain range would
 	# fetch a multi-GB CUDA build. Users with GPUs install a CUDA torch 2.x before apexq instead.
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,lint]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -25,6 +25,15 @@ train: venv
 test: venv
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(ARGS)
 
+# ruff (lint + format check) and mypy on the packages, as Python imports them (apexq.*): mypy
+# cannot follow the editable install's import hook, so .typecheck/apexq links the folders.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	rm -rf .typecheck && mkdir -p .typecheck/apexq
+	for p in core actors learner replay_server cluster configs; do ln -s ../../$$p .typecheck/apexq/$$p; done
+	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p apexq
+
 # Each benchmark prints a table and, last, one JSON line (see benchmarks/*.py --help).
 bench: venv
 	$(BIN)/python benchmarks/replay.py --quick
@@ -32,4 +41,4 @@ bench: venv
 	$(BIN)/python benchmarks/learner.py --quick
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .typecheck

@@ -2,6 +2,7 @@
 
 A plain class (no Ray import); the composition root runs it as a Ray actor or in-process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,11 +32,12 @@ log = logging.getLogger(__name__)
 class ActorSettings:
     """One actor's settings; cluster/components.py builds them from the config, whose default file
     (configs/mountaincar.yaml) is the only place their defaults live, so none has one here."""
+
     actor_id: int
     env_id: str
     num_envs: int
-    env_offset: int          # global index of this actor's first env (for the epsilon schedule)
-    total_envs: int          # envs across all actors
+    env_offset: int  # global index of this actor's first env (for the epsilon schedule)
+    total_envs: int  # envs across all actors
     shard: int
     epsilon_base: float
     epsilon_alpha: float
@@ -46,15 +48,22 @@ class ActorSettings:
     block_size: int
     weights_update_period: int
     max_backlog_blocks: int
-    stream_maxlen: int       # entries the shard's stream keeps (components.stream_maxlen)
+    stream_maxlen: int  # entries the shard's stream keeps (components.stream_maxlen)
     seed: int
     hidden_sizes: list
     dueling: bool
 
 
 class ApexActor:
-    def __init__(self, settings: ActorSettings, redis_url: Optional[str], namespace: str, spec: dict,
-                 writer: Optional[BlockSink] = None, weights: Optional[WeightsSource] = None):
+    def __init__(
+        self,
+        settings: ActorSettings,
+        redis_url: Optional[str],
+        namespace: str,
+        spec: dict,
+        writer: Optional[BlockSink] = None,
+        weights: Optional[WeightsSource] = None,
+    ):
         """``writer``/``weights`` replace the Redis stream writer and weights client (single-process mode)."""
         self.s = settings
         self.spec = spec
@@ -63,17 +72,28 @@ class ApexActor:
         threadpool_limits(limits=1, user_api="blas")  # process-wide, for this process's lifetime
         self.env = make_vector_env(settings.env_id, settings.num_envs)
         # numpy forward pass (no torch in actor processes); random weights until the first publish
-        self.policy = NumpyQPolicy(spec, settings.hidden_sizes, settings.dueling,
-                                   rng=np.random.default_rng([settings.seed, 2, settings.actor_id]))
+        self.policy = NumpyQPolicy(
+            spec,
+            settings.hidden_sizes,
+            settings.dueling,
+            rng=np.random.default_rng([settings.seed, 2, settings.actor_id]),
+        )
         eps_all = apex_epsilons(settings.total_envs, settings.epsilon_base, settings.epsilon_alpha)
-        self.epsilons = eps_all[settings.env_offset: settings.env_offset + settings.num_envs]
+        self.epsilons = eps_all[settings.env_offset : settings.env_offset + settings.num_envs]
         self.rng = np.random.default_rng([settings.seed, 1, settings.actor_id])
-        self.explore = TemporallyExtendedEpsilonGreedy(self.epsilons, spec["num_actions"], self.rng,
-                                                       settings.explore_mu, settings.explore_max_duration)
+        self.explore = TemporallyExtendedEpsilonGreedy(
+            self.epsilons, spec["num_actions"], self.rng, settings.explore_mu, settings.explore_max_duration
+        )
         self.nstep = NStepAccumulator(settings.num_envs, spec["obs_dim"], settings.n_step, settings.gamma)
-        self.writer = writer or StreamWriter(redis_url, namespace, settings.shard, settings.actor_id,
-                                             settings.stream_maxlen, settings.max_backlog_blocks)
-        self.weights = weights or WeightsClient(redis_url, namespace)
+        if writer is None or weights is None:
+            assert redis_url is not None, "an actor without a writer and weights source needs redis_url"
+            writer = writer or StreamWriter(
+                redis_url, namespace, settings.shard, settings.actor_id, settings.stream_maxlen,
+                settings.max_backlog_blocks
+            )
+            weights = weights or WeightsClient(redis_url, namespace)
+        self.writer: BlockSink = writer
+        self.weights: WeightsSource = weights
         self._stop = threading.Event()
         self._pending: list[dict] = []
         self._pending_n = 0
@@ -94,14 +114,22 @@ class ApexActor:
 
     def stats(self) -> dict:
         r = list(self.returns)
-        return {"actor_id": self.s.actor_id, "env_steps": self.env_steps, "episodes": self.episodes,
-                "returns": r, "mean_return": float(np.mean(r)) if r else None,
-                "weights_version": self.weights.version, "weights_lag": self.weights.lag,
-                "blocks_appended": self.writer.blocks, "transitions_appended": self.writer.transitions,
-                "backpressure_waits": self.writer.backpressure_waits,
-                "epsilon_min": float(self.epsilons.min()), "epsilon_max": float(self.epsilons.max()),
-                "first_step_at": self.first_step_at,
-                "in_flight": self._pending_n}
+        return {
+            "actor_id": self.s.actor_id,
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "returns": r,
+            "mean_return": float(np.mean(r)) if r else None,
+            "weights_version": self.weights.version,
+            "weights_lag": self.weights.lag,
+            "blocks_appended": self.writer.blocks,
+            "transitions_appended": self.writer.transitions,
+            "backpressure_waits": self.writer.backpressure_waits,
+            "epsilon_min": float(self.epsilons.min()),
+            "epsilon_max": float(self.epsilons.max()),
+            "first_step_at": self.first_step_at,
+            "in_flight": self._pending_n,
+        }
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -191,8 +219,17 @@ class ApexActor:
             ret = cols["ret"][sl].astype(np.float32)
             disc = cols["discount"][sl].astype(np.float32)
             prio = initial_priorities(self.policy, obs, act, ret, disc, nxt)
-            block = Block(obs, act, ret, disc, nxt, prio, actor_id=self.s.actor_id,
-                          weights_version=max(0, self.weights.version), block_seq=self.block_seq)
+            block = Block(
+                obs,
+                act,
+                ret,
+                disc,
+                nxt,
+                prio,
+                actor_id=self.s.actor_id,
+                weights_version=max(0, self.weights.version),
+                block_seq=self.block_seq,
+            )
             self.writer.append(block, stop=lambda: False)
             self.block_seq += 1
             start = end

@@ -1,4 +1,5 @@
 """Vector environment factory: the exact batched MountainCar, gymnasium.make_vec for the rest."""
+
 from __future__ import annotations
 
 import gymnasium as gym
@@ -16,14 +17,17 @@ def make_vector_env(env_id: str, num_envs: int, autoreset_mode=AutoresetMode.SAM
     if env_id == "MountainCar-v0":
         return MountainCarVectorEnv(num_envs, autoreset_mode=autoreset_mode)
     try:
-        env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                           vector_kwargs={"autoreset_mode": autoreset_mode})
+        env = gym.make_vec(
+            env_id, num_envs=num_envs, vectorization_mode="sync", vector_kwargs={"autoreset_mode": autoreset_mode}
+        )
     except gym.error.Error as exc:
         raise EnvSpecError(f"env.id: {env_id!r} cannot be made by gymnasium ({exc})") from None
     if not isinstance(env.single_action_space, gym.spaces.Discrete):
         env.close()
-        raise EnvSpecError(f"env.id: {env_id!r} has a {type(env.single_action_space).__name__} action "
-                           "space; apexq needs a Discrete one")
+        raise EnvSpecError(
+            f"env.id: {env_id!r} has a {type(env.single_action_space).__name__} action "
+            "space; apexq needs a Discrete one"
+        )
     if not isinstance(env.single_observation_space, gym.spaces.Box):
         env.close()
         raise EnvSpecError(f"env.id: {env_id!r} has a non-Box observation space")
@@ -34,9 +38,12 @@ def env_spec(env_id: str) -> dict:
     """Observation size, action count and observation bounds of ``env_id`` (for networks and codecs)."""
     env = make_vector_env(env_id, 1)
     space = env.single_observation_space
-    spec = {"obs_dim": int(np.prod(space.shape)), "num_actions": int(env.single_action_space.n),
-            "obs_low": np.asarray(space.low, np.float64).ravel().tolist(),
-            "obs_high": np.asarray(space.high, np.float64).ravel().tolist()}
+    spec = {
+        "obs_dim": int(np.prod(space.shape)),
+        "num_actions": int(env.single_action_space.n),
+        "obs_low": np.asarray(space.low, np.float64).ravel().tolist(),
+        "obs_high": np.asarray(space.high, np.float64).ravel().tolist(),
+    }
     env.close()
     return spec
 

@@ -1,4 +1,5 @@
 """Ape-X exploration schedule."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,7 @@ class TemporallyExtendedEpsilonGreedy:
     An episode end stops the current run of repeats.
     """
 
-    def __init__(self, epsilons: np.ndarray, num_actions: int, rng: np.random.Generator,
-                 mu: float, max_duration: int):
+    def __init__(self, epsilons: np.ndarray, num_actions: int, rng: np.random.Generator, mu: float, max_duration: int):
         if mu <= 1.0:
             raise ValueError(f"mu must be > 1 (a Zipf exponent), got {mu}")
         if max_duration < 1:
@@ -38,7 +38,7 @@ class TemporallyExtendedEpsilonGreedy:
         self.epsilons = np.asarray(epsilons, np.float64)
         self.num_actions, self.rng, self.mu, self.max_duration = int(num_actions), rng, float(mu), int(max_duration)
         n = len(self.epsilons)
-        self.left = np.zeros(n, np.int64)       # steps the current random action still lasts
+        self.left = np.zeros(n, np.int64)  # steps the current random action still lasts
         self.action = np.zeros(n, np.int64)
 
     def select(self, greedy: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ cars advance in one numpy operation. Autoreset follows gymnasium's modes: ``NEXT
 default of gymnasium's vector envs) or ``SAME_STEP`` (the final observation goes to
 ``infos["final_obs"]`` and the returned observation is already the reset one).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,12 @@ class MountainCarVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, num_envs: int, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-                 max_episode_steps: int = MAX_EPISODE_STEPS):
+    def __init__(
+        self,
+        num_envs: int,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        max_episode_steps: int = MAX_EPISODE_STEPS,
+    ):
         self.num_envs = int(num_envs)
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         if self.autoreset_mode == AutoresetMode.DISABLED:

@@ -9,6 +9,7 @@ each pending entry's return. An entry leaves the ring as a transition ``(s, a, G
 * when the episode is *truncated* (time limit) after ``k`` rewards: ``d = g**k`` and ``s'`` is
   the final observation, so the learner bootstraps from it as if the episode went on.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ class NStepAccumulator:
         self._rotations = []
         for pos in range(n):
             slot_of_age = (pos - self._ages) % n
-            age_of_slot = (pos - self._ages) % n            # the rotation is its own inverse
+            age_of_slot = (pos - self._ages) % n  # the rotation is its own inverse
             self._rotations.append((age_of_slot, slot_of_age, self.powers[age_of_slot][:, None]))
 
     def add(self, obs, action, reward, terminated, truncated, next_obs) -> dict:
@@ -55,7 +56,7 @@ class NStepAccumulator:
         terminated = np.asarray(terminated, bool)
         done = terminated | np.asarray(truncated, bool)
         # every entry of a finished episode leaves; so does the oldest entry of a full ring
-        leave = self._ages[:, None] < count             # [age, env]: entries that exist
+        leave = self._ages[:, None] < count  # [age, env]: entries that exist
         leave &= done
         leave[n - 1] |= count == n
         count[done] = 0
@@ -63,14 +64,20 @@ class NStepAccumulator:
         age, env = np.nonzero(leave)
         if age.size == 0:
             d = self.obs.shape[2]
-            return {"obs": np.zeros((0, d), np.float32), "action": np.zeros(0, np.int64),
-                    "ret": np.zeros(0, np.float64), "discount": np.zeros(0, np.float64),
-                    "next_obs": np.zeros((0, d), np.float32)}
+            return {
+                "obs": np.zeros((0, d), np.float32),
+                "action": np.zeros(0, np.int64),
+                "ret": np.zeros(0, np.float64),
+                "discount": np.zeros(0, np.float64),
+                "next_obs": np.zeros((0, d), np.float32),
+            }
         flat = slot_of_age.take(age)
         flat *= E
         flat += env
-        return {"obs": self.obs.reshape(n * E, -1).take(flat, axis=0),
-                "action": self.act.reshape(-1).take(flat),
-                "ret": self.ret.reshape(-1).take(flat),
-                "discount": np.where(terminated.take(env), 0.0, self.powers.take(age + 1)),
-                "next_obs": np.asarray(next_obs).take(env, axis=0).astype(np.float32, copy=False)}
+        return {
+            "obs": self.obs.reshape(n * E, -1).take(flat, axis=0),
+            "action": self.act.reshape(-1).take(flat),
+            "ret": self.ret.reshape(-1).take(flat),
+            "discount": np.where(terminated.take(env), 0.0, self.powers.take(age + 1)),
+            "next_obs": np.asarray(next_obs).take(env, axis=0).astype(np.float32, copy=False),
+        }

@@ -9,9 +9,11 @@ The parameters are exactly those of the learner's ``QNetwork`` ``state_dict`` (s
 shapes and float32 values, both from :mod:`apexq.core.network_layout`), so weights published by
 the learner load here unchanged and both give the same Q-values (checked in the tests).
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -21,8 +23,9 @@ from apexq.core.network_layout import obs_scaling, parameter_shapes
 class NumpyQPolicy:
     """``q_values(obs: float32[B, obs_dim]) -> float32[B, num_actions]``, ``greedy(obs) -> int64[B]``."""
 
-    def __init__(self, spec: Mapping, hidden_sizes: Sequence[int], dueling: bool,
-                 rng: Optional[np.random.Generator] = None):
+    def __init__(
+        self, spec: Mapping, hidden_sizes: Sequence[int], dueling: bool, rng: Optional[np.random.Generator] = None
+    ):
         """A freshly initialised network (same distribution as torch's ``nn.Linear`` default)."""
         self.obs_dim, self.num_actions = int(spec["obs_dim"]), int(spec["num_actions"])
         self.hidden_sizes, self.dueling = [int(h) for h in hidden_sizes], bool(dueling)
@@ -52,8 +55,10 @@ class NumpyQPolicy:
             arrays[name] = a
         self._center, self._half = arrays["obs_center"], arrays["obs_half_range"]
         # stored transposed and contiguous so that each layer is one x @ W + b
-        self._body = [(np.ascontiguousarray(arrays[f"body.{2 * i}.weight"].T), arrays[f"body.{2 * i}.bias"])
-                      for i in range(len(self.hidden_sizes))]
+        self._body = [
+            (np.ascontiguousarray(arrays[f"body.{2 * i}.weight"].T), arrays[f"body.{2 * i}.bias"])
+            for i in range(len(self.hidden_sizes))
+        ]
         names = ["value", "advantage"] if self.dueling else ["head"]
         self._heads = [(np.ascontiguousarray(arrays[f"{n}.weight"].T), arrays[f"{n}.bias"]) for n in names]
         self.state = arrays

@@ -1,4 +1,5 @@
 """Non-blocking weight updates for actors: fetches happen on a background thread; weights arrive as numpy."""
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,8 @@ class WeightsClient:
     def __init__(self, redis_url: str, namespace: str):
         self.redis = connect(redis_url)
         self.keys = weights_store.WeightsKeys(namespace)
-        self.version = -1           # version in use
-        self.latest_seen = -1       # newest version seen in Redis
+        self.version = -1  # version in use
+        self.latest_seen = -1  # newest version seen in Redis
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weights")
         self._future: Optional[Future] = None
         self.errors = 0
@@ -46,6 +47,7 @@ class WeightsClient:
     def wait_first(self, timeout: float) -> Optional[tuple[int, dict]]:
         """Block up to ``timeout`` s for any published version (used once at start)."""
         import time
+
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -17,6 +17,7 @@ Figures (env steps per second, policy forward included everywhere, 1 torch threa
 
 Prints a table, then one JSON line: {"benchmark": "actors", "figures": {...}, "targets": {...}}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ class EncodingWriter:
 
     def __init__(self):
         from apexq.replay_server.codec import encode_block
+
         self._encode = encode_block
         self.blocks = self.transitions = self.bytes = self.backpressure_waits = 0
 
@@ -57,6 +59,7 @@ class EncodingWriter:
 
 class NoWeights:
     """Stands in for the weights client: the initial random network, never updated."""
+
     version = 0
     lag = 0
 
@@ -75,15 +78,18 @@ def spec_and_settings(num_envs: int, actor_id: int = 0, num_actors: int = 1, **k
     from apexq.actors.envs import env_spec
     from apexq.cluster.components import actor_settings
     from apexq.cluster.config import load_config
+
     spec = env_spec(ENV_ID)
-    cfg = load_config(overrides=[f"env.id={ENV_ID}", "seed=1", f"actors.num={num_actors}",
-                                 f"actors.envs_per_actor={num_envs}"])
+    cfg = load_config(
+        overrides=[f"env.id={ENV_ID}", "seed=1", f"actors.num={num_actors}", f"actors.envs_per_actor={num_envs}"]
+    )
     return spec, replace(actor_settings(cfg, actor_id), **kw)
 
 
 def run_for(actor, seconds: float) -> tuple[int, float]:
     """Run ``actor.run()`` for about ``seconds``; (env steps, seconds from its first step to the end)."""
     import threading
+
     timer = threading.Timer(seconds, actor.stop)
     steps0 = actor.env_steps
     timer.start()
@@ -98,6 +104,7 @@ def run_for(actor, seconds: float) -> tuple[int, float]:
 def acting_core_sps(num_envs: int, seconds: float) -> tuple[float, dict]:
     """Env steps/s of the real ApexActor loop without Redis (see module docstring)."""
     from apexq.actors.actor import ApexActor
+
     spec, s = spec_and_settings(num_envs)
     writer = EncodingWriter()
     actor = ApexActor(s, None, "bench", spec, writer=writer, weights=NoWeights())
@@ -113,6 +120,7 @@ def gym_loop_sps(seconds: float, epsilon: float = 0.1) -> float:
     import torch
 
     from apexq.learner.network import build_network
+
     spec, s = spec_and_settings(1)
     torch.set_num_threads(1)
     net = build_network(spec, s.hidden_sizes, s.dueling).eval()
@@ -145,18 +153,37 @@ def gym_loop_sps(seconds: float, epsilon: float = 0.1) -> float:
 
 # -- multi-process: real actors -> Redis -> a real shard -------------------------------------
 
-def _actor_process(actor_id: int, num_actors: int, num_envs: int, url: str, namespace: str, maxlen: int,
-                   seconds: float, ready, go, results) -> None:
+
+def _actor_process(
+    actor_id: int,
+    num_actors: int,
+    num_envs: int,
+    url: str,
+    namespace: str,
+    maxlen: int,
+    seconds: float,
+    ready,
+    go,
+    results,
+) -> None:
     from apexq.actors.actor import ApexActor
+
     spec, s = spec_and_settings(num_envs, actor_id, num_actors, stream_maxlen=maxlen)
     actor = ApexActor(s, url, namespace, spec)
     ready.put(actor_id)
     go.wait()
     steps, dt = run_for(actor, seconds)
     st = actor.stats()
-    results.put({"actor_id": actor_id, "steps": steps, "first_step_at": actor.first_step_at,
-                 "end": actor.first_step_at + dt, "transitions_appended": st["transitions_appended"],
-                 "backpressure_waits": st["backpressure_waits"]})
+    results.put(
+        {
+            "actor_id": actor_id,
+            "steps": steps,
+            "first_step_at": actor.first_step_at,
+            "end": actor.first_step_at + dt,
+            "transitions_appended": st["transitions_appended"],
+            "backpressure_waits": st["backpressure_waits"],
+        }
+    )
 
 
 def actors_to_shard_sps(num_actors: int, num_envs: int, seconds: float, server, namespace: str) -> dict:
@@ -166,20 +193,36 @@ def actors_to_shard_sps(num_actors: int, num_envs: int, seconds: float, server, 
     from apexq.core.connection import connect
     from apexq.learner.network import build_network
     from apexq.replay_server.shard import ReplayShard
+
     spec, s = spec_and_settings(num_envs)
     capacity = 1_000_000
     maxlen = math.ceil(capacity / s.block_size) + s.max_backlog_blocks + 16
     r = connect(server.url)
     net = build_network(spec, s.hidden_sizes, s.dueling)
     weights_store.publish(r, weights_store.WeightsKeys(namespace), net.state_dict(), 1)  # so actors start at once
-    shard = ReplayShard(replace(shard_spec(load_config(), 0, spec), capacity=capacity, samples_per_insert=1.0,
-                                min_size_to_sample=1, error_buffer=1e15), server.url, namespace, seed=0)
+    shard = ReplayShard(
+        replace(
+            shard_spec(load_config(), 0, spec),
+            capacity=capacity,
+            samples_per_insert=1.0,
+            min_size_to_sample=1,
+            error_buffer=1e15,
+        ),
+        server.url,
+        namespace,
+        seed=0,
+    )
     shard.start()
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_actor_process, daemon=True,
-                         args=(i, num_actors, num_envs, server.url, namespace, maxlen, seconds, ready, go, results))
-             for i in range(num_actors)]
+    procs = [
+        ctx.Process(
+            target=_actor_process,
+            daemon=True,
+            args=(i, num_actors, num_envs, server.url, namespace, maxlen, seconds, ready, go, results),
+        )
+        for i in range(num_actors)
+    ]
     try:
         for p in procs:
             p.start()
@@ -203,10 +246,16 @@ def actors_to_shard_sps(num_actors: int, num_envs: int, seconds: float, server, 
     start = min(o["first_step_at"] for o in out)
     end = max(o["end"] for o in out)
     steps = sum(o["steps"] for o in out)
-    return {"sps": steps / (end - start), "steps": steps, "seconds": end - start,
-            "per_actor_sps": [round(o["steps"] / (o["end"] - o["first_step_at"])) for o in out],
-            "appended": appended, "shard_inserted": st["inserted"], "shard_rejected": st["rejected_total"],
-            "backpressure_waits": sum(o["backpressure_waits"] for o in out)}
+    return {
+        "sps": steps / (end - start),
+        "steps": steps,
+        "seconds": end - start,
+        "per_actor_sps": [round(o["steps"] / (o["end"] - o["first_step_at"])) for o in out],
+        "appended": appended,
+        "shard_inserted": st["inserted"],
+        "shard_rejected": st["rejected_total"],
+        "backpressure_waits": sum(o["backpressure_waits"] for o in out),
+    }
 
 
 def main() -> None:
@@ -246,7 +295,7 @@ def main() -> None:
         "sps_1_actor_detail": {k: v for k, v in one.items() if k != "sps"},
         "sps_2_actors_detail": {k: v for k, v in two.items() if k != "sps"},
         "sps_actors_method": "real ApexActor processes (spawn) -> private Redis stream -> real ReplayShard "
-                             "consuming in the benchmark process; machine has %d CPUs" % os.cpu_count(),
+        "consuming in the benchmark process; machine has %d CPUs" % os.cpu_count(),
         "mode": mode,
     }
     targets = {"speedup": {"target": ">= 20", "value": figures["speedup"], "met": speedup >= 20}}
@@ -257,13 +306,20 @@ def main() -> None:
         ("gymnasium single-env loop, same net", f"{gym_sps / k:9.1f} k steps/s", "baseline"),
         ("speedup", f"{speedup:9.1f} x", ">= 20x"),
     ]
-    rows += [(f"  ApexActor loop, {e} envs", f"{v / k:9.1f} k steps/s", "")
-             for e, v in by_envs.items() if e != args.envs]
     rows += [
-        ("1 actor process -> Redis -> shard", f"{one['sps'] / k:9.1f} k steps/s",
-         f"{one['appended']:,} transitions, all inserted: {one['shard_inserted'] >= one['appended']}"),
-        ("2 actor processes -> Redis -> shard", f"{two['sps'] / k:9.1f} k steps/s",
-         f"{two['sps'] / one['sps']:.2f}x of 1 actor on {os.cpu_count()} CPUs"),
+        (f"  ApexActor loop, {e} envs", f"{v / k:9.1f} k steps/s", "") for e, v in by_envs.items() if e != args.envs
+    ]
+    rows += [
+        (
+            "1 actor process -> Redis -> shard",
+            f"{one['sps'] / k:9.1f} k steps/s",
+            f"{one['appended']:,} transitions, all inserted: {one['shard_inserted'] >= one['appended']}",
+        ),
+        (
+            "2 actor processes -> Redis -> shard",
+            f"{two['sps'] / k:9.1f} k steps/s",
+            f"{two['sps'] / one['sps']:.2f}x of 1 actor on {os.cpu_count()} CPUs",
+        ),
     ]
     for name, val, note in rows:
         print(f"  {name:40s} {val:>20s}   {note}")

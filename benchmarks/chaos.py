@@ -6,6 +6,7 @@ Every `--every` seconds it kills one component chosen at random (each kind at le
 time allows), measures how long until the run makes progress again, and at the end reconciles
 the transition accounting from Redis. Prints a table, then one JSON line (DESIGN.md convention).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owned_run import Run, start_owned_run  # noqa: E402
+
 from apexq.core.connection import connect  # noqa: E402
 from apexq.replay_server.accounting import reconcile  # noqa: E402
 
@@ -65,8 +67,9 @@ def main() -> None:
     seconds = 110.0 if args.quick else args.seconds
     rng = random.Random(args.seed)
     t_launch = time.monotonic()
-    server, run_dir, proc = start_owned_run("apexq-chaos-", seconds, [
-        "train.progress_every_s=1", "learner.checkpoint_every_s=8", "eval.every_seconds=8"])
+    server, run_dir, proc = start_owned_run(
+        "apexq-chaos-", seconds, ["train.progress_every_s=1", "learner.checkpoint_every_s=8", "eval.every_seconds=8"]
+    )
     run = Run(run_dir)
     print(f"chaos: run directory {run_dir}", flush=True)  # tests watch its checkpoints while it runs
     faults: list[dict] = []
@@ -95,7 +98,9 @@ def main() -> None:
                 server.kill()
                 time.sleep(1.0)
                 server.start()
-                ok = wait_until(lambda: progressing(run, "transitions_inserted", at + 1, before.get("transitions_inserted", 0)), 60)
+                ok = wait_until(
+                    lambda: progressing(run, "transitions_inserted", at + 1, before.get("transitions_inserted", 0)), 60
+                )
             else:
                 victims = pids(PROCESS[kind])
                 if not victims:
@@ -103,12 +108,15 @@ def main() -> None:
                 os.kill(rng.choice(victims), signal.SIGKILL)
                 restarts = before.get("restarts", 0)
                 key = {"actor": "env_steps", "shard": "replay_size", "learner": "updates"}[kind]
-                ok = wait_until(lambda: run.last().get("restarts", 0) > restarts and
-                                progressing(run, key, at + 0.5, 0), 60)
+                ok = wait_until(
+                    lambda: run.last().get("restarts", 0) > restarts and progressing(run, key, at + 0.5, 0), 60
+                )
             took = time.monotonic() - t0
             faults.append({"kind": kind, "at_s": round(at, 1), "recovered": ok, "recovery_s": round(took, 2)})
-            print(f"chaos: killed {kind:<8} at {at:6.1f}s -> {'recovered' if ok else 'NOT recovered'} in {took:5.1f}s",
-                  flush=True)
+            print(
+                f"chaos: killed {kind:<8} at {at:6.1f}s -> {'recovered' if ok else 'NOT recovered'} in {took:5.1f}s",
+                flush=True,
+            )
         out, _ = proc.communicate(timeout=seconds + 240)
     finally:
         if proc.poll() is None:
@@ -125,23 +133,29 @@ def main() -> None:
     for f in faults:
         by_kind[f["kind"]] = by_kind.get(f["kind"], 0) + 1
     figures = {
-        "faults_injected": len(faults), "faults_by_kind": by_kind,
+        "faults_injected": len(faults),
+        "faults_by_kind": by_kind,
         "faults_recovered": sum(f["recovered"] for f in faults),
         "median_recovery_s": round(statistics.median(rec_times), 2) if rec_times else None,
         "max_recovery_s": round(max(rec_times), 2) if rec_times else None,
-        "transitions_appended": acct["appended"], "transitions_ingested": acct["ingested"],
-        "transitions_pending": acct["pending"], "balanced": acct["balanced"],
+        "transitions_appended": acct["appended"],
+        "transitions_ingested": acct["ingested"],
+        "transitions_pending": acct["pending"],
+        "balanced": acct["balanced"],
         "acked_lost": acct["appended"] - acct["ingested"] - acct["pending"],
         "lost_to_redis_restarts": driver_acct.get("lost_in_redis", None),
         "in_flight_lost": driver_acct.get("in_flight_lost", None),
-        "solved": solved, "exit_code": proc.returncode,
+        "solved": solved,
+        "exit_code": proc.returncode,
         "peak_rss_mb": {k: round(v, 1) for k, v in peak.items()},
     }
     print(f"\n{'fault':<10}{'at s':>8}{'recovered':>11}{'seconds':>9}")
     for f in faults:
         print(f"{f['kind']:<10}{f['at_s']:>8}{str(f['recovered']):>11}{f['recovery_s']:>9}")
-    print(f"appended {acct['appended']} = ingested {acct['ingested']} + pending {acct['pending']} -> "
-          f"{'balanced' if acct['balanced'] else 'NOT balanced'}; solved: {solved}")
+    print(
+        f"appended {acct['appended']} = ingested {acct['ingested']} + pending {acct['pending']} -> "
+        f"{'balanced' if acct['balanced'] else 'NOT balanced'}; solved: {solved}"
+    )
     targets = {
         "faults_recovered": {"target": "all", "met": figures["faults_recovered"] == len(faults) and len(faults) > 0},
         "median_recovery_s": {"target": "< 10", "met": bool(rec_times) and figures["median_recovery_s"] < 10},

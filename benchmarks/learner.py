@@ -4,6 +4,7 @@ Runs with torch and numpy alone (an in-process replay shard, no Ray, no Redis se
 can run on a GPU machine as it is. Prints a table, then one JSON line:
 {"benchmark": "learner", "figures": {...}, "targets": {...}}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,22 @@ def settings(**changes) -> LearnerSettings:
 
 
 def filled_shard(n: int, seed: int = 0) -> ReplayShard:
-    spec = replace(shard_spec(DEFAULTS, 0, SPEC), capacity=n, min_size_to_sample=1, samples_per_insert=1.0,
-                   error_buffer=1e12)
+    spec = replace(
+        shard_spec(DEFAULTS, 0, SPEC), capacity=n, min_size_to_sample=1, samples_per_insert=1.0, error_buffer=1e12
+    )
     shard = ReplayShard(spec, redis_url="", namespace="bench", seed=seed)
     rng = np.random.default_rng(seed)
     obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
-    shard.insert(Block(obs, rng.integers(0, 3, n).astype(np.int32), rng.normal(-3, 1, n).astype(np.float32),
-                       np.full(n, 0.99 ** 3, np.float32), obs + 0.01, rng.uniform(0.1, 2, n).astype(np.float32)))
+    shard.insert(
+        Block(
+            obs,
+            rng.integers(0, 3, n).astype(np.int32),
+            rng.normal(-3, 1, n).astype(np.float32),
+            np.full(n, 0.99**3, np.float32),
+            obs + 0.01,
+            rng.uniform(0.1, 2, n).astype(np.float32),
+        )
+    )
     return shard
 
 
@@ -81,8 +91,13 @@ def serve_shard(capacity: int, seed: int) -> None:
         if head["op"] == "sample":
             res = shard.sample(head["n"], 1.0)
             reply = {"n": len(res.keys), "total": res.total, "size": res.size}
-            _write(out, rpc.encode(reply, tuple(np.asarray(getattr(res, c), dt) for c, (dt, _) in
-                                                zip(SAMPLE_COLUMNS, sample_layout(reply)))))
+            _write(
+                out,
+                rpc.encode(
+                    reply,
+                    tuple(np.asarray(getattr(res, c), dt) for c, (dt, _) in zip(SAMPLE_COLUMNS, sample_layout(reply))),
+                ),
+            )
         elif head["op"] == "priorities":
             _, (keys, pr) = rpc.decode(data, rpc._prio_layout)
             shard.update_priorities(keys, pr)
@@ -98,8 +113,12 @@ class ShardProcess:
 
     def __init__(self, capacity: int, seed: int = 0):
         import subprocess
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-shard", str(capacity),
-                                      str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--serve-shard", str(capacity), str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self._lock = threading.Lock()
         self._layout = rpc._sample_layout(SPEC["obs_dim"])
         self.stats()  # waits until the child has filled its shard
@@ -113,8 +132,10 @@ class ShardProcess:
     def update_priorities(self, keys, priorities) -> None:
         keys = np.asarray(keys, "<i8")
         with self._lock:
-            _write(self.proc.stdin, rpc.encode({"op": "priorities", "n": int(keys.size)},
-                                               (keys, np.asarray(priorities, "<f4"))))
+            _write(
+                self.proc.stdin,
+                rpc.encode({"op": "priorities", "n": int(keys.size)}, (keys, np.asarray(priorities, "<f4"))),
+            )
 
     def stats(self) -> dict:
         with self._lock:
@@ -137,10 +158,16 @@ class BareLoop:
         self.batches = []
         for _ in range(16):
             obs = torch.rand(batch_size, 2, generator=g).to(device)
-            self.batches.append({
-                "obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (batch_size,), generator=g).to(device),
-                "ret": torch.randn(batch_size, generator=g).to(device),
-                "discount": torch.full((batch_size,), 0.97).to(device), "weights": torch.rand(batch_size, generator=g).to(device)})
+            self.batches.append(
+                {
+                    "obs": obs,
+                    "next_obs": obs + 0.01,
+                    "action": torch.randint(0, 3, (batch_size,), generator=g).to(device),
+                    "ret": torch.randn(batch_size, generator=g).to(device),
+                    "discount": torch.full((batch_size,), 0.97).to(device),
+                    "weights": torch.rand(batch_size, generator=g).to(device),
+                }
+            )
         self.run(20)
 
     def run(self, updates: int) -> float:
@@ -156,10 +183,16 @@ class BareLoop:
 class RealLearner:
     """The learner's own run loop: prefetch pipeline, update, priorities sent back to the shard."""
 
-    def __init__(self, batch_size: int, device: str, shard, threads: int = 1, batches_per_request: int = 8,
-                 **modes):
-        s = settings(batch_size=batch_size, device=device, publish_every=10**9, checkpoint_every_s=1e9,
-                     torch_threads=threads, batches_per_request=batches_per_request, **modes)
+    def __init__(self, batch_size: int, device: str, shard, threads: int = 1, batches_per_request: int = 8, **modes):
+        s = settings(
+            batch_size=batch_size,
+            device=device,
+            publish_every=10**9,
+            checkpoint_every_s=1e9,
+            torch_threads=threads,
+            batches_per_request=batches_per_request,
+            **modes,
+        )
         self.learner = Learner(s, SPEC, [shard])
         self.run(20)  # warm-up
 
@@ -173,15 +206,26 @@ class RealLearner:
         return time.perf_counter() - t0
 
 
-def measure(batch_size: int, updates: int, rounds: int, device: torch.device, shards: dict,
-            threads: int = 1, batches_per_request: int = 8, **modes) -> dict:
+def measure(
+    batch_size: int,
+    updates: int,
+    rounds: int,
+    device: torch.device,
+    shards: dict,
+    threads: int = 1,
+    batches_per_request: int = 8,
+    **modes,
+) -> dict:
     """Interleave rounds of the bare loop and the learner fed by each shard layout (this machine's
     speed drifts); medians of the rounds: {layout: (learner upd/s, bare upd/s, ratio)}. ``modes``
     (learner.compile, learner.cuda_graphs) apply to both."""
-    bare = BareLoop(batch_size, device, settings(batch_size=batch_size, device=str(device), torch_threads=threads,
-                                                 **modes))
-    reals = {name: RealLearner(batch_size, str(device), shard, threads, batches_per_request, **modes)
-             for name, shard in shards.items()}
+    bare = BareLoop(
+        batch_size, device, settings(batch_size=batch_size, device=str(device), torch_threads=threads, **modes)
+    )
+    reals = {
+        name: RealLearner(batch_size, str(device), shard, threads, batches_per_request, **modes)
+        for name, shard in shards.items()
+    }
     per = max(1, updates // rounds)
     rates: dict = {name: ([], [], []) for name in reals}
     for i in range(rounds):
@@ -192,8 +236,11 @@ def measure(batch_size: int, updates: int, rounds: int, device: torch.device, sh
             rates[name][1].append(b)
             rates[name][2].append(r / b)
             # progress on stderr (the JSON line stays the last line of stdout)
-            print(f"batch {batch_size}, round {i + 1}/{rounds}, {name}: learner {r:.0f} upd/s, bare {b:.0f} upd/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"batch {batch_size}, round {i + 1}/{rounds}, {name}: learner {r:.0f} upd/s, bare {b:.0f} upd/s",
+                file=sys.stderr,
+                flush=True,
+            )
     return {name: tuple(float(np.median(x)) for x in rs) for name, rs in rates.items()}
 
 
@@ -203,12 +250,18 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batches-per-request", type=int, default=DEFAULTS.learner.batches_per_request,
-                    help="learner.batches_per_request: minibatches per sampling request (default: the "
-                         "config's default)")
+    ap.add_argument(
+        "--batches-per-request",
+        type=int,
+        default=DEFAULTS.learner.batches_per_request,
+        help="learner.batches_per_request: minibatches per sampling request (default: the config's default)",
+    )
     ap.add_argument("--compile", action="store_true", help="learner.compile for the learner and the bare loop")
-    ap.add_argument("--no-cuda-graphs", action="store_true",
-                    help="learner.cuda_graphs false for the learner and the bare loop (on CUDA: eager updates)")
+    ap.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="learner.cuda_graphs false for the learner and the bare loop (on CUDA: eager updates)",
+    )
     ap.add_argument("--serve-shard", nargs=2, type=int, metavar=("CAPACITY", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_shard:
@@ -226,18 +279,25 @@ def main() -> None:
     # in_process: the shard lives in the learner's process and the pipeline runs on the training
     # thread (single-process mode); own_process: the distributed layout, the shard on its own core
     shards = {"in_process": filled_shard(capacity), "own_process": remote}
-    modes = {"compile": args.compile,
-             "cuda_graphs": device.type == "cuda" and DEFAULTS.learner.cuda_graphs and not args.no_cuda_graphs}
-    figures: dict = {"device": str(device), "torch_threads": args.threads,
-                     "batches_per_request": args.batches_per_request, **modes}
+    modes = {
+        "compile": args.compile,
+        "cuda_graphs": device.type == "cuda" and DEFAULTS.learner.cuda_graphs and not args.no_cuda_graphs,
+    }
+    figures: dict = {
+        "device": str(device),
+        "torch_threads": args.threads,
+        "batches_per_request": args.batches_per_request,
+        **modes,
+    }
     if device.type == "cuda":
         figures["device_name"] = torch.cuda.get_device_name(device)
         figures["torch"] = torch.__version__
     rows = []
     try:
         for bs in (128, 512):
-            for layout, (real, bare, eff) in measure(bs, updates, rounds, device, shards, args.threads,
-                                                     args.batches_per_request, **modes).items():
+            for layout, (real, bare, eff) in measure(
+                bs, updates, rounds, device, shards, args.threads, args.batches_per_request, **modes
+            ).items():
                 rows.append((layout, bs, real, bare, eff))
                 sfx = "" if layout == "in_process" else "_shard_process"
                 figures[f"updates_per_s_b{bs}{sfx}"] = round(real, 1)
@@ -246,8 +306,10 @@ def main() -> None:
     finally:
         remote.close()
     figures["rounds"] = rounds
-    print(f"{'shard':<22} {'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}, "
-          f"{args.batches_per_request} minibatches per request, medians of {rounds} interleaved rounds")
+    print(
+        f"{'shard':<22} {'batch':>6} {'learner upd/s':>14} {'bare upd/s':>11} {'efficiency':>10}   device={device}, "
+        f"{args.batches_per_request} minibatches per request, medians of {rounds} interleaved rounds"
+    )
     for layout, bs, real, bare, eff in rows:
         where = "in learner's process" if layout == "in_process" else "in its own process"
         print(f"{where:<22} {bs:>6} {real:>14.1f} {bare:>11.1f} {eff:>10.1%}")
@@ -256,11 +318,16 @@ def main() -> None:
     figures["bare_updates_per_s"] = figures["bare_updates_per_s_b512"]
     figures["efficiency"] = figures["efficiency_b512"]
     targets = {}
-    for sfx, what in (("", "shard in the learner's process (single-process layout)"),
-                      ("_shard_process", "shard in its own process (distributed layout)")):
+    for sfx, what in (
+        ("", "shard in the learner's process (single-process layout)"),
+        ("_shard_process", "shard in its own process (distributed layout)"),
+    ):
         eff_min = min(figures[f"efficiency_b128{sfx}"], figures[f"efficiency_b512{sfx}"])
-        targets[f"efficiency{sfx}"] = {"target": f">= 0.90 at batch 128 and 512, {what}", "value": eff_min,
-                                       "met": eff_min >= 0.9}
+        targets[f"efficiency{sfx}"] = {
+            "target": f">= 0.90 at batch 128 and 512, {what}",
+            "value": eff_min,
+            "met": eff_min >= 0.9,
+        }
     print(json.dumps({"benchmark": "learner", "figures": figures, "targets": targets}))
 
 

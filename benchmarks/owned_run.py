@@ -3,6 +3,7 @@
 Owning the server lets a benchmark kill and restart it, or find its process; the run gets it
 through ``--redis-url``. ``Run`` reads the run's metrics.jsonl as it grows.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,20 @@ def start_owned_run(prefix: str, seconds: float, sets: list[str]) -> tuple[Redis
     server = RedisServer(find_server(), data_dir=str(work / "redis")).start()
     run_dir = work / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
-           "--set", f"train.max_seconds={seconds}", "--set", "metrics.port=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apexq.cluster.cli",
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--redis-url",
+        server.url,
+        "--set",
+        f"train.max_seconds={seconds}",
+        "--set",
+        "metrics.port=0",
+    ]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -32,6 +32,7 @@ chunks of 200 calls. This machine is shared: medians keep a burst of someone els
 deciding a figure. Prints a table, then one JSON line:
 {"benchmark": "replay", "figures": {...}, "targets": {...}}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,11 +77,20 @@ def mountain_car_blocks(count: int, block_size: int, seed: int = 0) -> list[byte
         obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
         nxt = obs + rng.normal(0, 0.01, (n, 2)).astype(np.float32)
         term = rng.random(n) < 0.01
-        out.append(encode_block(Block(
-            obs=obs, action=rng.integers(0, NUM_ACTIONS, n).astype(np.int32),
-            ret=np.where(term, -1.0, -2.9701).astype(np.float32),
-            discount=np.where(term, 0.0, 0.99 ** 3).astype(np.float32), next_obs=nxt,
-            priority=rng.uniform(0.01, 2.0, n).astype(np.float32), actor_id=i % 4, block_seq=i)))
+        out.append(
+            encode_block(
+                Block(
+                    obs=obs,
+                    action=rng.integers(0, NUM_ACTIONS, n).astype(np.int32),
+                    ret=np.where(term, -1.0, -2.9701).astype(np.float32),
+                    discount=np.where(term, 0.0, 0.99**3).astype(np.float32),
+                    next_obs=nxt,
+                    priority=rng.uniform(0.01, 2.0, n).astype(np.float32),
+                    actor_id=i % 4,
+                    block_seq=i,
+                )
+            )
+        )
     return out
 
 
@@ -88,8 +98,9 @@ def used_memory(admin: redis.Redis) -> int:
     return int(admin.info("memory")["used_memory"])
 
 
-def xadd_entries(r: redis.Redis, stream: str, blocks: list[bytes], n: int, maxlen: int, start: int = 0,
-                 pipeline: int = 64) -> float:
+def xadd_entries(
+    r: redis.Redis, stream: str, blocks: list[bytes], n: int, maxlen: int, start: int = 0, pipeline: int = 64
+) -> float:
     """Append ``n`` entries (cycling through ``blocks``), ``pipeline`` per round trip; returns seconds."""
     t0 = time.perf_counter()
     done = 0
@@ -146,7 +157,7 @@ def sample_loop(shard: ReplayShard, calls: int, batch: int, chunk: int = 200, se
         s = shard.sample(batch)
         shard.update_priorities(s.keys, new_prios[i % 64])
     both, alone = [], []
-    for c in range(max(1, calls // chunk)):
+    for _ in range(max(1, calls // chunk)):
         t0 = time.perf_counter()
         for i in range(chunk):
             s = shard.sample(batch)
@@ -155,7 +166,7 @@ def sample_loop(shard: ReplayShard, calls: int, batch: int, chunk: int = 200, se
             shard.update_priorities(s.keys, new_prios[i % 64])
         both.append(chunk * batch / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        for i in range(chunk):
+        for _ in range(chunk):
             shard.sample(batch)
         alone.append(chunk * batch / (time.perf_counter() - t0))
     return both, alone
@@ -164,14 +175,38 @@ def sample_loop(shard: ReplayShard, calls: int, batch: int, chunk: int = 200, se
 def rpc_sample_loop(url: str, capacity: int, calls: int, batch: int, chunk: int = 10) -> list:
     """Transitions/s sampled from an ``apexq replay-server`` subprocess (it rebuilds the stream's window)."""
     import subprocess
+
     from apexq.replay_server.rpc import RedisShardClient
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "apexq.cluster.cli", "replay-server", "--redis-url", url, "--shard", "0",
-         "--namespace", NAMESPACE, "--set", f"replay.capacity={capacity}", "--set", "replay.min_size_to_sample=1",
-         "--set", "replay.samples_per_insert=1000", "--set", "replay.error_buffer=1e15",
-         "--set", f"learner.batch_size={min(batch, capacity)}"],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "apexq.cluster.cli",
+            "replay-server",
+            "--redis-url",
+            url,
+            "--shard",
+            "0",
+            "--namespace",
+            NAMESPACE,
+            "--set",
+            f"replay.capacity={capacity}",
+            "--set",
+            "replay.min_size_to_sample=1",
+            "--set",
+            "replay.samples_per_insert=1000",
+            "--set",
+            "replay.error_buffer=1e15",
+            "--set",
+            f"learner.batch_size={min(batch, capacity)}",
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         if "apexq replay-server: shard 0" not in line:
@@ -197,8 +232,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, for tests (seconds)")
     ap.add_argument("--block-size", type=int, default=256, help="transitions per block (actors' default 256)")
-    ap.add_argument("--read-count", type=int, default=ShardSpec.read_count,
-                    help="entries per XREADGROUP, for the shard and the raw reader alike")
+    ap.add_argument(
+        "--read-count",
+        type=int,
+        default=ShardSpec.read_count,
+        help="entries per XREADGROUP, for the shard and the raw reader alike",
+    )
     ap.add_argument("--batch", type=int, default=512, help="sample batch size")
     args = ap.parse_args()
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
@@ -218,9 +257,14 @@ def main() -> None:
         # 1. the window: XADD it, then a fresh shard (under tracemalloc) consumes it with its
         #    own ingest loop -- its ring is full afterwards, as in steady state
         fill_s = xadd_entries(r, stream, blocks, window, maxlen=window)
-        spec = replace(shard_spec(load_config(), 0, {"obs_dim": OBS_DIM, "num_actions": NUM_ACTIONS}),
-                       capacity=capacity, samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e15,
-                       read_count=count)
+        spec = replace(
+            shard_spec(load_config(), 0, {"obs_dim": OBS_DIM, "num_actions": NUM_ACTIONS}),
+            capacity=capacity,
+            samples_per_insert=1.0,
+            min_size_to_sample=1,
+            error_buffer=1e15,
+            read_count=count,
+        )
         tracemalloc.start()
         traced0 = tracemalloc.get_traced_memory()[0]
         shard = ReplayShard(spec, server.url, NAMESPACE, seed=0)
@@ -245,9 +289,11 @@ def main() -> None:
             xadd_rates.append(per / xadd_entries(r, stream, blocks, per_round, maxlen=window, start=i * per_round))
             ahead = i % 2 == 0  # the shard's ingest loop on even rounds, its one-batch step on odd ones
             shard_rates = ingest_rates if ahead else once_rates
-            steps = [lambda: raw_rates.append(per / raw_read(r, stream, "raw", per_round, count)),
-                     lambda: shard_rates.append(per / shard_ingest(shard, per_round, read_ahead=ahead)),
-                     lambda: noack_rates.append(per / raw_read(r, stream, "raw_noack", per_round, count, ack=False))]
+            steps = [
+                lambda: raw_rates.append(per / raw_read(r, stream, "raw", per_round, count)),
+                lambda: shard_rates.append(per / shard_ingest(shard, per_round, read_ahead=ahead)),
+                lambda: noack_rates.append(per / raw_read(r, stream, "raw_noack", per_round, count, ack=False)),
+            ]
             for k in range(3):  # rotate the order from round to round
                 steps[(i // 2 + k) % 3]()
         st = shard.stats()
@@ -290,35 +336,64 @@ def main() -> None:
     }
     targets = {
         "ingest_tps": {"target": ">= 2000000", "value": figures["ingest_tps"], "met": figures["ingest_tps"] >= 2e6},
-        "ingest_vs_raw": {"target": ">= 0.5", "value": figures["ingest_vs_raw"],
-                          "met": figures["ingest_vs_raw"] >= 0.5},
+        "ingest_vs_raw": {
+            "target": ">= 0.5",
+            "value": figures["ingest_vs_raw"],
+            "met": figures["ingest_vs_raw"] >= 0.5,
+        },
         "sample_tps": {"target": ">= 1000000", "value": figures["sample_tps"], "met": figures["sample_tps"] >= 1e6},
-        "shard_memory_ratio": {"target": "<= 2", "value": figures["shard_memory_ratio"],
-                               "met": figures["shard_memory_ratio"] <= 2},
-        "redis_memory_ratio": {"target": "<= 2", "value": figures["redis_memory_ratio"],
-                               "met": figures["redis_memory_ratio"] <= 2},
+        "shard_memory_ratio": {
+            "target": "<= 2",
+            "value": figures["shard_memory_ratio"],
+            "met": figures["shard_memory_ratio"] <= 2,
+        },
+        "redis_memory_ratio": {
+            "target": "<= 2",
+            "value": figures["redis_memory_ratio"],
+            "met": figures["redis_memory_ratio"] <= 2,
+        },
     }
     M = 1e6
-    print(f"replay shard vs raw Redis  ({mode}: capacity {capacity:,}, blocks of {bs}, "
-          f"read_count {count}, {rounds} ingest rounds of {per_round * bs:,} transitions)")
+    print(
+        f"replay shard vs raw Redis  ({mode}: capacity {capacity:,}, blocks of {bs}, "
+        f"read_count {count}, {rounds} ingest rounds of {per_round * bs:,} transitions)"
+    )
     rows = [
         ("raw XADD (pipelined 64)", f"{figures['raw_xadd_tps'] / M:8.2f} M/s", ""),
         ("raw XREADGROUP + XACK", f"{figures['raw_ingest_tps'] / M:8.2f} M/s", "baseline"),
-        ("raw XREADGROUP NOACK (no XACK)", f"{figures['raw_read_noack_tps'] / M:8.2f} M/s",
-         f"info: shard is {figures['ingest_vs_raw_noack']:.0%} of it"),
-        ("shard ingest", f"{figures['ingest_tps'] / M:8.2f} M/s",
-         f"{figures['ingest_vs_raw']:.0%} of raw (>= 50%), >= 2 M/s"),
-        ("shard ingest_once loop (no read-ahead)", f"{figures['ingest_once_tps'] / M:8.2f} M/s",
-         f"info: {figures['ingest_once_tps'] / figures['raw_ingest_tps']:.0%} of raw"),
+        (
+            "raw XREADGROUP NOACK (no XACK)",
+            f"{figures['raw_read_noack_tps'] / M:8.2f} M/s",
+            f"info: shard is {figures['ingest_vs_raw_noack']:.0%} of it",
+        ),
+        (
+            "shard ingest",
+            f"{figures['ingest_tps'] / M:8.2f} M/s",
+            f"{figures['ingest_vs_raw']:.0%} of raw (>= 50%), >= 2 M/s",
+        ),
+        (
+            "shard ingest_once loop (no read-ahead)",
+            f"{figures['ingest_once_tps'] / M:8.2f} M/s",
+            f"info: {figures['ingest_once_tps'] / figures['raw_ingest_tps']:.0%} of raw",
+        ),
         ("shard first fill (cold ring, traced)", f"{figures['first_fill_tps'] / M:8.2f} M/s", "info"),
         (f"sample({args.batch}) + update_priorities", f"{figures['sample_tps'] / M:8.2f} M/s", ">= 1 M/s"),
         (f"sample({args.batch}) alone", f"{figures['sample_only_tps'] / M:8.2f} M/s", "info"),
-        (f"replay-server via Redis, 4x{args.batch} + priorities", f"{figures['rpc_sample_tps'] / M:8.2f} M/s",
-         f"info: {figures['rpc_sample_tps'] / figures['sample_tps']:.0%} of in-process"),
-        (f"shard peak memory, {held:,} transitions", f"{shard_peak / 2**20:8.1f} MiB",
-         f"{shard_ratio:.2f}x raw (<= 2)"),
-        (f"Redis used_memory, {stream_len * bs:,} in stream", f"{redis_bytes / 2**20:8.1f} MiB",
-         f"{redis_ratio:.2f}x raw (<= 2)"),
+        (
+            f"replay-server via Redis, 4x{args.batch} + priorities",
+            f"{figures['rpc_sample_tps'] / M:8.2f} M/s",
+            f"info: {figures['rpc_sample_tps'] / figures['sample_tps']:.0%} of in-process",
+        ),
+        (
+            f"shard peak memory, {held:,} transitions",
+            f"{shard_peak / 2**20:8.1f} MiB",
+            f"{shard_ratio:.2f}x raw (<= 2)",
+        ),
+        (
+            f"Redis used_memory, {stream_len * bs:,} in stream",
+            f"{redis_bytes / 2**20:8.1f} MiB",
+            f"{redis_ratio:.2f}x raw (<= 2)",
+        ),
     ]
     for name, val, note in rows:
         print(f"  {name:42s} {val:>14s}   {note}")

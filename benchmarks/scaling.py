@@ -16,6 +16,7 @@ cores and the efficiency says so; the DESIGN.md target (>= 0.8 at 8 actors) need
 
 Prints a table, then one JSON line: {"benchmark": "scaling", "figures": {...}, "targets": {...}}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-COLUMNS = ("actors", "env_steps_per_s", "inserts_per_s", "samples_per_s", "updates_per_s",
-           "learner_waits_per_s", "insert_waits_per_s", "backpressure_per_s", "solve_s")
+COLUMNS = (
+    "actors",
+    "env_steps_per_s",
+    "inserts_per_s",
+    "samples_per_s",
+    "updates_per_s",
+    "learner_waits_per_s",
+    "insert_waits_per_s",
+    "backpressure_per_s",
+    "solve_s",
+)
 
 
 def run_apexq(args: list[str], timeout: float, label: str) -> tuple[int, list[str], Path]:
@@ -66,10 +76,17 @@ def steady_rates(run_dir: Path) -> dict:
 
     def rate(key):
         return round((b.get(key, 0) - a.get(key, 0)) / dt, 1)
-    return {"env_steps_per_s": rate("env_steps"), "inserts_per_s": rate("transitions_inserted"),
-            "samples_per_s": rate("transitions_sampled"), "updates_per_s": rate("updates"),
-            "learner_waits_per_s": rate("sample_waits"), "insert_waits_per_s": rate("insert_waits"),
-            "backpressure_per_s": rate("backpressure_waits"), "window_s": round(dt, 1)}
+
+    return {
+        "env_steps_per_s": rate("env_steps"),
+        "inserts_per_s": rate("transitions_inserted"),
+        "samples_per_s": rate("transitions_sampled"),
+        "updates_per_s": rate("updates"),
+        "learner_waits_per_s": rate("sample_waits"),
+        "insert_waits_per_s": rate("insert_waits"),
+        "backpressure_per_s": rate("backpressure_waits"),
+        "window_s": round(dt, 1),
+    }
 
 
 def main() -> None:
@@ -79,10 +96,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, help="length of each capacity run (default 40, --quick 25)")
     ap.add_argument("--address", help="run on this Ray cluster (as apexq train --address)")
     ap.add_argument("--config", help="base config (default: the default config)")
-    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                    help="extra overrides for every run, e.g. learner.device=cuda")
-    ap.add_argument("--solve", action=argparse.BooleanOptionalAction, default=None,
-                    help="also time a solve run per actor count (default: on, off with --quick)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="extra overrides for every run, e.g. learner.device=cuda",
+    )
+    ap.add_argument(
+        "--solve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time a solve run per actor count (default: on, off with --quick)",
+    )
     ap.add_argument("--solve-at", type=float, default=-110.0, help="greedy evaluation return that counts as solved")
     ap.add_argument("--solve-budget", type=float, default=150.0, help="seconds a solve run may take")
     ap.add_argument("--out", help="also write the JSON line to this file")
@@ -108,20 +135,51 @@ def main() -> None:
     for n in counts:
         row: dict = {"actors": n}
         # capacity: the limiter never binds (a buffer larger than anything a run inserts)
-        rc, lines, run_dir = run_apexq(base + common + [
-            "--set", f"actors.num={n}", "--set", f"train.max_seconds={seconds}", "--set", "eval.every_seconds=0",
-            "--set", "replay.error_buffer=1e15"], timeout=seconds + 180, label=f"{n} actor(s), capacity:")
+        rc, lines, run_dir = run_apexq(
+            base
+            + common
+            + [
+                "--set",
+                f"actors.num={n}",
+                "--set",
+                f"train.max_seconds={seconds}",
+                "--set",
+                "eval.every_seconds=0",
+                "--set",
+                "replay.error_buffer=1e15",
+            ],
+            timeout=seconds + 180,
+            label=f"{n} actor(s), capacity:",
+        )
         if rc != 0:
             raise SystemExit(f"scaling: the capacity run with {n} actors exited {rc}:\n" + "\n".join(lines[-15:]))
         row.update(steady_rates(run_dir))
         row["solve_s"] = None
         if solve:
-            rc, lines, _ = run_apexq(base + common + [
-                "--set", f"actors.num={n}", "--set", f"train.max_seconds={args.solve_budget}",
-                "--set", "eval.every_seconds=5", "--set", f"train.stop_at_return={args.solve_at}"],
-                timeout=args.solve_budget + 180, label=f"{n} actor(s), solve:")
-            m = next((re.search(r"solved: reached train.stop_at_return ([0-9.]+)s after launch", l) for l in lines
-                      if "solved: reached" in l), None)
+            rc, lines, _ = run_apexq(
+                base
+                + common
+                + [
+                    "--set",
+                    f"actors.num={n}",
+                    "--set",
+                    f"train.max_seconds={args.solve_budget}",
+                    "--set",
+                    "eval.every_seconds=5",
+                    "--set",
+                    f"train.stop_at_return={args.solve_at}",
+                ],
+                timeout=args.solve_budget + 180,
+                label=f"{n} actor(s), solve:",
+            )
+            m = next(
+                (
+                    re.search(r"solved: reached train.stop_at_return ([0-9.]+)s after launch", l)
+                    for l in lines
+                    if "solved: reached" in l
+                ),
+                None,
+            )
             row["solve_s"] = float(m.group(1)) if m else None
         rows.append(row)
 
@@ -132,8 +190,10 @@ def main() -> None:
     one = rows[0]["env_steps_per_s"] if rows[0]["actors"] == 1 else None
     top = rows[-1]
     eff = round(top["env_steps_per_s"] / (top["actors"] * one), 3) if one else None
-    print(f"\nscaling efficiency at {top['actors']} actors: {eff} (env steps/s at {top['actors']} / "
-          f"({top['actors']} x env steps/s at 1); {cpus} CPUs here{', cluster ' + args.address if args.address else ''})")
+    print(
+        f"\nscaling efficiency at {top['actors']} actors: {eff} (env steps/s at {top['actors']} / "
+        f"({top['actors']} x env steps/s at 1); {cpus} CPUs here{', cluster ' + args.address if args.address else ''})"
+    )
     at8 = next((r for r in rows if r["actors"] == 8), None)
     eff8 = round(at8["env_steps_per_s"] / (8 * one), 3) if at8 and one else None
     result = {
@@ -151,8 +211,13 @@ def main() -> None:
             "solve_s": [r["solve_s"] for r in rows],
             "cpus": cpus,
         },
-        "targets": {"scaling_efficiency_at_8_actors": {
-            "target": ">= 0.8", "value": eff8, "met": None if eff8 is None else eff8 >= 0.8}},
+        "targets": {
+            "scaling_efficiency_at_8_actors": {
+                "target": ">= 0.8",
+                "value": eff8,
+                "met": None if eff8 is None else eff8 >= 0.8,
+            }
+        },
     }
     line = json.dumps(result)
     if args.out:

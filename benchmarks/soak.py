@@ -6,6 +6,7 @@ driver, each actor, each shard, the learner and Redis. It samples their resident
 kind it compares the median RSS of the last third of the samples (taken after the replay filled)
 against the middle third. Prints a table, then one JSON line (DESIGN.md convention).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,14 @@ def sample(driver_pid: int, redis_pid: int) -> dict[str, dict[int, float]]:
 def growth(series: list[float]) -> dict:
     """Median of the middle third vs the last third of a series of RSS samples."""
     n = len(series)
-    mid, last = series[n // 3: 2 * n // 3], series[2 * n // 3:]
+    mid, last = series[n // 3 : 2 * n // 3], series[2 * n // 3 :]
     m, l = statistics.median(mid), statistics.median(last)
-    return {"middle_mb": round(m, 1), "last_mb": round(l, 1), "growth_mb": round(l - m, 1),
-            "growth_pct": round(100 * (l - m) / m, 2) if m else 0.0}
+    return {
+        "middle_mb": round(m, 1),
+        "last_mb": round(l, 1),
+        "growth_mb": round(l - m, 1),
+        "growth_pct": round(100 * (l - m) / m, 2) if m else 0.0,
+    }
 
 
 def main() -> None:
@@ -69,9 +74,17 @@ def main() -> None:
     ap.add_argument("--tolerance-mb", type=float, default=8.0)
     args = ap.parse_args()
     seconds = 80.0 if args.quick else args.seconds
-    server, run_dir, proc = start_owned_run("apexq-soak-", seconds, [
-        "train.progress_every_s=2", f"replay.capacity={args.capacity}", "replay.min_size_to_sample=1000",
-        "learner.checkpoint_every_s=10", "eval.every_seconds=15"])
+    server, run_dir, proc = start_owned_run(
+        "apexq-soak-",
+        seconds,
+        [
+            "train.progress_every_s=2",
+            f"replay.capacity={args.capacity}",
+            "replay.min_size_to_sample=1000",
+            "learner.checkpoint_every_s=10",
+            "eval.every_seconds=15",
+        ],
+    )
     run = Run(run_dir)
     samples: list[tuple[float, dict]] = []
     full_at = None
@@ -103,16 +116,28 @@ def main() -> None:
         if rows:
             worst = max(rows.values(), key=lambda r: r["growth_mb"])
             per_kind[kind] = {**worst, "processes": len(rows)}
-    grows = {k: v["growth_mb"] > max(args.tolerance_mb, v["middle_mb"] * args.tolerance_pct / 100)
-             for k, v in per_kind.items()}
+    grows = {
+        k: v["growth_mb"] > max(args.tolerance_mb, v["middle_mb"] * args.tolerance_pct / 100)
+        for k, v in per_kind.items()
+    }
     print(f"\n{'process':<9}{'n':>3}{'middle MB':>11}{'last MB':>9}{'growth':>9}")
     for k, v in per_kind.items():
-        print(f"{k:<9}{v['processes']:>3}{v['middle_mb']:>11}{v['last_mb']:>9}{v['growth_mb']:>+8.1f}{'  GROWS' if grows[k] else ''}")
-    figures = {"seconds": seconds, "replay_full_at_s": round(full_at, 1) if full_at else None,
-               "samples": len(samples), "exit_code": proc.returncode, "rss": per_kind}
-    targets = {"no_growth": {"target": f"last third <= middle third + max({args.tolerance_mb} MB, "
-                                       f"{args.tolerance_pct}%) for every process kind",
-                             "met": bool(per_kind) and len(samples) >= 9 and not any(grows.values())}}
+        flag = "  GROWS" if grows[k] else ""
+        print(f"{k:<9}{v['processes']:>3}{v['middle_mb']:>11}{v['last_mb']:>9}{v['growth_mb']:>+8.1f}{flag}")
+    figures = {
+        "seconds": seconds,
+        "replay_full_at_s": round(full_at, 1) if full_at else None,
+        "samples": len(samples),
+        "exit_code": proc.returncode,
+        "rss": per_kind,
+    }
+    targets = {
+        "no_growth": {
+            "target": f"last third <= middle third + max({args.tolerance_mb} MB, "
+            f"{args.tolerance_pct}%) for every process kind",
+            "met": bool(per_kind) and len(samples) >= 9 and not any(grows.values()),
+        }
+    }
     if proc.returncode != 0:
         print(out[-3000:], file=sys.stderr)
     print(json.dumps({"benchmark": "soak", "figures": figures, "targets": targets}))

@@ -12,6 +12,7 @@ policy is evaluated on 100 fresh episodes (another seed range). Prints a table, 
 Launch is the start of each system's own process (`apexq train`, or a fresh Python process for
 SB3), so the imports of torch and the rest count for all three.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,9 +37,24 @@ FINAL_SEED = 777
 
 def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir: Path) -> dict:
     run_dir = workdir / f"apexq-{'single' if single else 'dist'}-{seed}"
-    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--set", f"seed={seed}",
-           "--set", f"train.max_seconds={budget}", "--set", f"train.stop_at_return={SOLVED}",
-           "--set", f"eval.every_seconds={eval_every}", "--set", "metrics.port=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apexq.cluster.cli",
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"seed={seed}",
+        "--set",
+        f"train.max_seconds={budget}",
+        "--set",
+        f"train.stop_at_return={SOLVED}",
+        "--set",
+        f"eval.every_seconds={eval_every}",
+        "--set",
+        "metrics.port=0",
+    ]
     if single:
         cmd.append("--single-process")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -47,14 +63,38 @@ def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir
     wall = time.monotonic() - t0
     m = re.search(r"platform ready in ([0-9.]+)s|ready in ([0-9.]+)s", proc.stdout)
     startup = float(next(g for g in m.groups() if g)) if m else None
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-        if (run_dir / "metrics.jsonl").exists() else []
+    records = (
+        [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        if (run_dir / "metrics.jsonl").exists()
+        else []
+    )
     solve = next((r for r in records if r.get("eval_return") is not None and r["eval_return"] >= SOLVED), None)
-    out = {"seed": seed, "exit": proc.returncode, "wall_s": round(wall, 1), "startup_s": startup,
-           "solve_s": round(solve["time_s"] - solve.get("eval_time_s", 0.0), 1) if solve else None,
-           "solve_env_steps": solve["env_steps"] if solve else None}
-    ev = subprocess.run([sys.executable, "-m", "apexq.cluster.cli", "evaluate", str(run_dir), "--episodes", "100",
-                         "--seed", str(FINAL_SEED), "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = {
+        "seed": seed,
+        "exit": proc.returncode,
+        "wall_s": round(wall, 1),
+        "startup_s": startup,
+        "solve_s": round(solve["time_s"] - solve.get("eval_time_s", 0.0), 1) if solve else None,
+        "solve_env_steps": solve["env_steps"] if solve else None,
+    }
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apexq.cluster.cli",
+            "evaluate",
+            str(run_dir),
+            "--episodes",
+            "100",
+            "--seed",
+            str(FINAL_SEED),
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     out["final_return"] = json.loads(ev.stdout.strip().splitlines()[-1])["mean"] if ev.returncode == 0 else None
     if proc.returncode != 0:
         out["error"] = (proc.stderr or proc.stdout)[-500:]
@@ -64,6 +104,7 @@ def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir
 def parse_dict_call(text: str) -> dict:
     """``"dict(net_arch=[256, 256])"`` -> ``{"net_arch": [256, 256]}`` without eval: literals only."""
     import ast
+
     node = ast.parse(text, mode="eval").body
     if not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "dict" and not node.args):
         raise ValueError(f"unsupported policy_kwargs {text!r}")
@@ -72,12 +113,25 @@ def parse_dict_call(text: str) -> dict:
 
 def run_sb3(seed: int, budget: float, eval_every: float) -> dict:
     """One SB3 run in a fresh process, so that its clock starts at launch as apexq's does."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--sb3-worker", str(seed), "--sb3-budget", str(budget),
-           "--eval-every", str(eval_every)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--sb3-worker",
+        str(seed),
+        "--sb3-budget",
+        str(budget),
+        "--eval-every",
+        str(eval_every),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget + 600)
     if proc.returncode != 0:
-        return {"seed": seed, "solve_s": None, "solve_env_steps": None, "final_return": None,
-                "error": (proc.stderr or proc.stdout)[-500:]}
+        return {
+            "seed": seed,
+            "solve_s": None,
+            "solve_env_steps": None,
+            "final_return": None,
+            "error": (proc.stderr or proc.stdout)[-500:],
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -89,10 +143,10 @@ def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
     """
     import importlib.util
 
+    import gymnasium as gym
     import numpy as np
     import torch
     import yaml
-    import gymnasium as gym
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -136,14 +190,20 @@ def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
                     return False
             return now - t_launch - state["eval_time"] < budget
 
-    model = DQN("MlpPolicy", gym.make("MountainCar-v0"), seed=seed, policy_kwargs=policy_kwargs, verbose=0,
-                device="cpu", **hp)
+    model = DQN(
+        "MlpPolicy", gym.make("MountainCar-v0"), seed=seed, policy_kwargs=policy_kwargs, verbose=0, device="cpu", **hp
+    )
     model.learn(total_timesteps=n_timesteps, callback=Judge())
     with torch.no_grad():
         final = float(np.mean(evaluate(Greedy(model.policy), "MountainCar-v0", 100, seed=FINAL_SEED)))
     solve = state["solve"]
-    return {"seed": seed, "solve_s": round(solve[0], 1) if solve else None,
-            "solve_env_steps": solve[1] if solve else None, "final_return": final, "hyperparameters": hp}
+    return {
+        "seed": seed,
+        "solve_s": round(solve[0], 1) if solve else None,
+        "solve_env_steps": solve[1] if solve else None,
+        "final_return": final,
+        "hyperparameters": hp,
+    }
 
 
 def median_or_none(xs):
@@ -158,10 +218,18 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=150.0, help="training seconds per run before giving up")
     ap.add_argument("--eval-every", type=float, default=5.0)
     ap.add_argument("--skip-sb3", action="store_true")
-    ap.add_argument("--sb3-budget", type=float, default=420.0,
-                    help="training seconds for SB3 (rl-zoo's 120k steps took ~330 s on this 2-core machine)")
-    ap.add_argument("--only", choices=["apexq", "single", "sb3"], action="append",
-                    help="run only these systems (repeatable); default all three")
+    ap.add_argument(
+        "--sb3-budget",
+        type=float,
+        default=420.0,
+        help="training seconds for SB3 (rl-zoo's 120k steps took ~330 s on this 2-core machine)",
+    )
+    ap.add_argument(
+        "--only",
+        choices=["apexq", "single", "sb3"],
+        action="append",
+        help="run only these systems (repeatable); default all three",
+    )
     ap.add_argument("--sb3-worker", type=int, metavar="SEED", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sb3_worker is not None:
@@ -191,19 +259,28 @@ def main() -> None:
         return sum(1 for r in rs if r.get("final_return") is not None and r["final_return"] >= SOLVED)
 
     print(f"\n{'system':<16}{'seed':>5}{'solve s':>9}{'steps':>9}{'final100':>10}{'startup s':>10}")
-    for name, rs in (("apexq", results["apexq"]), ("apexq single", results["single"]), ("sb3 (rl-zoo)", results["sb3"])):
+    for name, rs in (
+        ("apexq", results["apexq"]),
+        ("apexq single", results["single"]),
+        ("sb3 (rl-zoo)", results["sb3"]),
+    ):
         for r in rs:
-            print(f"{name:<16}{r['seed']:>5}{str(r['solve_s']):>9}{str(r['solve_env_steps']):>9}"
-                  f"{str(None if r.get('final_return') is None else round(r['final_return'], 1)):>10}"
-                  f"{str(r.get('startup_s')):>10}")
+            print(
+                f"{name:<16}{r['seed']:>5}{str(r['solve_s']):>9}{str(r['solve_env_steps']):>9}"
+                f"{str(None if r.get('final_return') is None else round(r['final_return'], 1)):>10}"
+                f"{str(r.get('startup_s')):>10}"
+            )
     a_med = median_or_none([r["solve_s"] for r in results["apexq"]])
     s_med = median_or_none([r["solve_s"] for r in results["single"]])
     b_med = median_or_none([r["solve_s"] for r in results["sb3"]])
     figures = {
-        "apexq_median_solve_s": a_med, "apexq_single_median_solve_s": s_med, "sb3_median_solve_s": b_med,
+        "apexq_median_solve_s": a_med,
+        "apexq_single_median_solve_s": s_med,
+        "sb3_median_solve_s": b_med,
         "speedup": round(b_med / a_med, 2) if a_med and b_med else None,
         "speedup_vs_single": round(s_med / a_med, 2) if a_med and s_med else None,
-        "apexq_solved_seeds": solved(results["apexq"]), "sb3_solved_seeds": solved(results["sb3"]),
+        "apexq_solved_seeds": solved(results["apexq"]),
+        "sb3_solved_seeds": solved(results["sb3"]),
         "single_solved_seeds": solved(results["single"]),
         "apexq_final_returns": [r.get("final_return") for r in results["apexq"]],
         "sb3_final_returns": [r.get("final_return") for r in results["sb3"]],
@@ -213,10 +290,15 @@ def main() -> None:
     }
     n = len(seeds)
     targets = {
-        "apexq_solved_seeds": {"target": f"{n} of {n}", "met": figures["apexq_solved_seeds"] == n and holds(results["apexq"]) == n},
+        "apexq_solved_seeds": {
+            "target": f"{n} of {n}",
+            "met": figures["apexq_solved_seeds"] == n and holds(results["apexq"]) == n,
+        },
         "speedup": {"target": ">= 5x SB3 median", "met": bool(figures["speedup"] and figures["speedup"] >= 5)},
-        "speedup_vs_single": {"target": "> 1 (distributed faster than single-process)",
-                              "met": bool(figures["speedup_vs_single"] and figures["speedup_vs_single"] > 1)},
+        "speedup_vs_single": {
+            "target": "> 1 (distributed faster than single-process)",
+            "met": bool(figures["speedup_vs_single"] and figures["speedup_vs_single"] > 1),
+        },
     }
     print(json.dumps({"benchmark": "solve", "figures": figures, "targets": targets}))
 

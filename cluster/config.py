@@ -3,21 +3,25 @@
 Every error is a :class:`ConfigError` whose message names the offending key, so the CLI can
 print one line and exit 2 before anything is started.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import yaml
+
 
 def bundled_config(name: str) -> Path:
     """A config that ships with apexq (``configs/NAME`` of the checkout, package data of any install)."""
     from importlib.resources import files
+
     return Path(str(files("apexq.configs").joinpath(name)))
 
 
@@ -54,12 +58,12 @@ def not_empty():
     return _rule(lambda v: len(v) > 0, "must not be empty")
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class EnvConfig:
     id: str = not_empty()
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class ActorsConfig:
     num: int = _rule(lambda v: 1 <= v <= 4096, "must be between 1 and 4096")
     envs_per_actor: int = _rule(lambda v: 1 <= v <= 65536, "must be between 1 and 65536")
@@ -76,7 +80,7 @@ class ActorsConfig:
     spread: bool
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class ReplayConfig:
     shards: int = _rule(lambda v: 1 <= v <= 256, "must be between 1 and 256")
     capacity: int = _rule(lambda v: v >= 1, "must be >= 1")
@@ -90,18 +94,21 @@ class ReplayConfig:
     error_buffer: float = positive()
     num_cpus: float = non_negative()
     external: bool
-    namespace: Optional[str] = _rule(lambda v: v is None or (0 < len(v) <= 64 and all(
-        c.isalnum() or c in "-_." for c in v)), "must be 1-64 letters, digits, '-', '_' or '.'")
+    namespace: Optional[str] = _rule(
+        lambda v: v is None or (0 < len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)),
+        "must be 1-64 letters, digits, '-', '_' or '.'",
+    )
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class LearnerConfig:
     batch_size: int = _rule(lambda v: 1 <= v <= 1_000_000, "must be between 1 and 1000000")
     device: str = one_of("auto", "cpu", "cuda")
     gpu_wait_s: float = positive()
     lr: float = positive()
-    hidden_sizes: list[int] = _rule(lambda v: len(v) >= 1 and all(h > 0 for h in v),
-                                    "must be a non-empty list of positive integers")
+    hidden_sizes: list[int] = _rule(
+        lambda v: len(v) >= 1 and all(h > 0 for h in v), "must be a non-empty list of positive integers"
+    )
     dueling: bool
     target_update_period: int = positive()
     target_tau: float = in_range(0.0, 1.0)
@@ -117,13 +124,13 @@ class LearnerConfig:
     custom_resource: Optional[str]
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class EvalConfig:
     every_seconds: float = non_negative()
     episodes: int = positive()
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class TrainConfig:
     max_seconds: Optional[float] = positive()
     max_env_steps: Optional[int] = positive()
@@ -131,7 +138,7 @@ class TrainConfig:
     progress_every_s: float = positive()
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class RedisConfig:
     server_path: Optional[str]
     host: str = not_empty()
@@ -139,34 +146,35 @@ class RedisConfig:
     unreachable_timeout_s: float = positive()
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class SupervisionConfig:
     max_restarts: int = non_negative()
     window_s: float = positive()
     heartbeat_timeout_s: float = positive()
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class MetricsConfig:
     enabled: bool
     host: str = not_empty()
     port: int = in_range(0, 65535)
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class LoggingConfig:
     tensorboard: bool
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class RayConfig:
     num_cpus: Optional[int] = positive()
 
 
-@dataclass
+@dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class Config:
     """The whole config, one section per component. Build it with :func:`load_config`: no field has
     a default in code, so the packaged configs/mountaincar.yaml is the one place defaults live."""
+
     seed: int = non_negative()
     env: EnvConfig
     actors: ActorsConfig
@@ -184,6 +192,7 @@ class Config:
         """The config as records keep it (config.yaml, the checkpoint): a password inside a
         ``replay.redis_urls`` entry becomes ***, an ``env:``/``file:`` reference stays as written."""
         from .redis_url import redact_entry
+
         data = dataclasses.asdict(self)
         data["replay"]["redis_urls"] = [redact_entry(u) for u in data["replay"]["redis_urls"]]
         return data
@@ -201,7 +210,8 @@ def _type_name(tp) -> str:
     if origin is list:
         return "a list of " + _type_name(typing.get_args(tp)[0]) + "s"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -277,32 +287,45 @@ def _build(cls, data: Any, prefix: str):
 
 def _similar(a: str, b: str) -> bool:
     import difflib
+
     return difflib.SequenceMatcher(None, a, b).ratio() >= 0.8
 
 
 def _cross_checks(cfg: Config) -> None:
     if cfg.replay.redis_urls and len(cfg.replay.redis_urls) != cfg.replay.shards:
-        raise ConfigError(f"replay.redis_urls: has {len(cfg.replay.redis_urls)} URLs but "
-                          f"replay.shards is {cfg.replay.shards}; give one URL per shard or none")
+        raise ConfigError(
+            f"replay.redis_urls: has {len(cfg.replay.redis_urls)} URLs but "
+            f"replay.shards is {cfg.replay.shards}; give one URL per shard or none"
+        )
     if cfg.replay.external and cfg.replay.namespace is None:
-        raise ConfigError("replay.namespace: replay.external shards need a namespace that the run and every "
-                          "`apexq replay-server` are given (e.g. --set replay.namespace=myrun)")
+        raise ConfigError(
+            "replay.namespace: replay.external shards need a namespace that the run and every "
+            "`apexq replay-server` are given (e.g. --set replay.namespace=myrun)"
+        )
     per_shard = cfg.replay.capacity // cfg.replay.shards
     if per_shard < cfg.learner.batch_size:
-        raise ConfigError(f"replay.capacity: {cfg.replay.capacity} over {cfg.replay.shards} shards "
-                          f"holds fewer than learner.batch_size={cfg.learner.batch_size} per shard")
+        raise ConfigError(
+            f"replay.capacity: {cfg.replay.capacity} over {cfg.replay.shards} shards "
+            f"holds fewer than learner.batch_size={cfg.learner.batch_size} per shard"
+        )
     if cfg.replay.min_size_to_sample > per_shard:
-        raise ConfigError(f"replay.min_size_to_sample: {cfg.replay.min_size_to_sample} exceeds the "
-                          f"per-shard capacity {per_shard}; sampling could never start")
+        raise ConfigError(
+            f"replay.min_size_to_sample: {cfg.replay.min_size_to_sample} exceeds the "
+            f"per-shard capacity {per_shard}; sampling could never start"
+        )
     if cfg.train.max_seconds is None and cfg.train.max_env_steps is None and cfg.train.stop_at_return is None:
-        raise ConfigError("train.max_seconds: at least one of train.max_seconds, train.max_env_steps "
-                          "or train.stop_at_return must be set, or the run never ends")
-    from apexq.replay_server.rate_limiter import SampleToInsertRatio, RateLimiterError
+        raise ConfigError(
+            "train.max_seconds: at least one of train.max_seconds, train.max_env_steps "
+            "or train.stop_at_return must be set, or the run never ends"
+        )
+    from apexq.replay_server.rate_limiter import RateLimiterError, SampleToInsertRatio
+
     try:
-        SampleToInsertRatio(cfg.replay.samples_per_insert, cfg.replay.min_size_to_sample,
-                            cfg.replay.error_buffer).check_progress(
-            sample_batch=cfg.learner.batch_size * cfg.learner.batches_per_request,
-            insert_batch=cfg.actors.block_size)
+        SampleToInsertRatio(
+            cfg.replay.samples_per_insert, cfg.replay.min_size_to_sample, cfg.replay.error_buffer
+        ).check_progress(
+            sample_batch=cfg.learner.batch_size * cfg.learner.batches_per_request, insert_batch=cfg.actors.block_size
+        )
     except RateLimiterError as exc:
         raise ConfigError(f"replay.error_buffer: {exc}") from None
 
@@ -324,7 +347,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything larger is not one
-MAX_CONFIG_DEPTH = 32       # sections are two levels deep; deeper nesting is never a config
+MAX_CONFIG_DEPTH = 32  # sections are two levels deep; deeper nesting is never a config
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -386,7 +409,7 @@ def _read_yaml_file(path: Path, where: str) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{where}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
     return _parse_yaml(text, where)
 
@@ -406,8 +429,9 @@ def _overlay(base: Any, over: Any) -> Any:
     return over
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
-                base: Optional[dict] = None) -> Config:
+def load_config(
+    path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None
+) -> Config:
     """The packaged default (:data:`DEFAULT_CONFIG`), the YAML at ``path`` (or ``base``, e.g. the config
     a checkpoint holds) merged over it, then the ``KEY=VALUE`` overrides; validated.
 
@@ -430,7 +454,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
                     nxt = {}
                     node[part] = nxt
                 else:
-                    raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section")
+                    raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section")
             node = nxt
         node[parts[-1]] = _overlay(node.get(parts[-1]), value)
     cfg = _build(Config, data, "")

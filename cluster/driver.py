@@ -5,14 +5,16 @@ It runs over a :class:`Backend`, the components of one run: in this process
 supervises its components; the driver decides when to evaluate, when to stop and what each
 record says, so both modes write the same ``metrics.jsonl`` records and the same progress line.
 """
+
 from __future__ import annotations
 
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, TextIO
+from typing import Optional, Protocol, TextIO
 
 import numpy as np
 
@@ -30,6 +32,7 @@ class Snapshot:
     ``totals`` are counters summed over every process a component has had (a component Ray
     restarted begins its own counters at 0; the backend carries the old ones forward).
     """
+
     actors: list[dict]
     shards: list[dict]
     learner: dict
@@ -61,15 +64,22 @@ class Backend(Protocol):
     def set_extra(self, extra: dict) -> None:
         """The run's counters, stored with the learner's next checkpoint."""
 
-    def finish(self, driver: "Driver") -> dict:
+    def finish(self, driver: Driver) -> dict:
         """Stop every component, take the final checkpoint and write the final record; the summary."""
 
 
 class Driver:
     """The loop: evaluate every ``eval.every_seconds``, record every ``train.progress_every_s``, stop."""
 
-    def __init__(self, cfg: Config, run_dir: RunDir, spec: dict, out: TextIO = sys.stdout,
-                 launch_time: Optional[float] = None, resume: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: RunDir,
+        spec: dict,
+        out: TextIO = sys.stdout,
+        launch_time: Optional[float] = None,
+        resume: bool = False,
+    ):
         self.cfg, self.run_dir, self.spec, self.out = cfg, run_dir, spec, out
         self.t0 = time.monotonic()
         self.launch_wall = time.time()
@@ -151,7 +161,9 @@ class Driver:
     def evaluate(self, backend: Backend) -> Optional[float]:
         """Greedy episodes of the latest weights (``eval.episodes``, seeded); keeps the best."""
         from apexq.actors.policy import NumpyQPolicy
+
         from .evaluate import evaluate
+
         t = time.monotonic()
         try:
             got = backend.latest_weights()
@@ -206,7 +218,9 @@ class Driver:
             "mean_return": float(np.mean(rets)) if rets else None,
             "eval_return": self.eval_return,
             "eval_time_s": round(self.eval_time, 3),
-            "loss": ls.get("loss"), "td_abs": ls.get("td_abs"), "q_mean": ls.get("q_mean"),
+            "loss": ls.get("loss"),
+            "td_abs": ls.get("td_abs"),
+            "q_mean": ls.get("q_mean"),
             "restarts": snap.restarts,
             # where the pipeline waits: the learner for samples, shards holding ingest back (the rate
             # limiter), actors for their stream's backlog (what benchmarks/scaling.py reports)
@@ -222,8 +236,9 @@ class Driver:
         if ls.get("first_update_at") and self.first_update_s is None:
             self.first_update_s = round(ls["first_update_at"] - self.launch_wall, 2)
             on = f"on {ls.get('device', '?')}" + (", the update as one CUDA graph" if ls.get("cuda_graph") else "")
-            print(f"apexq: first learner update {self.first_update_s:.1f}s after launch ({on})", file=self.out,
-                  flush=True)
+            print(
+                f"apexq: first learner update {self.first_update_s:.1f}s after launch ({on})", file=self.out, flush=True
+            )
         rec["first_update_s"] = self.first_update_s
         if prev is not None:
             dt = max(1e-6, rec["time_s"] - prev["time_s"])
@@ -241,11 +256,14 @@ class Driver:
 def progress_line(r: dict) -> str:
     def k(x):
         return f"{x / 1e6:.2f}M" if x >= 1e6 else (f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}")
+
     ret = f"{r['mean_return']:.1f}" if r["mean_return"] is not None else "-"
     ev = f"{r['eval_return']:.1f}" if r["eval_return"] is not None else "-"
-    return (f"[{r['time_s']:6.0f}s] env steps {k(r['env_steps'])} ({k(r.get('env_steps_per_s', 0))}/s) | "
-            f"updates {k(r['updates'])} ({r.get('updates_per_s', 0):.0f}/s) | return {ret} | eval {ev} | "
-            f"replay {k(r['replay_size'])} | weights v{r['weights_version']}")
+    return (
+        f"[{r['time_s']:6.0f}s] env steps {k(r['env_steps'])} ({k(r.get('env_steps_per_s', 0))}/s) | "
+        f"updates {k(r['updates'])} ({r.get('updates_per_s', 0):.0f}/s) | return {ret} | eval {ev} | "
+        f"replay {k(r['replay_size'])} | weights v{r['weights_version']}"
+    )
 
 
 def stop_on_signals(interrupt: Callable[[], Optional[threading.Event]]) -> None:
@@ -257,11 +275,13 @@ def stop_on_signals(interrupt: Callable[[], Optional[threading.Event]]) -> None:
     a lock held and hang the shutdown. Before the loop (start-up), and for a second signal, they
     interrupt at once (KeyboardInterrupt).
     """
+
     def handler(signum, frame):
         flag = interrupt()
         if flag is not None and not flag.is_set():
             flag.set()
             return
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

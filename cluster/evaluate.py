@@ -1,4 +1,5 @@
 """Greedy evaluation on the vector env: each of ``episodes`` envs plays exactly one episode."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +19,7 @@ def greedy_actions(policy):
     def act(obs):
         with torch.no_grad():
             return policy(torch.as_tensor(obs, dtype=torch.float32)).argmax(dim=1).numpy()
+
     return act
 
 
@@ -28,6 +30,7 @@ def evaluate(policy, env_id: str, episodes: int, seed: int, max_steps: int = 100
     """
     from gymnasium.vector import AutoresetMode
     from threadpoolctl import threadpool_limits
+
     act = greedy_actions(policy)
     env = make_vector_env(env_id, episodes, autoreset_mode=AutoresetMode.SAME_STEP)
     obs, _ = env.reset(seed=EVAL_SEED_BASE + seed * 100_000)

@@ -5,6 +5,7 @@ Each part is a module of its own: :mod:`.startup` (Ray and Redis), :mod:`.ray_co
 metrics endpoint), :mod:`.shutdown` (stopping in order, accounting) and :mod:`.driver` (the
 loop, shared with the single-process mode). :class:`RayBackend` composes them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,16 @@ log = logging.getLogger("apexq")
 class RayBackend:
     """The run's components on Ray, as the driver loop uses them (see :class:`.driver.Backend`)."""
 
-    def __init__(self, cfg: Config, run_dir: RunDir, address: Optional[str], redis_url: Optional[str],
-                 resume: bool, out: TextIO, on_signals):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: RunDir,
+        address: Optional[str],
+        redis_url: Optional[str],
+        resume: bool,
+        out: TextIO,
+        on_signals,
+    ):
         self.cfg, self.run_dir, self.resume, self.out = cfg, run_dir, resume, out
         self.platform = Platform(cfg, address, redis_url, out, on_signals)
         self.namespace = namespace(cfg, run_dir)
@@ -42,37 +51,57 @@ class RayBackend:
     def start(self, driver: Driver) -> None:
         cfg = self.cfg
         self.platform.start()
-        print(f"apexq: run {self.run_dir.run_id} in {self.run_dir.path} | env {cfg.env.id} | "
-              f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs | {cfg.replay.shards} shard(s) | "
-              f"platform ready in {driver.elapsed():.1f}s", file=self.out, flush=True)
-        self.members = create_components(cfg, self.run_dir, self.platform,
-                                         self.checkpoint_bytes() if self.resume else None, self.out)
+        print(
+            f"apexq: run {self.run_dir.run_id} in {self.run_dir.path} | env {cfg.env.id} | "
+            f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs | {cfg.replay.shards} shard(s) | "
+            f"platform ready in {driver.elapsed():.1f}s",
+            file=self.out,
+            flush=True,
+        )
+        self.members = create_components(
+            cfg, self.run_dir, self.platform, self.checkpoint_bytes() if self.resume else None, self.out
+        )
         self.metrics = MetricsService(cfg, self.run_dir, lambda: self.driver_stats(driver), self.out)
         self.supervisor = Supervisor(cfg, self.members, self.out, self.checkpoint_bytes, self.metrics.register)
         for m in self.members.supervised:
             self.metrics.register(m)
         record_placement(self.members, self.run_dir)
 
+    @property
+    def sup(self) -> Supervisor:
+        assert self.supervisor is not None, "start() first"
+        return self.supervisor
+
+    @property
+    def learner(self):
+        """The learner's Member (after start())."""
+        assert self.members is not None, "start() first"
+        return self.members.learner
+
     def driver_stats(self, driver: Driver) -> dict:
         """What the driver's own metrics report (see cluster/metrics.py's table)."""
         # Unix time of the latest finished evaluation, the launch time before the first one (so an
         # alert can say "no evaluation for 30 min" from launch on); absent when evaluation is off
         eval_at = (driver.eval_wall or driver.launch_wall) if self.cfg.eval.every_seconds > 0 else None
-        return {"eval_return": driver.eval_return, "time_to_solve_s": driver.solved_at,
-                "restarts": self.supervisor.restarts_by_kind(),
-                "env_steps": (driver.last_record or {}).get("env_steps", 0), "eval_last_time": eval_at}
+        return {
+            "eval_return": driver.eval_return,
+            "time_to_solve_s": driver.solved_at,
+            "restarts": self.sup.restarts_by_kind(),
+            "env_steps": (driver.last_record or {}).get("env_steps", 0),
+            "eval_last_time": eval_at,
+        }
 
     # -- what the driver loop calls ----------------------------------------------------------
 
     def poll(self) -> None:
         time.sleep(0.1)
-        self.supervisor.supervise()
-        self.platform.watch_redis(time.monotonic(), self.supervisor.redis_restarted)
+        self.sup.supervise()
+        self.platform.watch_redis(time.monotonic(), self.sup.redis_restarted)
 
     def snapshot(self) -> Snapshot:
-        self.supervisor.gather_stats()
-        self.supervisor.check_heartbeats()
-        return self.supervisor.snapshot()
+        self.sup.gather_stats()
+        self.sup.check_heartbeats()
+        return self.sup.snapshot()
 
     def weights_reachable(self) -> bool:
         return self.platform.redis_down_since is None
@@ -80,11 +109,15 @@ class RayBackend:
     def latest_weights(self) -> Optional[tuple[int, dict]]:
         from apexq.core import weights_store
         from apexq.core.connection import connect
+
+        url = self.platform.redis_url
+        assert url is not None
         try:
-            client = connect(self.platform.redis_url)
+            client = connect(url)
             try:
-                return weights_store.fetch_if_newer(client, weights_store.WeightsKeys(self.namespace), -1,
-                                                    as_numpy=True)
+                return weights_store.fetch_if_newer(
+                    client, weights_store.WeightsKeys(self.namespace), -1, as_numpy=True
+                )
             finally:
                 client.close()
         except Exception as exc:
@@ -92,9 +125,10 @@ class RayBackend:
             return None
 
     def give_best_policy(self, version: int, eval_return: float, state: dict, wait: bool = False) -> None:
-        ref = self.members.learner.handle.set_best_policy.remote(version, eval_return, state)
+        ref = self.learner.handle.set_best_policy.remote(version, eval_return, state)
         if wait:
             import ray
+
             try:
                 ray.get(ref, timeout=10)
             except Exception as exc:
@@ -108,7 +142,8 @@ class RayBackend:
         they cannot be written (disk full). Returns whether the learner answered.
         """
         import ray
-        learner = self.members.learner
+
+        learner = self.learner
         mark = learner.last_stats.get("artifacts")
         if not force and (not mark or tuple(mark) == self.files_seen):
             return True
@@ -122,7 +157,7 @@ class RayBackend:
         return True
 
     def set_extra(self, extra: dict) -> None:
-        self.members.learner.handle.set_extra.remote(extra)
+        self.learner.handle.set_extra.remote(extra)
 
     def finish(self, driver: Driver) -> dict:
         return shutdown_components(self, driver)
@@ -142,10 +177,18 @@ class RayBackend:
         self.platform.stop()
 
 
-def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=False, out=sys.stdout,
-          launch_time: Optional[float] = None) -> dict:
+def train(
+    cfg: Config,
+    run_dir: RunDir,
+    address=None,
+    redis_url=None,
+    resume=False,
+    out=sys.stdout,
+    launch_time: Optional[float] = None,
+) -> dict:
     """A distributed run, start to end; the summary ``apexq train`` prints."""
     from apexq.actors.envs import env_spec
+
     driver = Driver(cfg, run_dir, env_spec(cfg.env.id), out, launch_time, resume)
     running: list = [None]  # the driver's interrupt flag while its loop runs (see stop_on_signals)
 
@@ -168,12 +211,20 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
             print(f"apexq: error: {exc}", file=out, flush=True)
         except RedisUnreachable as exc:
             driver.stop_reason = f"Redis unreachable: {exc}"
-            print(f"apexq: error: {exc}; stopping with a final checkpoint. Bring Redis back, then "
-                  f"apexq train --resume {run_dir.path}", file=out, flush=True)
+            print(
+                f"apexq: error: {exc}; stopping with a final checkpoint. Bring Redis back, then "
+                f"apexq train --resume {run_dir.path}",
+                file=out,
+                flush=True,
+            )
         except RunDirError as exc:
             driver.stop_reason = f"run directory failed: {exc}"
-            print(f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
-                  f"apexq train --resume {run_dir.path}", file=out, flush=True)
+            print(
+                f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
+                f"apexq train --resume {run_dir.path}",
+                file=out,
+                flush=True,
+            )
         finally:
             try:
                 summary = backend.finish(driver)
@@ -187,4 +238,3 @@ def train(cfg: Config, run_dir: RunDir, address=None, redis_url=None, resume=Fal
         running[0] = None
     summary.update(driver.summary())
     return summary
-

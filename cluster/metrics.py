@@ -5,13 +5,15 @@ counters, so counters stay monotonic and nothing is double-booked); the driver s
 metrics and an HTTP service-discovery document listing every endpoint (``/targets``), and also
 writes the same list as a file_sd file into the run directory.
 """
+
 from __future__ import annotations
 
 import json
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,30 +23,66 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # actors
     "apexq_actor_env_steps_total": ("counter", "Environment steps taken by the actor (all its envs).", ("actor",)),
     "apexq_actor_episodes_total": ("counter", "Episodes finished by the actor.", ("actor",)),
-    "apexq_actor_episode_return_mean": ("gauge", "Mean undiscounted return of the actor's last 100 episodes.", ("actor",)),
+    "apexq_actor_episode_return_mean": (
+        "gauge",
+        "Mean undiscounted return of the actor's last 100 episodes.",
+        ("actor",),
+    ),
     "apexq_actor_epsilon_min": ("gauge", "Smallest Ape-X epsilon among the actor's envs.", ("actor",)),
     "apexq_actor_epsilon_max": ("gauge", "Largest Ape-X epsilon among the actor's envs.", ("actor",)),
     "apexq_actor_weights_version": ("gauge", "Weights version the actor acts with.", ("actor",)),
     "apexq_actor_weights_lag": ("gauge", "Versions between the newest published weights and the actor's.", ("actor",)),
-    "apexq_actor_transitions_appended_total": ("counter", "Transitions the actor appended to Redis (acknowledged).", ("actor",)),
-    "apexq_actor_backpressure_waits_total": ("counter", "Times the actor waited because its shard's stream backlog was full.", ("actor",)),
+    "apexq_actor_transitions_appended_total": (
+        "counter",
+        "Transitions the actor appended to Redis (acknowledged).",
+        ("actor",),
+    ),
+    "apexq_actor_backpressure_waits_total": (
+        "counter",
+        "Times the actor waited because its shard's stream backlog was full.",
+        ("actor",),
+    ),
     # replay shards
     "apexq_replay_inserted_total": ("counter", "Transitions inserted into the shard from its stream.", ("shard",)),
     "apexq_replay_sampled_total": ("counter", "Transitions sampled from the shard.", ("shard",)),
     "apexq_replay_evicted_total": ("counter", "Transitions overwritten in the shard's ring.", ("shard",)),
-    "apexq_replay_rebuilt_total": ("counter", "Transitions restored from Redis when the shard (re)started.", ("shard",)),
+    "apexq_replay_rebuilt_total": (
+        "counter",
+        "Transitions restored from Redis when the shard (re)started.",
+        ("shard",),
+    ),
     "apexq_replay_size": ("gauge", "Transitions held by the shard.", ("shard",)),
     "apexq_replay_capacity": ("gauge", "Capacity of the shard's ring.", ("shard",)),
     "apexq_replay_rejected_total": ("counter", "Stream entries rejected by the shard, by reason.", ("shard", "reason")),
-    "apexq_replay_rate_limiter_waits_total": ("counter", "Rate-limiter waits (side=insert: the shard held back ingest; side=sample: a sample waited).", ("shard", "side")),
+    "apexq_replay_rate_limiter_waits_total": (
+        "counter",
+        "Rate-limiter waits (side=insert: the shard held back ingest; side=sample: a sample waited).",
+        ("shard", "side"),
+    ),
     "apexq_replay_priority_updates_total": ("counter", "Priority updates applied.", ("shard",)),
-    "apexq_replay_stale_priority_updates_total": ("counter", "Priority updates ignored because the item was evicted.", ("shard",)),
-    "apexq_replay_rpc_requests_total": ("counter", "Sample and stats requests served by a standalone shard (apexq replay-server).", ("shard",)),
-    "apexq_replay_rpc_rejected_total": ("counter", "Malformed or forged requests a standalone shard dropped, by reason.", ("shard", "reason")),
+    "apexq_replay_stale_priority_updates_total": (
+        "counter",
+        "Priority updates ignored because the item was evicted.",
+        ("shard",),
+    ),
+    "apexq_replay_rpc_requests_total": (
+        "counter",
+        "Sample and stats requests served by a standalone shard (apexq replay-server).",
+        ("shard",),
+    ),
+    "apexq_replay_rpc_rejected_total": (
+        "counter",
+        "Malformed or forged requests a standalone shard dropped, by reason.",
+        ("shard", "reason"),
+    ),
     # learner
     "apexq_learner_updates_total": ("counter", "Gradient updates done by the learner.", ()),
     "apexq_learner_transitions_sampled_total": ("counter", "Transitions the learner trained on.", ()),
-    "apexq_learner_sample_waits_total": ("counter", "Minibatches the learner could not get at once (rate limiter or empty replay).", ()),
+    "apexq_learner_sample_waits_total": (
+        "counter",
+        "Minibatches the learner could not get at once (rate limiter or empty replay).",
+        (),
+    ),
     "apexq_learner_loss": ("gauge", "Importance-weighted Huber loss of a recent minibatch.", ()),
     "apexq_learner_td_error_abs_mean": ("gauge", "Mean |TD error| of a recent minibatch.", ()),
     "apexq_learner_q_mean": ("gauge", "Mean Q(s, a) of a recent minibatch.", ()),
@@ -52,10 +90,23 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "apexq_learner_weights_version": ("gauge", "Newest weights version published by the learner.", ()),
     # driver
     "apexq_eval_return": ("gauge", "Mean return of the latest greedy evaluation.", ()),
-    "apexq_eval_last_timestamp_seconds": ("gauge", "Unix time the latest greedy evaluation finished (the launch time before the first; absent with eval.every_seconds 0).", ()),
-    "apexq_time_to_solve_seconds": ("gauge", "Seconds from launch to the first evaluation reaching train.stop_at_return.", ()),
+    "apexq_eval_last_timestamp_seconds": (
+        "gauge",
+        "Unix time the latest greedy evaluation finished "
+        "(the launch time before the first; absent with eval.every_seconds 0).",
+        (),
+    ),
+    "apexq_time_to_solve_seconds": (
+        "gauge",
+        "Seconds from launch to the first evaluation reaching train.stop_at_return.",
+        (),
+    ),
     "apexq_component_restarts_total": ("counter", "Components restarted by the supervisor, by kind.", ("kind",)),
-    "apexq_env_steps_total": ("counter", "Environment steps across all actors (driver's view, survives actor restarts).", ()),
+    "apexq_env_steps_total": (
+        "counter",
+        "Environment steps across all actors (driver's view, survives actor restarts).",
+        (),
+    ),
 }
 
 
@@ -110,6 +161,7 @@ class StatsCollector:
         yield self._emit("apexq_replay_capacity", s["capacity"], i)
         f = _family("apexq_replay_rejected_total")
         from apexq.replay_server.codec import REASONS  # noqa: F811
+
         for reason in REASONS:
             f.add_metric([i, reason], float(s["rejected"].get(reason, 0)))
         yield f
@@ -153,6 +205,7 @@ def node_address(host: str) -> str:
         return host
     try:
         import ray
+
         return ray.util.get_node_ip_address()
     except Exception:
         return socket.gethostbyname(socket.gethostname())
@@ -214,8 +267,10 @@ class DriverEndpoint:
         groups: dict[str, list[str]] = {}
         for t in self.targets.values():
             groups.setdefault(t["kind"], []).append(t["address"])
-        return [{"targets": sorted(addrs), "labels": {"component": kind, "run": self.run_id}}
-                for kind, addrs in sorted(groups.items())]
+        return [
+            {"targets": sorted(addrs), "labels": {"component": kind, "run": self.run_id}}
+            for kind, addrs in sorted(groups.items())
+        ]
 
     def close(self) -> None:
         self.server.shutdown()

@@ -1,4 +1,5 @@
 """The learning-curve picture written into each run directory."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ def write_curve(records: list[dict], path: Path, title: str = "") -> bool:
     if not records:
         return False
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -2,6 +2,7 @@
 
 Only this module calls ``ray.remote``; every component is a plain class (see services/).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ class RayShardProxy:
     def handle(self):
         if self._handle is None:
             import ray
+
             self._handle = ray.get_actor(self.name)
         return self._handle
 
@@ -42,6 +44,7 @@ class RayShardProxy:
 
     def sample(self, n: int, timeout: float = 1.0):
         import ray
+
         return ray.get(self.handle.sample.remote(n, timeout))
 
     def update_priorities(self, keys, priorities) -> None:
@@ -49,12 +52,14 @@ class RayShardProxy:
 
     def stats(self) -> dict:
         import ray
+
         return ray.get(self.handle.stats.remote(), timeout=10)
 
 
 @dataclass
 class Member:
     """One supervised component: its handle, its running ``run`` call and restart count."""
+
     kind: str
     index: int
     handle: Any
@@ -77,6 +82,7 @@ class Member:
 @dataclass
 class Members:
     """The run's components as the driver holds them."""
+
     learner: Member
     shards: list[Member]  # Ray actors of this run
     external_shards: list[Member]  # replay.external: standalone servers, not ours to restart or stop
@@ -97,10 +103,12 @@ def namespace(cfg: Config, run_dir: RunDir) -> str:
     return cfg.replay.namespace or run_dir.run_id
 
 
-def create_components(cfg: Config, run_dir: RunDir, platform: Platform, checkpoint: Optional[bytes],
-                      out: TextIO) -> Members:
+def create_components(
+    cfg: Config, run_dir: RunDir, platform: Platform, checkpoint: Optional[bytes], out: TextIO
+) -> Members:
     """Create every component and submit its ``run``; ``checkpoint``: the bytes a resumed learner starts from."""
     import ray
+
     from apexq.actors.envs import env_spec
 
     from .services.actor import ActorService
@@ -110,46 +118,59 @@ def create_components(cfg: Config, run_dir: RunDir, platform: Platform, checkpoi
     spec = env_spec(cfg.env.id)
     ns = namespace(cfg, run_dir)
     redis_url = platform.redis_url
+    assert redis_url is not None, "Platform.start() first"
     num_gpus, device = learner_gpu(cfg, platform, ray.cluster_resources().get("GPU", 0), out)
     # the learner first: its process start and torch import are the longest path to the first
     # update; it finds the shards by name, retrying until they answer
-    learner_opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=num_gpus, max_concurrency=4, max_restarts=-1)
+    learner_opts: dict[str, Any] = dict(
+        num_cpus=cfg.learner.num_cpus, num_gpus=num_gpus, max_concurrency=4, max_restarts=-1
+    )
     if cfg.learner.custom_resource:
         learner_opts["resources"] = {cfg.learner.custom_resource: 1}
     external: list[Member] = []
     if cfg.replay.external:  # standalone `apexq replay-server` processes, reached through Redis
         from apexq.replay_server.rpc import RedisShardClient
-        proxies: list = [RedisShardClient(shard_redis_url(cfg, k, redis_url), ns, k, spec["obs_dim"])
-                         for k in range(cfg.replay.shards)]
+
+        proxies: list = [
+            RedisShardClient(shard_redis_url(cfg, k, redis_url), ns, k, spec["obs_dim"])
+            for k in range(cfg.replay.shards)
+        ]
         external = [Member("shard", k, p) for k, p in enumerate(proxies)]
     else:
         proxies = [RayShardProxy(shard_name(run_dir.run_id, k)) for k in range(cfg.replay.shards)]
     # no checkpoint path: the learner may be on another node; its files come to the driver as
     # bytes (RayBackend.sync_files), and it resumes from the bytes of the run directory's checkpoint
-    lh = ray.remote(LearnerService).options(**learner_opts).remote(
-        replace(learner_settings(cfg), device=device), spec, proxies, redis_url, ns, config=cfg.to_dict())
+    lh = (
+        ray.remote(LearnerService)
+        .options(**learner_opts)
+        .remote(replace(learner_settings(cfg), device=device), spec, proxies, redis_url, ns, config=cfg.to_dict())
+    )
     learner = Member("learner", 0, lh)
-    learner.run_ref = lh.run.remote(None, checkpoint)
+    learner.run_ref = lh.run.remote(None, checkpoint)  # type: ignore[union-attr]  # Ray types methods loosely
 
     shards = []
     shard_cls = ray.remote(ShardService)
     for k in range(cfg.replay.shards if not cfg.replay.external else 0):
-        h = shard_cls.options(name=shard_name(run_dir.run_id, k), num_cpus=cfg.replay.num_cpus, max_concurrency=8,
-                              max_restarts=-1).remote(shard_spec(cfg, k, spec), shard_redis_url(cfg, k, redis_url), ns,
-                                                      cfg.seed * 1000 + k)
+        h = shard_cls.options(
+            name=shard_name(run_dir.run_id, k), num_cpus=cfg.replay.num_cpus, max_concurrency=8, max_restarts=-1
+        ).remote(shard_spec(cfg, k, spec), shard_redis_url(cfg, k, redis_url), ns, cfg.seed * 1000 + k)
         shards.append(Member("shard", k, h))
     for m in shards:
         m.run_ref = m.handle.run.remote()
     # no waiting for the shards: actors may append before a shard exists (its consumer group
     # then starts at the stream's first entry) and the learner retries until shards answer
 
-    actor_cls = ray.remote(ActorService).options(num_cpus=cfg.actors.num_cpus, max_concurrency=4, max_restarts=-1,
-                                                 scheduling_strategy="SPREAD" if cfg.actors.spread else "DEFAULT")
+    actor_cls = ray.remote(ActorService).options(
+        num_cpus=cfg.actors.num_cpus,
+        max_concurrency=4,
+        max_restarts=-1,
+        scheduling_strategy="SPREAD" if cfg.actors.spread else "DEFAULT",
+    )
     actors = []
     for i in range(cfg.actors.num):
-        h = actor_cls.remote(actor_settings(cfg, i), shard_redis_url(cfg, i % cfg.replay.shards, redis_url), ns, spec)
-        m = Member("actor", i, h)
-        m.run_ref = h.run.remote()
+        ah = actor_cls.remote(actor_settings(cfg, i), shard_redis_url(cfg, i % cfg.replay.shards, redis_url), ns, spec)
+        m = Member("actor", i, ah)
+        m.run_ref = ah.run.remote()  # type: ignore[union-attr]  # Ray types methods loosely
         actors.append(m)
     members = Members(learner, shards, external, actors, spec)
     if num_gpus:
@@ -160,10 +181,13 @@ def create_components(cfg: Config, run_dir: RunDir, platform: Platform, checkpoi
 def learner_gpu(cfg: Config, platform: Platform, cluster_gpus: float, out: TextIO) -> tuple[int, str]:
     """GPUs the learner asks Ray for and its torch device (learner.device); says which in one line."""
     from .ray_platform import learner_gpu as choose
+
     num_gpus, device, line = choose(cfg.learner.device, cluster_gpus)
     if num_gpus and cluster_gpus < 1 and platform.own_ray:  # no autoscaler behind a Ray of our own
-        raise ClusterConfigError("learner.device=cuda: this machine has no GPU that Ray sees; set learner.device "
-                                 "to auto or cpu, or join a cluster that has or adds GPU nodes (--address)")
+        raise ClusterConfigError(
+            "learner.device=cuda: this machine has no GPU that Ray sees; set learner.device "
+            "to auto or cpu, or join a cluster that has or adds GPU nodes (--address)"
+        )
     print(line, file=out, flush=True)
     return num_gpus, device
 
@@ -176,6 +200,7 @@ def wait_for_gpu(cfg: Config, members: Members, out: TextIO) -> None:
     is stopped and one line names the keys to change.
     """
     import ray
+
     limit = cfg.learner.gpu_wait_s
     ref = members.learner.handle.node_id.remote()
     t0 = time.monotonic()
@@ -192,16 +217,21 @@ def wait_for_gpu(cfg: Config, members: Members, out: TextIO) -> None:
             raise ClusterConfigError(
                 f"learner.device={cfg.learner.device}: no GPU for the learner within learner.gpu_wait_s="
                 f"{limit:g}s (the cluster has {gpus:g} GPUs); add a GPU node, raise learner.gpu_wait_s, or set "
-                f"learner.device=cpu")
+                f"learner.device=cpu"
+            )
         if time.monotonic() >= note_at:
-            print(f"apexq: waiting for a GPU node for the learner ({waited:.0f}s of learner.gpu_wait_s={limit:g})",
-                  file=out, flush=True)
+            print(
+                f"apexq: waiting for a GPU node for the learner ({waited:.0f}s of learner.gpu_wait_s={limit:g})",
+                file=out,
+                flush=True,
+            )
             note_at += 30.0
 
 
 def record_placement(members: Members, run_dir: RunDir) -> None:
     """Write which node each component landed on (runs/<id>/placement.json)."""
     import ray
+
     try:
         nodes = ray.get([m.handle.node_id.remote() for m in members.supervised], timeout=120)
     except Exception as exc:

@@ -18,14 +18,18 @@ where it looks (``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/a
 token mode is turned on for this process; if none is found or the cluster rejects it, one line
 says what to set. The token itself is never printed.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
-TOKEN_HELP = ("put the cluster's token (`ray get-auth-token` on its head prints it) in ~/.ray/auth_token, or in "
-              "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH, and set RAY_AUTH_MODE=token")
+TOKEN_HELP = (
+    "put the cluster's token (`ray get-auth-token` on its head prints it) in ~/.ray/auth_token, or in "
+    "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH, and set RAY_AUTH_MODE=token"
+)
 
 
 class RayUnreachable(ConnectionError):
@@ -35,6 +39,7 @@ class RayUnreachable(ConnectionError):
 @dataclass(frozen=True)
 class RayChoice:
     """``address`` None: start a private local Ray; else join it. ``source`` says where it came from."""
+
     address: Optional[str]
     source: str
 
@@ -53,7 +58,8 @@ def choose(address: Optional[str], environ: Mapping[str, str] = os.environ) -> R
             raise RayUnreachable(
                 f"RAY_ADDRESS={env} is a job server's address (for `ray job submit`), not a cluster to join: "
                 f"submit the run with `ray job submit -- apexq train ...`, pass --address HOST:PORT of the cluster's "
-                f"GCS, or unset RAY_ADDRESS to train on a local Ray")
+                f"GCS, or unset RAY_ADDRESS to train on a local Ray"
+            )
         return RayChoice(env, "RAY_ADDRESS")
     return RayChoice(None, "local")
 
@@ -62,6 +68,7 @@ def address_file() -> Optional[tuple[str, str]]:
     """(path, address) of the address file a ``ray start`` left on this machine, if any."""
     try:
         from ray._common.utils import get_ray_address_file
+
         path = get_ray_address_file(None)
         with open(path) as f:
             return path, f.read().strip()
@@ -75,6 +82,8 @@ def resolve(choice: RayChoice) -> Optional[str]:
         return None
     try:
         from ray._private.services import canonicalize_bootstrap_address
+
+        assert choice.address is not None  # a choice that joins names its address
         return canonicalize_bootstrap_address(choice.address)
     except Exception:  # Ray raises its own ConnectionError for a failed lookup: ray.init says it again
         return None
@@ -84,11 +93,15 @@ def _ask_gcs(host_port: str, token: Optional[str]):
     """grpc status code of one small GCS call, with or without the token."""
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
     metadata = [("authorization", f"Bearer {token}")] if token else None
     with grpc.insecure_channel(host_port) as channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), timeout=10, metadata=metadata)
+                gcs_service_pb2.GetClusterIdRequest(),  # type: ignore[attr-defined]  # generated protobuf
+                timeout=10,
+                metadata=metadata,
+            )
             return grpc.StatusCode.OK
         except grpc.RpcError as exc:
             return exc.code()
@@ -96,7 +109,8 @@ def _ask_gcs(host_port: str, token: Optional[str]):
 
 def _token() -> Optional[str]:
     """The token Ray would send, found where Ray looks for it (never printed)."""
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # a compiled module
+
     loader = AuthenticationTokenLoader.instance()
     return loader.get_raw_token(ignore_auth_mode=True) if loader.has_token(ignore_auth_mode=True) else None
 
@@ -117,31 +131,40 @@ def prepare_auth(host_port: str, where: str) -> Optional[str]:
     """
     try:
         import grpc
+
         first = _ask_gcs(host_port, None)
     except ImportError:  # without Ray's generated stubs, leave it to ray.init
         return None
     if first in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        raise RayUnreachable(f"no Ray cluster answers at {host_port} ({where}): start one (`ray start --head`), "
-                             f"or leave out --address and RAY_ADDRESS to train on a local Ray")
+        raise RayUnreachable(
+            f"no Ray cluster answers at {host_port} ({where}): start one (`ray start --head`), "
+            f"or leave out --address and RAY_ADDRESS to train on a local Ray"
+        )
     if first != grpc.StatusCode.UNAUTHENTICATED:
         return None  # no authentication asked for (or an error ray.init will name)
     mode = os.environ.get("RAY_AUTH_MODE")
     token = _token()
     if token is None:
-        raise RayUnreachable(f"the Ray cluster at {host_port} ({where}) requires token authentication and no token "
-                             f"was found: {TOKEN_HELP}")
+        raise RayUnreachable(
+            f"the Ray cluster at {host_port} ({where}) requires token authentication and no token "
+            f"was found: {TOKEN_HELP}"
+        )
     if _ask_gcs(host_port, token) == grpc.StatusCode.UNAUTHENTICATED:
-        raise RayUnreachable(f"the Ray cluster at {host_port} ({where}) rejected the token in "
-                             f"{_token_place(os.environ)}: {TOKEN_HELP}")
+        raise RayUnreachable(
+            f"the Ray cluster at {host_port} ({where}) rejected the token in {_token_place(os.environ)}: {TOKEN_HELP}"
+        )
     if mode == "token":
         return None
     if mode is not None and mode.lower() != "token":
-        raise RayUnreachable(f"the Ray cluster at {host_port} ({where}) requires token authentication but "
-                             f"RAY_AUTH_MODE={mode}: set RAY_AUTH_MODE=token (the token in "
-                             f"{_token_place(os.environ)} is accepted)")
+        raise RayUnreachable(
+            f"the Ray cluster at {host_port} ({where}) requires token authentication but "
+            f"RAY_AUTH_MODE={mode}: set RAY_AUTH_MODE=token (the token in "
+            f"{_token_place(os.environ)} is accepted)"
+        )
     os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray's C++ core; workers of this driver inherit it
     try:
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]  # a compiled module
+
         Config.initialize("")  # Ray may have cached its config on import
     except Exception:
         pass
@@ -157,12 +180,21 @@ def learner_gpu(device: str, cluster_gpus: float) -> tuple[int, str, str]:
     learner to the CPU, so that what the line says is what runs.
     """
     if device == "cuda":
-        return 1, "cuda", (f"apexq: the learner asks Ray for 1 GPU (learner.device=cuda); the cluster has "
-                           f"{cluster_gpus:g} now")
+        return (
+            1,
+            "cuda",
+            (f"apexq: the learner asks Ray for 1 GPU (learner.device=cuda); the cluster has {cluster_gpus:g} now"),
+        )
     if device == "auto" and cluster_gpus >= 1:
         # "auto" still: torch picks the GPU Ray gives the actor (a GPU resource without CUDA falls back)
         return 1, "auto", f"apexq: learner on a GPU (learner.device=auto and the cluster has {cluster_gpus:g})"
     if device == "auto":
-        return 0, "cpu", ("apexq: learner on the CPU (learner.device=auto and the cluster has no GPU at launch; "
-                          "learner.device=cuda asks Ray for one and waits for it)")
+        return (
+            0,
+            "cpu",
+            (
+                "apexq: learner on the CPU (learner.device=auto and the cluster has no GPU at launch; "
+                "learner.device=cuda asks Ray for one and waits for it)"
+            ),
+        )
     return 0, "cpu", "apexq: learner on the CPU (learner.device=cpu)"

@@ -11,6 +11,7 @@ after ``GRACE_S``. Linux only (it reads /proc); elsewhere :func:`start` does not
 
 Run as ``python -m apexq.cluster.reaper DRIVER_PID`` with the pipe on stdin.
 """
+
 from __future__ import annotations
 
 import os
@@ -76,7 +77,9 @@ def _signal_all(seen: dict[int, int], sig: int) -> int:
 
 def watch(driver: int, pipe_fd: int = 0) -> int:
     me = os.getpid()
-    born = _stat(me)[1]  # only what the run starts from now on is the run's (not, say, a test's servers)
+    mine = _stat(me)
+    assert mine is not None  # this very process
+    born = mine[1]  # only what the run starts from now on is the run's (not, say, a test's servers)
     seen: dict[int, int] = {}
     while True:
         ready, _, _ = select.select([pipe_fd], [], [], PERIOD_S)
@@ -109,9 +112,14 @@ def start() -> Optional[subprocess.Popen]:
     """Start the reaper for this process (call before ``ray.init``); :func:`release` it after a clean stop."""
     if not sys.platform.startswith("linux"):
         return None
-    proc = subprocess.Popen([sys.executable, "-m", "apexq.cluster.reaper", str(os.getpid())], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apexq.cluster.reaper", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     return proc
 
 

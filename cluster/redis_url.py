@@ -10,12 +10,14 @@ run starts. Records of the run (config.yaml, the checkpoint's config) keep a ref
 and a literal URL with its password replaced by ``***`` (:func:`redact_entry`); ``--resume`` of a
 run whose config holds a redacted URL asks for a reference instead of guessing.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 from apexq.core.connection import redact
 
@@ -71,8 +73,10 @@ def resolve_entry(value: str, key: str, environ: Mapping[str, str] = os.environ)
     if value.startswith("file:"):
         return read_url_file(value[5:], key)
     if REDACTED in value:
-        raise RedisUrlError(f"{key}: the saved config holds this URL with its password redacted; give it as "
-                            f"env:VAR or file:PATH, e.g. --set '{key.split('[')[0]}=[env:APEXQ_SHARD_URL_0, ...]'")
+        raise RedisUrlError(
+            f"{key}: the saved config holds this URL with its password redacted; give it as "
+            f"env:VAR or file:PATH, e.g. --set '{key.split('[')[0]}=[env:APEXQ_SHARD_URL_0, ...]'"
+        )
     return _checked(value, key)
 
 

@@ -1,4 +1,5 @@
 """An animation of one greedy episode (needs pygame for gymnasium's rgb_array rendering)."""
+
 from __future__ import annotations
 
 import os
@@ -16,12 +17,14 @@ def record_gif(policy, env_id: str, path: str | Path, seed: int = 0, fps: int = 
     import gymnasium as gym
 
     from .evaluate import greedy_actions
+
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # its greeting would precede --json's line
     try:
         import pygame  # noqa: F401
     except ImportError:
         raise RenderUnavailable("--gif needs pygame: pip install 'apexq[render]'") from None
     from PIL import Image
+
     env = gym.make(env_id, render_mode="rgb_array")
     obs, _ = env.reset(seed=seed)
     frames = [env.render()]

@@ -2,10 +2,12 @@
 
 Records and the progress line are the driver loop's (:mod:`.driver`); this is what a scraper sees.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from .config import Config
 from .ray_components import Member
@@ -23,17 +25,26 @@ class MetricsService:
         if not cfg.metrics.enabled:
             return
         from .metrics import DriverEndpoint
+
         self.endpoint = DriverEndpoint(driver_stats, cfg.metrics.host, cfg.metrics.port, run_dir.run_id)
         port = int(self.endpoint.address.rsplit(":", 1)[1])
         if cfg.metrics.port and port != cfg.metrics.port:
-            print(f"apexq: metrics.port {cfg.metrics.port} is busy; the driver serves on port {port} instead",
-                  file=out, flush=True)
-        print(f"apexq: metrics at http://{self.endpoint.address}/metrics, Prometheus HTTP SD at "
-              f"http://{self.endpoint.address}/targets", file=out, flush=True)
+            print(
+                f"apexq: metrics.port {cfg.metrics.port} is busy; the driver serves on port {port} instead",
+                file=out,
+                flush=True,
+            )
+        print(
+            f"apexq: metrics at http://{self.endpoint.address}/metrics, Prometheus HTTP SD at "
+            f"http://{self.endpoint.address}/targets",
+            file=out,
+            flush=True,
+        )
 
     def register(self, m: Member) -> None:
         """Ask ``m`` to serve its metrics and add it to the targets (again after a restart: a new port)."""
         import ray
+
         if self.endpoint is None:
             return
         try:
@@ -48,4 +59,3 @@ class MetricsService:
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None
-

@@ -4,6 +4,7 @@ Only the driver writes here, on its own node: files made elsewhere (the learner'
 exported policy) come to it as bytes (see learner/artifacts.py), so no storage shared by the
 nodes is needed, and ``--resume`` and ``apexq evaluate`` find everything where the driver ran.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,14 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
 from .config import Config, dump_config
+
+if TYPE_CHECKING:
+    from .tensorboard import ScalarLogger
 
 
 class RunDirError(RuntimeError):
@@ -29,7 +33,7 @@ def new_run_id() -> str:
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.scalars = None  # a cluster.tensorboard.ScalarLogger while logging.tensorboard is on
+        self.scalars: Optional[ScalarLogger] = None  # while logging.tensorboard is on
 
     @property
     def run_id(self) -> str:
@@ -59,6 +63,7 @@ class RunDir:
     def open_tensorboard(self) -> None:
         """Send every metrics record to a new TensorBoard event file in tb/ too (driver only: one writer)."""
         from .tensorboard import ScalarLogger
+
         try:
             self.scalars = ScalarLogger(self.tensorboard_dir)
         except OSError as exc:
@@ -110,6 +115,7 @@ class RunDir:
         previous version of that file whole and raises :class:`RunDirError`.
         """
         from apexq.learner.artifacts import NAMES
+
         bad = [n for n in files if n not in NAMES or not isinstance(files[n], (bytes, bytearray))]
         if bad:
             raise ValueError(f"not a file of a run, or not bytes: {sorted(map(str, bad))}")

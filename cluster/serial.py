@@ -5,6 +5,7 @@ baseline the distributed run is compared against: actors insert straight into th
 learner trains whenever the rate limiter lets it, weights are shared by reference. The loop is
 the distributed run's (:class:`.driver.Driver`); only the components differ.
 """
+
 from __future__ import annotations
 
 import sys
@@ -66,16 +67,26 @@ class LocalBackend:
 
     def __init__(self, cfg: Config, run_dir: RunDir, spec: dict, resume_state: Optional[dict] = None):
         self.cfg, self.run_dir = cfg, run_dir
-        self.shards = [ReplayShard(shard_spec(cfg, k, spec), "", run_dir.run_id, cfg.seed * 1000 + k).open_local()
-                       for k in range(cfg.replay.shards)]
+        self.shards = [
+            ReplayShard(shard_spec(cfg, k, spec), "", run_dir.run_id, cfg.seed * 1000 + k).open_local()
+            for k in range(cfg.replay.shards)
+        ]
         # the learner's checkpoints and policy files reach the run directory as in a distributed
         # run: as bytes from its outbox (sync_files)
-        self.learner = Learner(learner_settings(cfg), spec, self.shards, None, run_dir.run_id, None, resume_state,
-                               cfg.to_dict())
-        self.actors = [ApexActor(actor_settings(cfg, i), None, run_dir.run_id, spec,
-                                 writer=DirectWriter(self.shards[i % cfg.replay.shards]),
-                                 weights=DirectWeights(self.learner))
-                       for i in range(cfg.actors.num)]
+        self.learner = Learner(
+            learner_settings(cfg), spec, self.shards, None, run_dir.run_id, None, resume_state, cfg.to_dict()
+        )
+        self.actors = [
+            ApexActor(
+                actor_settings(cfg, i),
+                None,
+                run_dir.run_id,
+                spec,
+                writer=DirectWriter(self.shards[i % cfg.replay.shards]),
+                weights=DirectWeights(self.learner),
+            )
+            for i in range(cfg.actors.num)
+        ]
         for a in self.actors:
             a.begin()
         self.files_seen: tuple = ("", 0)
@@ -87,9 +98,12 @@ class LocalBackend:
 
     def snapshot(self) -> Snapshot:
         actors, shards = [a.stats() for a in self.actors], [s.stats() for s in self.shards]
-        totals = {"env_steps": sum(s["env_steps"] for s in actors), "episodes": sum(s["episodes"] for s in actors),
-                  "inserted": sum(s["inserted"] for s in shards),
-                  "rejected_total": sum(s["rejected_total"] for s in shards)}
+        totals = {
+            "env_steps": sum(s["env_steps"] for s in actors),
+            "episodes": sum(s["episodes"] for s in actors),
+            "inserted": sum(s["inserted"] for s in shards),
+            "rejected_total": sum(s["rejected_total"] for s in shards),
+        }
         return Snapshot(actors, shards, self.learner.stats(), totals)
 
     def weights_reachable(self) -> bool:
@@ -116,8 +130,7 @@ class LocalBackend:
         for a in self.actors:
             a.flush()
         rec = driver.record(self.snapshot(), driver.last_record)
-        extra = {k: rec[k] for k in ("time_s", "env_steps", "episodes", "transitions_inserted",
-                                     "transitions_sampled")}
+        extra = {k: rec[k] for k in ("time_s", "env_steps", "episodes", "transitions_inserted", "transitions_sampled")}
         self.learner.finish()
         self.learner.save_checkpoint(extra)
         summary: dict = {}
@@ -135,17 +148,26 @@ class LocalBackend:
         return summary
 
 
-def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Optional[dict] = None,
-                 launch_time: Optional[float] = None) -> dict:
+def train_serial(
+    cfg: Config,
+    run_dir: RunDir,
+    out=sys.stdout,
+    resume_state: Optional[dict] = None,
+    launch_time: Optional[float] = None,
+) -> dict:
     """Train in this process; the summary ``apexq train`` prints (as :func:`.launch.train`'s)."""
     spec = env_spec(cfg.env.id)
     driver = Driver(cfg, run_dir, spec, out, launch_time, resume=resume_state is not None)
     running: list = [None]
     stop_on_signals(lambda: running[0])
     backend = LocalBackend(cfg, run_dir, spec, resume_state)
-    print(f"apexq: single-process run {run_dir.run_id} in {run_dir.path} | env {cfg.env.id} | "
-          f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs | {cfg.replay.shards} shard(s) | "
-          f"ready in {driver.elapsed():.1f}s", file=out, flush=True)
+    print(
+        f"apexq: single-process run {run_dir.run_id} in {run_dir.path} | env {cfg.env.id} | "
+        f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs | {cfg.replay.shards} shard(s) | "
+        f"ready in {driver.elapsed():.1f}s",
+        file=out,
+        flush=True,
+    )
     summary: dict = {}
     try:
         running[0] = driver.interrupt
@@ -155,8 +177,12 @@ def train_serial(cfg: Config, run_dir: RunDir, out=sys.stdout, resume_state: Opt
         print("apexq: stopping (interrupt received)...", file=out, flush=True)
     except RunDirError as exc:
         driver.stop_reason = f"run directory failed: {exc}"
-        print(f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
-              f"apexq train --resume {run_dir.path}", file=out, flush=True)
+        print(
+            f"apexq: error: {exc}; stopping. The last complete checkpoint is kept: free space, then "
+            f"apexq train --resume {run_dir.path}",
+            file=out,
+            flush=True,
+        )
     finally:
         running[0] = None
         summary = backend.finish(driver)

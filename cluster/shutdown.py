@@ -5,6 +5,7 @@ stops and takes the final checkpoint (with the best evaluated policy); then the 
 The accounting reconciles, per shard, what Redis counted appended against what shards
 ingested and what is still pending, and compares it with what actors saw acknowledged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,21 +23,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("apexq")
 
 
-def shutdown_components(backend: "RayBackend", driver: "Driver") -> dict:
+def shutdown_components(backend: RayBackend, driver: Driver) -> dict:
     """Stop every component in order, take the final checkpoint, write the final record; the summary."""
     import ray
+
     m, sup, run_dir, out = backend.members, backend.supervisor, backend.run_dir, driver.out
     summary: dict = {}
     if m is None or sup is None:  # start-up failed before the components ran
         return summary
     sup.stopping = True
+    redis_url = backend.platform.redis_url
+    assert redis_url is not None  # the components ran: Redis was there
     for a in m.actors:
         a.handle.stop.remote()
     ray.wait([a.run_ref for a in m.actors], num_returns=len(m.actors), timeout=10)
     redis_down = backend.platform.redis_down()
     deadline = time.monotonic() + (0 if redis_down else 5)
     while time.monotonic() < deadline:  # let the shards ingest the last blocks
-        if backlog(backend.cfg, backend.namespace, backend.platform.redis_url) == 0:
+        if backlog(backend.cfg, backend.namespace, redis_url) == 0:
             break
         time.sleep(0.1)
     sup.gather_stats()
@@ -75,22 +79,36 @@ def shutdown_components(backend: "RayBackend", driver: "Driver") -> dict:
     if redis_down:  # its counters are out of reach: say so rather than wait on retries
         summary["accounting"] = {"reconciled": False, "why": "Redis unreachable at the end of the run"}
     else:
-        summary["accounting"] = accounting(backend.cfg, run_dir, backend.namespace, backend.platform.redis_url,
-                                           [a.last_stats for a in m.actors] + sup.dead_actor_stats,
-                                           sup.dead_actor_stats, out)
+        summary["accounting"] = accounting(
+            backend.cfg,
+            run_dir,
+            backend.namespace,
+            redis_url,
+            [a.last_stats for a in m.actors] + sup.dead_actor_stats,
+            sup.dead_actor_stats,
+            out,
+        )
     return summary
 
 
-def accounting(cfg: Config, run_dir: RunDir, namespace: str, redis_url: str, actor_stats: list[dict],
-               dead_actor_stats: list[dict], out) -> dict:
+def accounting(
+    cfg: Config,
+    run_dir: RunDir,
+    namespace: str,
+    redis_url: str,
+    actor_stats: list[dict],
+    dead_actor_stats: list[dict],
+    out,
+) -> dict:
     """Reconcile appended = ingested + pending from Redis; compare with what actors saw acknowledged.
 
     ``actor_stats``: the last stats of every actor process, the dead ones' included.
     """
-    from apexq.replay_server.accounting import reconcile
     from apexq.core.connection import connect
+    from apexq.replay_server.accounting import reconcile
 
     from .components import shard_redis_url
+
     shards = []
     for k in range(cfg.replay.shards):
         try:
@@ -109,13 +127,16 @@ def accounting(cfg: Config, run_dir: RunDir, namespace: str, redis_url: str, act
             local[st["actor_id"]] = local.get(st["actor_id"], 0) + st.get("transitions_appended", 0)
     lost_in_redis = sum(max(0, n - redis_by_actor.get(a, 0)) for a, n in local.items())
     acct = {
-        "appended": sum(s["appended"] for s in shards), "ingested": sum(s["ingested"] for s in shards),
-        "pending": sum(s["pending"] for s in shards), "rejected_entries": sum(s["rejected_entries"] for s in shards),
+        "appended": sum(s["appended"] for s in shards),
+        "ingested": sum(s["ingested"] for s in shards),
+        "pending": sum(s["pending"] for s in shards),
+        "rejected_entries": sum(s["rejected_entries"] for s in shards),
         "reconciled": len(shards) == cfg.replay.shards,
         "balanced": all(s["balanced"] for s in shards) and len(shards) == cfg.replay.shards,
         "lost_in_redis": lost_in_redis,
         "in_flight_lost": sum(st.get("in_flight", 0) for st in dead_actor_stats),
-        "actor_restarts": len(dead_actor_stats), "shards": shards,
+        "actor_restarts": len(dead_actor_stats),
+        "shards": shards,
     }
     try:
         run_dir.write_json("accounting.json", acct)
@@ -130,6 +151,7 @@ def backlog(cfg: Config, namespace: str, redis_url: str) -> int:
     from apexq.replay_server.keys import Keys
 
     from .components import shard_redis_url
+
     keys = Keys(namespace)
     total = 0
     for k in range(cfg.replay.shards):

@@ -4,17 +4,22 @@
 private Redis unless one was given, restarts that Redis when it dies (:meth:`Platform.watch_redis`)
 and stops what it started.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-import sys
+import subprocess
 import time
-from typing import Callable, Optional, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Optional, TextIO
 
 import numpy as np
 
 from .config import Config
+
+if TYPE_CHECKING:
+    from .redis_server import RedisServer
 
 log = logging.getLogger("apexq")
 
@@ -41,13 +46,14 @@ class Platform:
     the run's must win.
     """
 
-    def __init__(self, cfg: Config, address: Optional[str], redis_url: Optional[str], out: TextIO,
-                 on_signals: Callable[[], None]):
+    def __init__(
+        self, cfg: Config, address: Optional[str], redis_url: Optional[str], out: TextIO, on_signals: Callable[[], None]
+    ):
         self.cfg, self.address, self.redis_url, self.out = cfg, address, redis_url, out
         self.on_signals = on_signals
-        self.redis_server = None  # the run's own Redis process, when no URL was given
+        self.redis_server: Optional[RedisServer] = None  # the run's own Redis process, when no URL was given
         self.own_ray = False  # True once start() started a local Ray (no autoscaler behind it)
-        self.reaper = None  # see cluster/reaper.py
+        self.reaper: Optional[subprocess.Popen] = None  # see cluster/reaper.py
         self.redis_restarts = 0
         self.redis_down_since: Optional[float] = None
         self._next_redis_ping = 0.0
@@ -55,17 +61,20 @@ class Platform:
 
     def start(self) -> None:
         from apexq.core.connection import check
+
         cfg = self.cfg
         if cfg.replay.external and self.redis_url is None and not cfg.replay.redis_urls:
             raise ClusterConfigError(
                 "replay.external: standalone replay servers cannot reach the run's private Redis; give the run the "
                 "Redis given to `apexq replay-server` (APEXQ_REDIS_URL, --redis-url-file or --redis-url) or set "
-                "replay.redis_urls")
+                "replay.redis_urls"
+            )
         if self.redis_url is not None:  # a given Redis must answer before anything starts
             check(self.redis_url)
         import ray
 
         from . import ray_platform
+
         set_ray_env()
         choice = ray_platform.choose(self.address)  # --address, else RAY_ADDRESS, else a local Ray of our own
         if choice.joins:
@@ -74,29 +83,48 @@ class Platform:
             try:
                 ray.init(address=choice.address, log_to_driver=True, logging_level=logging.ERROR)
             except ConnectionError as exc:
-                raise ray_platform.RayUnreachable(f"could not join the Ray cluster at {gcs or choice.address} "
-                                                  f"({choice.source}): {exc}") from None
+                raise ray_platform.RayUnreachable(
+                    f"could not join the Ray cluster at {gcs or choice.address} ({choice.source}): {exc}"
+                ) from None
             self.on_signals()
-            print(f"apexq: joined the Ray cluster at {gcs or choice.address} (from {choice.source}"
-                  f"{'; ' + auth if auth else ''})", file=self.out, flush=True)
+            print(
+                f"apexq: joined the Ray cluster at {gcs or choice.address} (from {choice.source}"
+                f"{'; ' + auth if auth else ''})",
+                file=self.out,
+                flush=True,
+            )
             self.check_cluster([n for n in ray.nodes() if n.get("Alive")])
             self.start_redis()
             return
         # the private Redis process is spawned first and becomes ready while Ray starts
         from . import reaper
+
         self.reaper = reaper.start()  # Ray's daemons go with this process, even if it is SIGKILLed
         self.start_redis(wait=False)
         need = cfg.actors.num * cfg.actors.num_cpus + cfg.replay.shards * cfg.replay.num_cpus + cfg.learner.num_cpus
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(np.ceil(need)))
         # "local": a Ray of our own, whatever address file a `ray start` (live or killed) left behind
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=True, configure_logging=True)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            log_to_driver=True,
+            configure_logging=True,
+        )
         self.on_signals()
         self.own_ray = True
         found = ray_platform.address_file()
-        print(f"apexq: started a local Ray ({num_cpus} CPUs)" + (
-            f"; not the cluster at {found[1]} that {found[0]} names (--address auto joins that one)" if found else ""),
-            file=self.out, flush=True)
+        print(
+            f"apexq: started a local Ray ({num_cpus} CPUs)"
+            + (
+                f"; not the cluster at {found[1]} that {found[0]} names (--address auto joins that one)"
+                if found
+                else ""
+            ),
+            file=self.out,
+            flush=True,
+        )
         self.start_redis()
 
     def check_cluster(self, nodes: list[dict]) -> None:
@@ -107,30 +135,38 @@ class Platform:
 
             from .components import check_replay_memory
             from .config import ConfigError
+
             biggest = max(int(n.get("Resources", {}).get("memory", 0)) for n in nodes) if nodes else 0
             try:
                 if biggest:
-                    check_replay_memory(cfg, env_spec(cfg.env.id)["obs_dim"], biggest,
-                                        "the cluster's largest node", with_redis=False)
+                    check_replay_memory(
+                        cfg, env_spec(cfg.env.id)["obs_dim"], biggest, "the cluster's largest node", with_redis=False
+                    )
             except ConfigError as exc:
                 raise ClusterConfigError(str(exc)) from None
         if self.redis_url is None and len(nodes) > 1 and cfg.redis.host in ("127.0.0.1", "localhost", "::1"):
             raise ClusterConfigError(
                 "redis.host: the cluster has several nodes but the spawned Redis would listen on loopback only; "
-                "pass --redis-url of a Redis every node reaches, or set redis.host to 0.0.0.0 or this node's address")
+                "pass --redis-url of a Redis every node reaches, or set redis.host to 0.0.0.0 or this node's address"
+            )
 
     def start_redis(self, wait: bool = True) -> None:
         """Spawn the run's private Redis unless a URL was given; with ``wait``, check every Redis answers."""
         from apexq.core.connection import check
+
         if self.redis_url is None and self.redis_server is None:
             from .redis_server import RedisServer, find_server
+
             binary = find_server(self.cfg.redis.server_path)
-            self.redis_server = RedisServer(binary, appendfsync=self.cfg.redis.appendfsync,
-                                            host=self.cfg.redis.host).spawn()
+            self.redis_server = RedisServer(
+                binary, appendfsync=self.cfg.redis.appendfsync, host=self.cfg.redis.host
+            ).spawn()
         if not wait:
             return
         if self.redis_url is None:
             from .metrics import node_address
+
+            assert self.redis_server is not None  # spawned above
             self.redis_server.wait_ready()
             self.redis_url = self.redis_server.url_for(node_address(self.cfg.redis.host))
         check(self.redis_url)
@@ -152,14 +188,21 @@ class Platform:
         if srv is not None and srv.proc is not None and srv.exited() is not None and now >= self._next_redis_ping:
             code = srv.exited()
             self.redis_restarts += 1
-            print(f"apexq: Redis (the run's own, port {srv.port}) exited with status {code}; restarting it "
-                  f"from its append-only file (#{self.redis_restarts})", file=self.out, flush=True)
+            print(
+                f"apexq: Redis (the run's own, port {srv.port}) exited with status {code}; restarting it "
+                f"from its append-only file (#{self.redis_restarts})",
+                file=self.out,
+                flush=True,
+            )
             note_restart(f"exited with status {code}")
             t = time.monotonic()
             try:
                 srv.restart()
-                print(f"apexq: Redis is back after {time.monotonic() - t:.1f}s; components reconnect",
-                      file=self.out, flush=True)
+                print(
+                    f"apexq: Redis is back after {time.monotonic() - t:.1f}s; components reconnect",
+                    file=self.out,
+                    flush=True,
+                )
             except RuntimeError as exc:
                 log.warning("Redis restart failed: %s", exc)
                 print(f"apexq: Redis restart failed ({exc}); trying again", file=self.out, flush=True)
@@ -169,29 +212,40 @@ class Platform:
         down = [url for url in self.redis_urls() if not self.ping(url)]
         if not down:
             if self.redis_down_since is not None:
-                print(f"apexq: Redis reachable again after {now - self.redis_down_since:.0f}s", file=self.out,
-                      flush=True)
+                print(
+                    f"apexq: Redis reachable again after {now - self.redis_down_since:.0f}s", file=self.out, flush=True
+                )
             self.redis_down_since = None
             return
         from apexq.core.connection import redact
+
         limit = self.cfg.redis.unreachable_timeout_s
         if self.redis_down_since is None:
             self.redis_down_since = now
-            print(f"apexq: Redis at {redact(down[0])} unreachable; waiting up to {limit:.0f}s "
-                  f"(redis.unreachable_timeout_s)", file=self.out, flush=True)
+            print(
+                f"apexq: Redis at {redact(down[0])} unreachable; waiting up to {limit:.0f}s "
+                f"(redis.unreachable_timeout_s)",
+                file=self.out,
+                flush=True,
+            )
         elif now - self.redis_down_since > limit:
-            raise RedisUnreachable(f"Redis at {redact(down[0])} unreachable for {now - self.redis_down_since:.0f}s "
-                                   f"(redis.unreachable_timeout_s={limit:g})")
+            raise RedisUnreachable(
+                f"Redis at {redact(down[0])} unreachable for {now - self.redis_down_since:.0f}s "
+                f"(redis.unreachable_timeout_s={limit:g})"
+            )
 
     def redis_urls(self) -> list[str]:
-        return list(dict.fromkeys([self.redis_url, *self.cfg.replay.redis_urls]))
+        own = [self.redis_url] if self.redis_url is not None else []
+        return list(dict.fromkeys([*own, *self.cfg.replay.redis_urls]))
 
     def ping(self, url: str) -> bool:
         import redis
+
         client = self._redis_clients.get(url)
         if client is None:
-            client = self._redis_clients[url] = redis.Redis.from_url(url, socket_timeout=1.0,
-                                                                     socket_connect_timeout=1.0)
+            client = self._redis_clients[url] = redis.Redis.from_url(
+                url, socket_timeout=1.0, socket_connect_timeout=1.0
+            )
         try:
             return bool(client.ping())
         except (redis.RedisError, OSError):
@@ -203,6 +257,7 @@ class Platform:
 
     def stop(self) -> None:
         import ray
+
         if ray.is_initialized():
             ray.shutdown()
         if self.redis_server is not None:
@@ -212,5 +267,6 @@ class Platform:
             client.close()
         self._redis_clients.clear()
         from . import reaper
+
         reaper.release(self.reaper)
         self.reaper = None

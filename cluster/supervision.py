@@ -5,11 +5,13 @@ submits its ``run`` again, counts the restart toward ``supervision.max_restarts`
 past it), kills components that stop answering, and keeps each component's counters
 never-decreasing across its processes.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional, TextIO
+from collections.abc import Callable
+from typing import Optional, TextIO
 
 from .config import Config
 from .driver import Snapshot
@@ -29,8 +31,14 @@ class Supervisor:
     """``checkpoint`` returns the bytes a restarted learner continues from; ``restarted(m)`` is
     called after a component's run was resubmitted (its metrics endpoint is new)."""
 
-    def __init__(self, cfg: Config, members: Members, out: TextIO, checkpoint: Callable[[], Optional[bytes]],
-                 restarted: Callable[[Member], None]):
+    def __init__(
+        self,
+        cfg: Config,
+        members: Members,
+        out: TextIO,
+        checkpoint: Callable[[], Optional[bytes]],
+        restarted: Callable[[Member], None],
+    ):
         self.cfg, self.m, self.out = cfg, members, out
         self.checkpoint, self.restarted = checkpoint, restarted
         self.redis = Member("redis", 0, None)  # the run's own Redis (restarted by Platform.watch_redis)
@@ -40,6 +48,7 @@ class Supervisor:
     def supervise(self) -> None:
         """Restart the ``run`` of any component whose process died (Ray recreated the actor)."""
         import ray
+
         members = self.m.supervised
         refs = [m.run_ref for m in members]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -94,11 +103,14 @@ class Supervisor:
         sup = self.cfg.supervision
         now = time.monotonic()
         m.restart_times = [t for t in m.restart_times if now - t <= sup.window_s] + [now]
-        recent = sum(len([t for t in x.restart_times if now - t <= sup.window_s])
-                     for x in [*self.m.supervised, self.redis])
+        recent = sum(
+            len([t for t in x.restart_times if now - t <= sup.window_s]) for x in [*self.m.supervised, self.redis]
+        )
         if recent > sup.max_restarts:
-            raise SupervisorGaveUp(f"{recent} component restarts within {sup.window_s:.0f}s "
-                                   f"(supervision.max_restarts={sup.max_restarts}); last: {m.kind} {m.index} {reason}")
+            raise SupervisorGaveUp(
+                f"{recent} component restarts within {sup.window_s:.0f}s "
+                f"(supervision.max_restarts={sup.max_restarts}); last: {m.kind} {m.index} {reason}"
+            )
 
     def redis_restarted(self, reason: str) -> None:
         self.redis.restarts += 1
@@ -107,14 +119,19 @@ class Supervisor:
     def check_heartbeats(self) -> None:
         """Kill components that stopped answering; Ray recreates them and supervise() restarts their run."""
         import ray
+
         limit = self.cfg.supervision.heartbeat_timeout_s
         now = time.monotonic()
         for m in self.m.supervised:
             if now - m.last_seen > limit:
-                log.warning("%s %d has not answered for %.0fs; killing it for a restart", m.kind, m.index,
-                            now - m.last_seen)
-                print(f"apexq: {m.kind} {m.index} hung (no heartbeat for {now - m.last_seen:.0f}s); restarting",
-                      file=self.out, flush=True)
+                log.warning(
+                    "%s %d has not answered for %.0fs; killing it for a restart", m.kind, m.index, now - m.last_seen
+                )
+                print(
+                    f"apexq: {m.kind} {m.index} hung (no heartbeat for {now - m.last_seen:.0f}s); restarting",
+                    file=self.out,
+                    flush=True,
+                )
                 try:
                     ray.kill(m.handle, no_restart=False)
                 except Exception:
@@ -125,6 +142,7 @@ class Supervisor:
 
     def gather_stats(self, timeout: float = 5.0) -> None:
         import ray
+
         members = self.m.supervised
         refs = {id(m): m.handle.stats.remote() for m in members}
         for m in self.m.external_shards:  # asked while the Ray components answer
@@ -171,9 +189,16 @@ class Supervisor:
     def snapshot(self) -> Snapshot:
         """The members' latest stats, with counters carried over restarts (after :meth:`gather_stats`)."""
         shards = self.m.shards + self.m.external_shards
-        totals = {"env_steps": sum(m.total("env_steps") for m in self.m.actors),
-                  "episodes": sum(m.total("episodes") for m in self.m.actors),
-                  "inserted": sum(m.total("inserted") for m in shards),
-                  "rejected_total": sum(m.total("rejected_total") for m in shards)}
-        return Snapshot([m.last_stats for m in self.m.actors], [m.last_stats for m in shards],
-                        self.m.learner.last_stats, totals, sum(self.restarts_by_kind().values()))
+        totals = {
+            "env_steps": sum(m.total("env_steps") for m in self.m.actors),
+            "episodes": sum(m.total("episodes") for m in self.m.actors),
+            "inserted": sum(m.total("inserted") for m in shards),
+            "rejected_total": sum(m.total("rejected_total") for m in shards),
+        }
+        return Snapshot(
+            [m.last_stats for m in self.m.actors],
+            [m.last_stats for m in shards],
+            self.m.learner.last_stats,
+            totals,
+            sum(self.restarts_by_kind().values()),
+        )

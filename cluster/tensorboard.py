@@ -6,6 +6,7 @@ writer and protos: no torch (the driver never imports it; ``torch.utils.tensorbo
 no second protobuf stack (tensorboardX). A resumed run opens a new event file in the same
 directory and its steps go on from the resumed env steps, so TensorBoard draws one curve.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,6 +79,7 @@ class ScalarLogger:
 
     def __init__(self, logdir: Path):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
         self._writer = EventFileWriter(str(logdir), max_queue_size=64, flush_secs=60)
         self.logdir = Path(logdir)
         self.failed: Optional[str] = None
@@ -89,15 +91,20 @@ class ScalarLogger:
             return
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
+
         values = [Summary.Value(tag=t, simple_value=v) for t, v in scalars(record).items()]
         try:
-            self._writer.add_event(Event(wall_time=time.time(), step=int(record["env_steps"]),
-                                         summary=Summary(value=values)))
+            self._writer.add_event(
+                Event(wall_time=time.time(), step=int(record["env_steps"]), summary=Summary(value=values))
+            )
             self._writer.flush()
         except Exception as exc:  # disk full, directory removed: the writer thread re-raises it here
             self.failed = f"{type(exc).__name__}: {exc}"
-            print(f"apexq: TensorBoard events stop here (in {self.logdir}: {self.failed}); metrics.jsonl goes on",
-                  file=sys.stderr, flush=True)
+            print(
+                f"apexq: TensorBoard events stop here (in {self.logdir}: {self.failed}); metrics.jsonl goes on",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         try:

@@ -1,10 +1,12 @@
 """Redis connections with retry and backoff, shared by actors, shards and the learner."""
+
 from __future__ import annotations
 
 import logging
 import re
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -22,11 +24,16 @@ class RedisAuthError(RuntimeError):
 
 def connect(url: str, *, decode_responses: bool = False, timeout: float = 10.0) -> redis.Redis:
     """A client for ``url`` (redis:// or rediss://, password in the URL) that retries transient errors."""
-    client = redis.Redis.from_url(
-        url, decode_responses=decode_responses, socket_timeout=timeout, socket_connect_timeout=5.0,
+    # decode_responses is a bool here; redis-py types the call per Literal[True]/Literal[False]
+    client = redis.Redis.from_url(  # type: ignore[call-overload]
+        url,
+        decode_responses=decode_responses,
+        socket_timeout=timeout,
+        socket_connect_timeout=5.0,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError])
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+    )
     return client
 
 
@@ -58,8 +65,9 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-def with_backoff(fn: Callable[[], T], *, what: str, stop: Callable[[], bool] = lambda: False,
-                 max_wait: float = 5.0) -> T:
+def with_backoff(
+    fn: Callable[[], T], *, what: str, stop: Callable[[], bool] = lambda: False, max_wait: float = 5.0
+) -> T:
     """Call ``fn`` until it stops raising connection errors (Redis restarting), backing off."""
     delay = 0.05
     warned = False

@@ -7,9 +7,11 @@ implementation does not inherit from these but defines every member itself, capa
 included, and tests/unit/test_layout.py checks each implementation against its protocol, so one
 that lacks a member fails there rather than in the middle of a run.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Any, Optional, Protocol
 
 import numpy as np
 

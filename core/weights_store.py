@@ -4,6 +4,7 @@ The learner publishes; actors and the driver's evaluation fetch. Importing this 
 import torch: they read the weights as numpy arrays (``fetch_if_newer(..., as_numpy=True)``);
 only the learner encodes them from tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from typing import Optional
 @dataclass(frozen=True)
 class WeightsKeys:
     """The Redis keys of one run's weights (the namespace is the run id, as for the replay keys)."""
+
     namespace: str
 
     @property
@@ -30,6 +32,7 @@ class WeightsKeys:
 
 def encode_weights(state_dict: dict, version: int) -> bytes:
     from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     return st_save(tensors, metadata={"version": str(int(version))})
 
@@ -39,12 +42,14 @@ def decode_weights(blob: bytes, as_numpy: bool = False) -> tuple[int, dict]:
     if len(blob) < 8:
         raise ValueError("weights blob is truncated")
     (n,) = struct.unpack_from("<Q", blob, 0)
-    header = json.loads(blob[8:8 + n])
+    header = json.loads(blob[8 : 8 + n])
     version = int(header.get("__metadata__", {}).get("version", "0"))
     if as_numpy:
         from safetensors.numpy import load as st_load_numpy
+
         return version, st_load_numpy(blob)
     from safetensors.torch import load as st_load
+
     return version, st_load(blob)
 
 
@@ -73,4 +78,3 @@ def fetch_if_newer(redis_client, keys: WeightsKeys, have: int, as_numpy: bool = 
     if version <= have:
         return None
     return version, state
-

@@ -10,6 +10,7 @@ A DQN's checkpoint is ~100 KB and the policy files less, so no shared storage is
 Versions count puts in this process; ``token`` tells processes apart, so that a driver holding
 version 7 of a learner that Ray restarted (and whose count began again at 0) asks for everything.
 """
+
 from __future__ import annotations
 
 import threading

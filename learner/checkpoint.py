@@ -4,6 +4,7 @@ A distributed learner never writes one to disk: it hands :func:`dumps`' bytes to
 which writes them into the run directory (see :mod:`learner.artifacts`), and a resumed or
 restarted learner is handed the bytes back and reads them with :func:`loads`.
 """
+
 from __future__ import annotations
 
 import io
@@ -75,14 +76,18 @@ def policy_weights(state: dict, path: str | Path) -> tuple[dict, dict]:
     naming the key, rather than a ``KeyError`` from deep inside ``load_state_dict``.
     """
     from .policy_file import PolicyFileError, check_architecture, check_finite, check_tensors
+
     where = str(path)
     for key, kind in (("settings", dict), ("spec", dict), ("online", dict), ("config", dict), ("updates", int)):
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise CheckpointError(f"{where}: {key}: expected {kind.__name__}, got {type(state.get(key)).__name__}")
     s, spec, online = state["settings"], state["spec"], state["online"]
-    arch = {"obs_dim": spec.get("obs_dim"), "num_actions": spec.get("num_actions"),
-            "hidden_sizes": list(s["hidden_sizes"]) if isinstance(s.get("hidden_sizes"), (list, tuple)) else None,
-            "dueling": s.get("dueling")}
+    arch = {
+        "obs_dim": spec.get("obs_dim"),
+        "num_actions": spec.get("num_actions"),
+        "hidden_sizes": list(s["hidden_sizes"]) if isinstance(s.get("hidden_sizes"), (list, tuple)) else None,
+        "dueling": s.get("dueling"),
+    }
     env = state["config"].get("env")
     arch["env_id"] = env.get("id") if isinstance(env, dict) and isinstance(env.get("id"), str) else None
     try:

@@ -12,9 +12,10 @@ everything else on the host. The optimizer's step count lives on the device (see
 ``FlatAdam.graph_step``). The graph's outputs (loss, TD errors, Q of the taken actions) are
 overwritten by the next replay: read or clone them before that.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -46,8 +47,9 @@ class UpdateGraph:
             self.outputs = update(self.inputs)
 
     def fits(self, batch: dict) -> bool:
-        return all(batch[k].shape == self.inputs[k].shape and batch[k].dtype == self.inputs[k].dtype
-                   for k in UPDATE_COLUMNS)
+        return all(
+            batch[k].shape == self.inputs[k].shape and batch[k].dtype == self.inputs[k].dtype for k in UPDATE_COLUMNS
+        )
 
     def replay(self, batch: dict) -> tuple:
         """One update on ``batch`` (tensors on the device, shaped as the example)."""

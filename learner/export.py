@@ -16,6 +16,7 @@ training never pauses to trace. A learner of a run exports into a private folder
 and hands the files' bytes (:func:`read_policy_files`) to the driver, which writes them into the
 run directory (learner/artifacts.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,8 +50,11 @@ SUFFIXES = (".safetensors", ".json", ".pt2", ".onnx")  # in the order they are w
 def read_policy_files(path: str | Path) -> dict[str, bytes]:
     """name -> bytes of the files an export to ``path`` (``policy.pt2``) wrote; ``.onnx`` only if there."""
     stem = Path(path).with_suffix("")
-    return {stem.name + s: stem.with_suffix(s).read_bytes() for s in SUFFIXES
-            if s != ".onnx" or stem.with_suffix(s).is_file()}
+    return {
+        stem.name + s: stem.with_suffix(s).read_bytes()
+        for s in SUFFIXES
+        if s != ".onnx" or stem.with_suffix(s).is_file()
+    }
 
 
 class PolicyExporter:
@@ -74,7 +78,7 @@ class PolicyExporter:
         write_policy_files(net, path.with_suffix(""), **(info or {}))
         if self.program is None:
             model = copy.deepcopy(net).to("cpu").eval()
-            obs_dim = int(model.obs_center.shape[0])
+            obs_dim = int(net.state_dict()["obs_center"].shape[0])
             batch = torch.export.Dim("batch", min=1, max=1 << 20)
             self.program = torch.export.export(model, (torch.zeros(2, obs_dim),), dynamic_shapes={"obs": {0: batch}})
         else:
@@ -111,14 +115,16 @@ class BackgroundExporter:
     """
 
     def __init__(self, spec: dict, hidden_sizes, dueling: bool):
-        self.arch = {"spec": spec, "hidden_sizes": [int(h) for h in hidden_sizes], "dueling": bool(dueling)}
+        self.spec, self.hidden_sizes, self.dueling = spec, [int(h) for h in hidden_sizes], bool(dueling)
+        self.arch = {"spec": spec, "hidden_sizes": self.hidden_sizes, "dueling": self.dueling}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="learner-export")
         self._proc: subprocess.Popen | None = None
         self._fallback = PolicyExporter()
-        self._finalizer = None
+        self._finalizer: weakref.finalize | None = None
 
-    def submit(self, state: dict, path: str | Path, info: dict | None = None,
-               then: Callable[[str], None] | None = None) -> Future:
+    def submit(
+        self, state: dict, path: str | Path, info: dict | None = None, then: Callable[[str], None] | None = None
+    ) -> Future:
         """Export the network with weights ``state`` to ``path``; the snapshot is taken now.
 
         ``info`` (plain JSON: ``env_id``, ``weights_version``, ``eval_return``) goes into ``policy.json``.
@@ -143,7 +149,8 @@ class BackgroundExporter:
             self._stop_helper()
         try:
             from .network import build_network
-            net = build_network(self.arch["spec"], self.arch["hidden_sizes"], self.arch["dueling"])
+
+            net = build_network(self.spec, self.hidden_sizes, self.dueling)
             net.load_state_dict(state)
             return str(self._fallback.save(net, path, info))
         except Exception as exc:  # nobody may wait on a periodic export: say so here
@@ -152,18 +159,25 @@ class BackgroundExporter:
 
     def _export_in_helper(self, state: dict, path: str, info: dict) -> str:
         from safetensors.torch import save
+
         if self._proc is None or self._proc.poll() is not None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            self._proc = subprocess.Popen([sys.executable, "-m", "apexq.learner.export", "--serve"],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "apexq.learner.export", "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
             self._finalizer = weakref.finalize(self, _close_helper, self._proc)
+        proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None  # both PIPE
         payload = save(state)
         header = {"path": path, "nbytes": len(payload), "info": info, **self.arch}
-        self._proc.stdin.write(json.dumps(header).encode() + b"\n" + payload)
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        proc.stdin.write(json.dumps(header).encode() + b"\n" + payload)
+        proc.stdin.flush()
+        line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"helper exited (status {self._proc.wait()})")
+            raise RuntimeError(f"helper exited (status {proc.wait()})")
         reply = json.loads(line)
         if "error" in reply:
             raise RuntimeError(reply["error"])
@@ -181,7 +195,8 @@ class BackgroundExporter:
 
 def _close_helper(proc: subprocess.Popen) -> None:
     try:
-        proc.stdin.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
         proc.wait(timeout=10)
     except Exception:
         proc.kill()
@@ -192,12 +207,15 @@ def serve(inp, out) -> None:
     from safetensors.torch import load
 
     from .network import build_network
+
     try:
         os.nice(10)  # the learner and the actors come first
     except OSError:
         pass
     torch.set_num_threads(1)
-    exporter = net = arch = None
+    exporter: PolicyExporter | None = None
+    net: torch.nn.Module | None = None
+    arch = None
     while True:
         line = inp.readline()
         if not line:
@@ -210,6 +228,7 @@ def serve(inp, out) -> None:
             if key != arch:  # a new shape of network: trace afresh
                 net = build_network(req["spec"], req["hidden_sizes"], req["dueling"])
                 exporter, arch = PolicyExporter(), key
+            assert net is not None and exporter is not None
             net.load_state_dict(state)
             reply = {"path": str(exporter.save(net, req["path"], req.get("info")))}
         except Exception as exc:  # reported to the learner, which exports itself instead

@@ -3,6 +3,7 @@
 A plain class (no Ray import). Priorities go back to the shards and weights go out to Redis
 on a background executor, off the training path.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,9 +14,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,9 +28,9 @@ from apexq.core.interfaces import Shard
 
 from . import checkpoint as ckpt
 from .artifacts import Outbox
-from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .cuda_graph import UpdateGraph
 from .export import BackgroundExporter, read_policy_files
+from .losses import beta_at, double_dqn_targets, new_priorities, td_loss
 from .network import build_network
 from .optim import FlatAdam
 from .prefetch import PrefetchSampler, example_minibatch, undeal
@@ -48,10 +50,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Learner:
-    def __init__(self, settings: LearnerSettings, spec: dict, shards: Sequence[Shard],
-                 redis_url: Optional[str] = None, namespace: str = "default",
-                 checkpoint_path: Optional[str] = None, resume: Optional[dict] = None,
-                 config: Optional[dict] = None):
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        spec: dict,
+        shards: Sequence[Shard],
+        redis_url: Optional[str] = None,
+        namespace: str = "default",
+        checkpoint_path: Optional[str] = None,
+        resume: Optional[dict] = None,
+        config: Optional[dict] = None,
+    ):
         self.s = settings
         torch.set_num_threads(settings.torch_threads)
         torch.manual_seed(settings.seed)
@@ -88,7 +97,7 @@ class Learner:
         self._bg = ThreadPoolExecutor(1, thread_name_prefix="learner-bg")
         self._exporter = BackgroundExporter(spec, settings.hidden_sizes, settings.dueling)
         self._stop = threading.Event()
-        self.metrics = {"loss": None, "td_abs": None, "q_mean": None}
+        self.metrics: dict[str, Optional[float]] = {"loss": None, "td_abs": None, "q_mean": None}
         self.priority_errors = 0
         self.first_update_at: Optional[float] = None  # wall clock (time.time()) of this process's first update
         self.checkpoint_error: Optional[str] = None
@@ -134,14 +143,22 @@ class Learner:
     # -- state -----------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"format": "apexq-checkpoint-v1", "online": self.online.state_dict(),
-                "target": self.target.state_dict(), "optimizer": self.opt.state_dict(),
-                "updates": self.updates, "weights_version": self.weights_version,
-                "torch_rng": torch.get_rng_state(), "numpy_rng": self.sample_rng.bit_generator.state,
-                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "settings": asdict(self.s), "spec": self.spec,
-                "config": self.config, "extra": dict(self.extra),
-                **({"best_policy": self.best_policy} if self.best_policy else {})}
+        return {
+            "format": "apexq-checkpoint-v1",
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "updates": self.updates,
+            "weights_version": self.weights_version,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": self.sample_rng.bit_generator.state,
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "settings": asdict(self.s),
+            "spec": self.spec,
+            "config": self.config,
+            "extra": dict(self.extra),
+            **({"best_policy": self.best_policy} if self.best_policy else {}),
+        }
 
     def load_state(self, state: dict) -> None:
         self.online.load_state_dict(state["online"])
@@ -198,8 +215,10 @@ class Learner:
             try:
                 ckpt.save_atomic(self.state(), self.checkpoint_path)
             except OSError as exc:  # disk full, folder gone: the previous checkpoint is still whole
-                self.checkpoint_error = (f"{os.path.dirname(self.checkpoint_path)}: {exc.strerror or exc} while "
-                                         f"writing {os.path.basename(self.checkpoint_path)}")
+                self.checkpoint_error = (
+                    f"{os.path.dirname(self.checkpoint_path)}: {exc.strerror or exc} while "
+                    f"writing {os.path.basename(self.checkpoint_path)}"
+                )
                 log.error("checkpoint failed: %s", self.checkpoint_error)
                 return None
             where, then = self.checkpoint_path, None
@@ -214,10 +233,14 @@ class Learner:
                     self.outbox.put(read_policy_files(out))
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
+
         self.checkpoint_error = None
         best = self.best_policy or {}
-        info = {"env_id": self.config.get("env", {}).get("id"), "eval_return": best.get("eval_return"),
-                "weights_version": best.get("weights_version", self.weights_version)}
+        info = {
+            "env_id": self.config.get("env", {}).get("id"),
+            "eval_return": best.get("eval_return"),
+            "weights_version": best.get("weights_version", self.weights_version),
+        }
         done = self._exporter.submit(self.policy_network().state_dict(), path, info, then)
         if wait:
             try:
@@ -244,10 +267,17 @@ class Learner:
         between evaluations, and the policy a run hands over should be one that was judged.
         """
         # numpy arrays that came through Ray are read-only: np.array copies them (torch warns otherwise)
-        tensors = {k: v.detach().to("cpu", torch.float32).clone() if isinstance(v, torch.Tensor)
-                   else torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
-        self.best_policy = {"weights_version": int(weights_version), "eval_return": float(eval_return),
-                            "state": tensors}
+        tensors = {
+            k: v.detach().to("cpu", torch.float32).clone()
+            if isinstance(v, torch.Tensor)
+            else torch.from_numpy(np.array(v, dtype=np.float32))
+            for k, v in state.items()
+        }
+        self.best_policy = {
+            "weights_version": int(weights_version),
+            "eval_return": float(eval_return),
+            "state": tensors,
+        }
 
     def policy_network(self) -> torch.nn.Module:
         """The network ``policy.pt2`` is exported from: the best evaluated weights, else the online net."""
@@ -275,6 +305,7 @@ class Learner:
                 weights_store.publish(self.redis, self.keys, snapshot, version)
             except Exception as exc:  # Redis restarting; the next publish catches up
                 log.warning("publishing weights v%d failed: %s", version, exc)
+
         self._bg.submit(send)
 
     # -- training --------------------------------------------------------------------------
@@ -286,8 +317,9 @@ class Learner:
         """One update on a prepared batch (tensors on the device). Returns the new |TD| priorities."""
         if self._graphs and self._graph is None:
             self._capture(batch)  # on failure, _graphs turns False
-        if self._graphs:
-            loss, extra = self._graph.replay(batch) if self._graph.fits(batch) else self._update(batch)
+        graph = self._graph
+        if self._graphs and graph is not None:
+            loss, extra = graph.replay(batch) if graph.fits(batch) else self._update(batch)
             self.opt.steps += 1  # graph_step() counts on the device only
         else:
             loss, extra = self._update(batch)
@@ -330,8 +362,11 @@ class Learner:
             self._graph = UpdateGraph(self._update, self.opt, batch)
             log.info("learner: the update is captured as a CUDA graph (batch %d)", batch["obs"].shape[0])
         except Exception as exc:  # an op this torch cannot capture: train without the graph
-            log.warning("learner.cuda_graphs: capturing the update failed (%s: %s); the learner runs "
-                        "without CUDA graphs", type(exc).__name__, exc)
+            log.warning(
+                "learner.cuda_graphs: capturing the update failed (%s: %s); the learner runs without CUDA graphs",
+                type(exc).__name__,
+                exc,
+            )
             self._graph = None
             self._graphs = False
 
@@ -356,13 +391,14 @@ class Learner:
                 # these minibatches were most likely one request, dealt round-robin by the sampler:
                 # undealt, the keys are back in slot order (if not, the shard just sorts them)
                 keys, pr = undeal(keys, len(buf)), undeal(pr, len(buf))
-            for i in (range(1) if len(self.shards) == 1 else np.unique(shard_of)):
+            for i in range(1) if len(self.shards) == 1 else np.unique(shard_of):
                 m = slice(None) if len(self.shards) == 1 else shard_of == i
                 try:
                     self.shards[int(i)].update_priorities(keys[m], pr[m])
                 except Exception as exc:
                     self.priority_errors += 1
                     log.debug("priority update to shard %d failed: %s", i, exc)
+
         if self.inline_priorities:
             send()
         else:
@@ -374,10 +410,16 @@ class Learner:
             # before the prefetch thread starts: while a graph is captured, no other thread of
             # the process may allocate device or pinned memory (CUDA refuses such calls then)
             self._capture(self._example_batch())
-        self.sampler = PrefetchSampler(self.shards, self.s.batch_size, self.s.prefetch, self.device,
-                                       self.beta, rng=self.sample_rng,
-                                       batches_per_request=self.s.batches_per_request,
-                                       inline=self.local_shards).start()
+        self.sampler = PrefetchSampler(
+            self.shards,
+            self.s.batch_size,
+            self.s.prefetch,
+            self.device,
+            self.beta,
+            rng=self.sample_rng,
+            batches_per_request=self.s.batches_per_request,
+            inline=self.local_shards,
+        ).start()
         try:
             while not self._stop.is_set():
                 batch = self.sampler.get(timeout=0.5)
@@ -399,8 +441,11 @@ class Learner:
         extra = self.step(batch)
         self.send_priorities(batch["keys"], batch["shard"], extra["td"])
         if self.updates % 10 == 0:
-            self.metrics = {"loss": float(extra["loss"]), "td_abs": float(extra["td"].abs().mean()),
-                            "q_mean": float(extra["q_taken"].mean())}
+            self.metrics = {
+                "loss": float(extra["loss"]),
+                "td_abs": float(extra["td"].abs().mean()),
+                "q_mean": float(extra["q_taken"].mean()),
+            }
         if self.updates % self.s.publish_every == 0:
             self.publish()
         self.checkpoint_if_due()
@@ -412,8 +457,9 @@ class Learner:
         made once, reads the shards inline and never waits (the rate limiter says when to stop).
         """
         if self.sampler is None:
-            self.sampler = PrefetchSampler(self.shards, self.s.batch_size, 1, self.device, self.beta,
-                                           rng=self.sample_rng, timeout=0.0)
+            self.sampler = PrefetchSampler(
+                self.shards, self.s.batch_size, 1, self.device, self.beta, rng=self.sample_rng, timeout=0.0
+            )
         n = 0
         while (got := self.sampler.sample_once()) is not None:
             for batch in got:
@@ -435,12 +481,19 @@ class Learner:
 
     def stats(self) -> dict:
         sp = self.sampler
-        return {"updates": self.updates, "weights_version": self.weights_version,
-                "transitions_sampled": sp.sampled if sp else 0, "sample_waits": sp.waits if sp else 0,
-                "beta": self.beta(), "device": str(self.device), "cuda_graph": self._graph is not None,
-                "priority_errors": self.priority_errors,
-                "checkpoint_error": self.checkpoint_error, "first_update_at": self.first_update_at,
-                "artifacts": list(self.outbox.mark()),
-                "best_eval_return": self.best_policy["eval_return"] if self.best_policy else None,
-                "best_weights_version": self.best_policy["weights_version"] if self.best_policy else None,
-                **self.metrics}
+        return {
+            "updates": self.updates,
+            "weights_version": self.weights_version,
+            "transitions_sampled": sp.sampled if sp else 0,
+            "sample_waits": sp.waits if sp else 0,
+            "beta": self.beta(),
+            "device": str(self.device),
+            "cuda_graph": self._graph is not None,
+            "priority_errors": self.priority_errors,
+            "checkpoint_error": self.checkpoint_error,
+            "first_update_at": self.first_update_at,
+            "artifacts": list(self.outbox.mark()),
+            "best_eval_return": self.best_policy["eval_return"] if self.best_policy else None,
+            "best_weights_version": self.best_policy["weights_version"] if self.best_policy else None,
+            **self.metrics,
+        }

@@ -2,6 +2,7 @@
 
 B = batch size, A = number of actions.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 
-def double_dqn_targets(ret: torch.Tensor, discount: torch.Tensor, q_next_online: torch.Tensor,
-                       q_next_target: torch.Tensor) -> torch.Tensor:
+def double_dqn_targets(
+    ret: torch.Tensor, discount: torch.Tensor, q_next_online: torch.Tensor, q_next_target: torch.Tensor
+) -> torch.Tensor:
     """``ret + discount * Q_target(s', argmax_a Q_online(s', a))``.
 
     ret, discount: [B] (the n-step return and bootstrap discount carried by each transition;
@@ -31,8 +33,9 @@ def importance_weights(prob: np.ndarray, size: int, beta: float) -> np.ndarray:
     return (w / w.max(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def td_loss(q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-            huber_delta: float = 1.0) -> tuple[torch.Tensor, dict]:
+def td_loss(
+    q: torch.Tensor, actions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, huber_delta: float = 1.0
+) -> tuple[torch.Tensor, dict]:
     """Importance-weighted Huber loss. q: [B, A], actions: [B] int64, targets, weights: [B].
 
     Returns ``(loss, extra)`` where extra holds ``td`` ([B], target - Q(s,a), detached) and

@@ -1,7 +1,8 @@
 """The Q-network: an MLP over observations scaled by the space's bounds, optional dueling head."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,18 @@ from apexq.core.network_layout import obs_scaling
 class QNetwork(nn.Module):
     """``forward(obs: float32[B, obs_dim]) -> Q: float32[B, num_actions]``."""
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: Sequence[int], dueling: bool,
-                 obs_low: Sequence[float] | None = None, obs_high: Sequence[float] | None = None):
+    obs_center: torch.Tensor  # buffers (register_buffer below)
+    obs_half_range: torch.Tensor
+
+    def __init__(
+        self,
+        obs_dim: int,
+        num_actions: int,
+        hidden_sizes: Sequence[int],
+        dueling: bool,
+        obs_low: Sequence[float] | None = None,
+        obs_high: Sequence[float] | None = None,
+    ):
         """``hidden_sizes`` and ``dueling`` are learner.hidden_sizes and learner.dueling of the config."""
         super().__init__()
         center, half = obs_scaling(obs_dim, obs_low, obs_high)
@@ -49,5 +60,6 @@ class QNetwork(nn.Module):
 
 
 def build_network(spec: dict, hidden_sizes, dueling: bool) -> QNetwork:
-    return QNetwork(spec["obs_dim"], spec["num_actions"], hidden_sizes, dueling,
-                    spec.get("obs_low"), spec.get("obs_high"))
+    return QNetwork(
+        spec["obs_dim"], spec["num_actions"], hidden_sizes, dueling, spec.get("obs_low"), spec.get("obs_high")
+    )

@@ -11,6 +11,7 @@ The torch.export-based exporter took 4.5-5 s, needs ``onnxscript`` (with ``onnx_
 ``ml_dtypes``), writes the weights to a second ``.onnx.data`` file by default and prints its
 progress on stdout, which the export helper's protocol uses.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,8 @@ class OnnxExporter:
     """
 
     def __init__(self):
-        self.model = None       # the onnx ModelProto of the first export
-        self.reusable = False   # every initializer is a state-dict entry of the same shape
+        self.model = None  # the onnx ModelProto of the first export
+        self.reusable = False  # every initializer is a state-dict entry of the same shape
         self.unavailable = False
 
     def save(self, net: torch.nn.Module, path: str | Path) -> Path | None:
@@ -69,7 +70,14 @@ def trace(net: torch.nn.Module) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the exporter's own deprecation notice (see the module docstring)
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, int(model.obs_center.shape[0])),), buf, input_names=["obs"],
-                          output_names=["q"], dynamic_axes={"obs": {0: "batch"}, "q": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.zeros(2, int(model.state_dict()["obs_center"].shape[0])),),
+            buf,  # type: ignore[arg-type]  # torch.onnx.export writes to a file-like object too
+            input_names=["obs"],
+            output_names=["q"],
+            dynamic_axes={"obs": {0: "batch"}, "q": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
     return buf.getvalue()

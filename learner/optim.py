@@ -17,10 +17,11 @@ math is torch.optim.Adam's with its defaults (no weight decay, no AMSGrad): the 
 against hand-computed values and against ``torch.optim.Adam`` step by step. ``state_dict()`` is
 in torch.optim.Adam's format, so checkpoints written before this class still resume.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -35,8 +36,7 @@ class FlatAdam:
     buffers, so move the module before building this.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple = (0.9, 0.999),
-                 eps: float = 1e-8):
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("FlatAdam needs at least one trainable parameter")
@@ -88,8 +88,8 @@ class FlatAdam:
         self.exp_avg.lerp_(g, 1.0 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         torch.sqrt(self.exp_avg_sq, out=self._denom)
-        self._denom.div_(math.sqrt(1.0 - b2 ** self.steps)).add_(self.eps)
-        self.flat.addcdiv_(self.exp_avg, self._denom, value=-self.lr / (1.0 - b1 ** self.steps))
+        self._denom.div_(math.sqrt(1.0 - b2**self.steps)).add_(self.eps)
+        self.flat.addcdiv_(self.exp_avg, self._denom, value=-self.lr / (1.0 - b1**self.steps))
 
     def enable_graph_step(self) -> None:
         """Keep a copy of the step count on the device, so that :meth:`graph_step` can run inside a
@@ -109,6 +109,7 @@ class FlatAdam:
         """
         b1, b2 = self.betas
         g = self.grad
+        assert self.t is not None, "enable_graph_step() first"
         self.t.add_(1.0)
         self.exp_avg.lerp_(g, 1.0 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
@@ -133,12 +134,25 @@ class FlatAdam:
         state = {}
         if self.steps:
             for i, (p, s) in enumerate(zip(self.params, self.slices)):
-                state[i] = {"step": torch.tensor(float(self.steps)),
-                            "exp_avg": self.exp_avg[s].view_as(p).clone(),
-                            "exp_avg_sq": self.exp_avg_sq[s].view_as(p).clone()}
-        group = {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": 0.0, "amsgrad": False,
-                 "maximize": False, "foreach": None, "capturable": False, "differentiable": False, "fused": None,
-                 "decoupled_weight_decay": False, "params": list(range(len(self.params)))}
+                state[i] = {
+                    "step": torch.tensor(float(self.steps)),
+                    "exp_avg": self.exp_avg[s].view_as(p).clone(),
+                    "exp_avg_sq": self.exp_avg_sq[s].view_as(p).clone(),
+                }
+        group = {
+            "lr": self.lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": 0.0,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": False,
+            "params": list(range(len(self.params))),
+        }
         return {"state": state, "param_groups": [group]}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -148,8 +162,10 @@ class FlatAdam:
         """
         groups = sd.get("param_groups") or []
         if len(groups) != 1 or len(groups[0].get("params", [])) != len(self.params):
-            raise ValueError(f"optimizer state is for {sum(len(g.get('params', [])) for g in groups)} parameters "
-                             f"in {len(groups)} groups; this network has {len(self.params)} in one")
+            raise ValueError(
+                f"optimizer state is for {sum(len(g.get('params', [])) for g in groups)} parameters "
+                f"in {len(groups)} groups; this network has {len(self.params)} in one"
+            )
         if groups[0].get("amsgrad") or groups[0].get("weight_decay"):
             raise ValueError("optimizer state uses AMSGrad or weight decay, which this Adam does not")
         state = sd.get("state") or {}
@@ -169,8 +185,10 @@ class FlatAdam:
                 for name, buf in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
                     t = state[k][name]
                     if tuple(t.shape) != tuple(p.shape):
-                        raise ValueError(f"optimizer state {name} of parameter {k} has shape {tuple(t.shape)}, "
-                                         f"expected {tuple(p.shape)}")
+                        raise ValueError(
+                            f"optimizer state {name} of parameter {k} has shape {tuple(t.shape)}, "
+                            f"expected {tuple(p.shape)}"
+                        )
                     buf[s].copy_(t.reshape(-1))
         self._set_steps(int(steps.pop()))
 

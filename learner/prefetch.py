@@ -14,6 +14,7 @@ as last reported). Within shard k an item is drawn with probability ``p_i / tota
 overall probability is ``p_i / sum(total)`` -- exactly proportional prioritized sampling over
 the union of shards. Importance weights use that global probability and the global size.
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,8 +22,9 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
 
 import numpy as np
 import torch
@@ -54,16 +56,30 @@ def undeal(a: np.ndarray, k: int) -> np.ndarray:
 def example_minibatch(batch_size: int, obs_dim: int, device: torch.device) -> dict:
     """The :data:`UPDATE_COLUMNS` of a minibatch, shaped and typed as :meth:`PrefetchSampler.prepare`
     makes them (zeros, weights ones): what the learner captures its CUDA graph on."""
-    B, f = batch_size, dict(device=device, dtype=torch.float32)
-    return {"obs": torch.zeros(B, obs_dim, **f), "action": torch.zeros(B, dtype=torch.int64, device=device),
-            "ret": torch.zeros(B, **f), "discount": torch.zeros(B, **f), "next_obs": torch.zeros(B, obs_dim, **f),
-            "weights": torch.ones(B, **f)}
+    B, f32 = batch_size, torch.float32
+    return {
+        "obs": torch.zeros(B, obs_dim, device=device, dtype=f32),
+        "action": torch.zeros(B, dtype=torch.int64, device=device),
+        "ret": torch.zeros(B, device=device, dtype=f32),
+        "discount": torch.zeros(B, device=device, dtype=f32),
+        "next_obs": torch.zeros(B, obs_dim, device=device, dtype=f32),
+        "weights": torch.ones(B, device=device, dtype=f32),
+    }
 
 
 class PrefetchSampler:
-    def __init__(self, shards: Sequence[Shard], batch_size: int, depth: int, device: torch.device,
-                 beta: Callable[[], float], rng: Optional[np.random.Generator] = None, timeout: float = 1.0,
-                 batches_per_request: int = 1, inline: bool = False):
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        batch_size: int,
+        depth: int,
+        device: torch.device,
+        beta: Callable[[], float],
+        rng: Optional[np.random.Generator] = None,
+        timeout: float = 1.0,
+        batches_per_request: int = 1,
+        inline: bool = False,
+    ):
         self.shards = list(shards)
         self.batch_size = batch_size
         # one request per shard brings this many minibatches: remote-call overhead is paid once
@@ -96,7 +112,7 @@ class PrefetchSampler:
         # prepares them: pinning and the host-to-device copies then overlap the device's work.
         self.prepare_on_get = device.type != "cuda"
 
-    def start(self) -> "PrefetchSampler":
+    def start(self) -> PrefetchSampler:
         if not self.inline:
             self._thread.start()
         return self
@@ -188,11 +204,13 @@ class PrefetchSampler:
         or None."""
         B, k = self.batch_size, self.per_request
         counts = self.split(B * k)
+        futures: dict[int, Optional[Future]]
         if len(self.shards) == 1:  # no thread hop for a single shard
             futures = {0: None}
         else:
-            futures = {i: self._pool.submit(self.shards[i].sample, int(n), self.timeout)
-                       for i, n in enumerate(counts) if n > 0}
+            futures = {
+                i: self._pool.submit(self.shards[i].sample, int(n), self.timeout) for i, n in enumerate(counts) if n > 0
+            }
         parts: dict[int, SampleBatch] = {}
         for i, fut in futures.items():
             try:
@@ -265,6 +283,7 @@ class PrefetchSampler:
         cols = {c: dev(cat[c], torch.int64 if c == "action" else None) for c in TRANSITION_COLUMNS}
         cols["weights"] = dev(w.reshape(-1))
         keys = cat["keys"].reshape(k, B)
-        shard_of = shard_of.reshape(k, B)
-        return [{**{name: col[j] for name, col in cols.items()}, "keys": keys[j], "shard": shard_of[j]}
-                for j in range(k)]
+        shard_rows = shard_of.reshape(k, B)
+        return [
+            {**{name: col[j] for name, col in cols.items()}, "keys": keys[j], "shard": shard_rows[j]} for j in range(k)
+        ]

@@ -1,4 +1,5 @@
 """The learner's settings: a plain dataclass, importable without torch (the driver builds it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 class LearnerSettings:
     """Built by cluster/components.py from the config's learner and replay sections; their default
     file (configs/mountaincar.yaml) is the only place defaults live, so none has one here."""
+
     batch_size: int
     lr: float
     hidden_sizes: list

@@ -8,6 +8,7 @@
 Rejected entries (malformed or forged) were never counted as appended by an actor; they are
 reported beside the balance.
 """
+
 from __future__ import annotations
 
 from .codec import HEADER, HEADER_SIZE, MAGIC
@@ -61,6 +62,12 @@ def reconcile(client, namespace: str, shard: int) -> dict:
     appended = sum(appended_by_actor.values())
     ingested = counts.get("ingested", 0)
     pending = pending_transitions(client, keys.stream(shard), keys.group(shard))
-    return {"shard": shard, "appended": appended, "ingested": ingested, "pending": pending,
-            "rejected_entries": counts.get("rejected_entries", 0),
-            "appended_by_actor": appended_by_actor, "balanced": appended == ingested + pending}
+    return {
+        "shard": shard,
+        "appended": appended,
+        "ingested": ingested,
+        "pending": pending,
+        "rejected_entries": counts.get("rejected_entries", 0),
+        "appended_by_actor": appended_by_actor,
+        "balanced": appended == ingested + pending,
+    }

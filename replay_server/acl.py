@@ -14,24 +14,43 @@ touch nothing else on a shared server. The rule does not narrow it to one run's 
 the embedded server serves one run only, and a shared server's operator who wants that can
 replace ``~apexq:*`` by ``~apexq:<namespace>:*``. No Pub/Sub channels are used.
 """
+
 from __future__ import annotations
 
 CLIENT_COMMANDS: tuple[str, ...] = (
     # redis-py's connection handshake (CLIENT SETINFO: library name and version; HELLO only for a
     # URL asking for protocol=3, SELECT only for one naming a database other than 0), the
     # start-up check and the health check
-    "auth", "hello", "client|setinfo", "select", "ping",
+    "auth",
+    "hello",
+    "client|setinfo",
+    "select",
+    "ping",
     # transactions: an actor's XADD with its appended counter, a shard's XACK with its ingest
     # counters, the learner's weights with their version
-    "multi", "exec",
+    "multi",
+    "exec",
     # the replay streams: actors append, shards consume and rebuild, the driver reconciles
-    "xadd", "xreadgroup", "xack", "xgroup|create", "xinfo|groups", "xrange", "xpending",
+    "xadd",
+    "xreadgroup",
+    "xack",
+    "xgroup|create",
+    "xinfo|groups",
+    "xrange",
+    "xpending",
     # counters: a shard's epoch, appended/ingested hashes, the driver's accounting
-    "incrby", "hincrby", "hgetall", "exists",  # (redis-py's incr() sends INCRBY)
+    "incrby",
+    "hincrby",
+    "hgetall",
+    "exists",  # (redis-py's incr() sends INCRBY)
     # versioned weights
-    "get", "set",
+    "get",
+    "set",
     # a standalone shard's request and reply lists (replay_server/rpc.py)
-    "rpush", "blpop", "ltrim", "pexpire",
+    "rpush",
+    "blpop",
+    "ltrim",
+    "pexpire",
 )
 
 KEY_PATTERN = "apexq:*"
@@ -49,11 +68,25 @@ DEFAULT_USER_LINE = "user default off resetpass ~* &* +@all"
 
 # Refused to the client user; the tests check each one (the issue's list plus the admin commands).
 DANGEROUS: tuple[tuple[str, ...], ...] = (
-    ("eval", "return 1", "0"), ("function", "load", "#!lua name=x\nredis.register_function('f', function() end)"),
-    ("restore-asking", "apexq:k", "0", "x"), ("client", "pause", "1000"), ("client", "kill", "id", "1"),
-    ("swapdb", "0", "1"), ("keys", "*"), ("bgrewriteaof",), ("flushall",), ("flushdb",),
-    ("config", "get", "*"), ("debug", "sleep", "0"), ("shutdown", "nosave"), ("script", "kill"),
-    ("monitor",), ("acl", "list"), ("module", "list"), ("replicaof", "no", "one"), ("save",),
+    ("eval", "return 1", "0"),
+    ("function", "load", "#!lua name=x\nredis.register_function('f', function() end)"),
+    ("restore-asking", "apexq:k", "0", "x"),
+    ("client", "pause", "1000"),
+    ("client", "kill", "id", "1"),
+    ("swapdb", "0", "1"),
+    ("keys", "*"),
+    ("bgrewriteaof",),
+    ("flushall",),
+    ("flushdb",),
+    ("config", "get", "*"),
+    ("debug", "sleep", "0"),
+    ("shutdown", "nosave"),
+    ("script", "kill"),
+    ("monitor",),
+    ("acl", "list"),
+    ("module", "list"),
+    ("replicaof", "no", "one"),
+    ("save",),
 )
 
 
@@ -64,8 +97,11 @@ def acl_rule() -> str:
 
 def server_users(password: str, admin_password: str) -> list[str]:
     """The redis.conf ``user`` lines of a server apexq runs: default (off), the client user, admin."""
-    return [DEFAULT_USER_LINE, f"user {CLIENT_USER} reset on >{password} {acl_rule()}",
-            f"user admin reset on >{admin_password} ~* &* +@all"]
+    return [
+        DEFAULT_USER_LINE,
+        f"user {CLIENT_USER} reset on >{password} {acl_rule()}",
+        f"user admin reset on >{admin_password} ~* &* +@all",
+    ]
 
 
 def setuser_command(user: str = CLIENT_USER, password: str = "PASSWORD") -> str:

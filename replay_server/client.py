@@ -1,8 +1,9 @@
 """What actors call: append encoded blocks to a shard's stream, with backpressure."""
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from apexq.core.connection import connect, with_backoff
 
@@ -18,8 +19,7 @@ class StreamWriter:
     have left unread before :meth:`append` waits: actors slow down instead of Redis growing.
     """
 
-    def __init__(self, redis_url: str, namespace: str, shard: int, actor_id: int,
-                 maxlen: int, max_backlog: int):
+    def __init__(self, redis_url: str, namespace: str, shard: int, actor_id: int, maxlen: int, max_backlog: int):
         self.redis = connect(redis_url)
         self.keys = Keys(namespace)
         self.stream = self.keys.stream(shard)

@@ -27,6 +27,7 @@ what a working run produces, while a forged 3.4e38 would draw nearly every sampl
 and leave the other leaves below the sum-tree's float64 resolution: blocks carrying larger
 priorities are rejected (``priority_too_large``), priority updates are clamped to it.
 """
+
 from __future__ import annotations
 
 import struct
@@ -43,9 +44,21 @@ MAX_OBS_DIM = 4096
 MAX_COUNT = 1 << 20
 MAX_PRIORITY = 1e6
 
-REASONS = ("missing_field", "too_short", "bad_magic", "bad_version", "bad_dtype", "bad_shape",
-           "bad_length", "non_finite", "bad_action", "bad_discount", "bad_priority", "bad_flags",
-           "priority_too_large")
+REASONS = (
+    "missing_field",
+    "too_short",
+    "bad_magic",
+    "bad_version",
+    "bad_dtype",
+    "bad_shape",
+    "bad_length",
+    "non_finite",
+    "bad_action",
+    "bad_discount",
+    "bad_priority",
+    "bad_flags",
+    "priority_too_large",
+)
 
 
 class BlockError(ValueError):
@@ -57,12 +70,12 @@ class BlockError(ValueError):
 
 @dataclass
 class Block:
-    obs: np.ndarray        # float32 [count, obs_dim]
-    action: np.ndarray     # int32 [count]
-    ret: np.ndarray        # float32 [count]
-    discount: np.ndarray   # float32 [count]
-    next_obs: np.ndarray   # float32 [count, obs_dim]
-    priority: np.ndarray   # float32 [count]
+    obs: np.ndarray  # float32 [count, obs_dim]
+    action: np.ndarray  # int32 [count]
+    ret: np.ndarray  # float32 [count]
+    discount: np.ndarray  # float32 [count]
+    next_obs: np.ndarray  # float32 [count, obs_dim]
+    priority: np.ndarray  # float32 [count]
     actor_id: int = 0
     weights_version: int = 0
     block_seq: int = 0
@@ -87,19 +100,23 @@ def encode_block(block: Block) -> bytes:
     if obs.ndim != 2 or obs.shape[0] != count:
         raise ValueError(f"obs must be [count, obs_dim], got {obs.shape}")
     obs_dim = obs.shape[1]
-    header = HEADER.pack(MAGIC, VERSION, OBS_FLOAT32, obs_dim, count, block.actor_id, 0,
-                         block.weights_version, block.block_seq)
-    parts = [header, obs.tobytes(),
-             np.ascontiguousarray(block.action, dtype="<i4").tobytes(),
-             np.ascontiguousarray(block.ret, dtype="<f4").tobytes(),
-             np.ascontiguousarray(block.discount, dtype="<f4").tobytes(),
-             np.ascontiguousarray(block.next_obs, dtype="<f4").reshape(count, obs_dim).tobytes(),
-             np.ascontiguousarray(block.priority, dtype="<f4").tobytes()]
+    header = HEADER.pack(
+        MAGIC, VERSION, OBS_FLOAT32, obs_dim, count, block.actor_id, 0, block.weights_version, block.block_seq
+    )
+    parts = [
+        header,
+        obs.tobytes(),
+        np.ascontiguousarray(block.action, dtype="<i4").tobytes(),
+        np.ascontiguousarray(block.ret, dtype="<f4").tobytes(),
+        np.ascontiguousarray(block.discount, dtype="<f4").tobytes(),
+        np.ascontiguousarray(block.next_obs, dtype="<f4").reshape(count, obs_dim).tobytes(),
+        np.ascontiguousarray(block.priority, dtype="<f4").tobytes(),
+    ]
     return b"".join(parts)
 
 
-def decode_block(data: bytes, obs_dim: int | None = None, num_actions: int | None = None) -> Block:
-    """Parse and validate one block; arrays are read-only views into ``data``."""
+def decode_block(data: object, obs_dim: int | None = None, num_actions: int | None = None) -> Block:
+    """Parse and validate one block (whatever a stream entry held); arrays are read-only views into ``data``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BlockError("missing_field", "entry has no block payload")
     if len(data) < HEADER_SIZE:
@@ -120,8 +137,9 @@ def decode_block(data: bytes, obs_dim: int | None = None, num_actions: int | Non
         raise BlockError("bad_shape", f"count {count} outside 1..{MAX_COUNT}")
     expected = block_nbytes(count, dim)
     if len(data) != expected:
-        raise BlockError("bad_length", f"{len(data)} bytes, header says {expected} "
-                                       f"({count} transitions of obs_dim {dim})")
+        raise BlockError(
+            "bad_length", f"{len(data)} bytes, header says {expected} ({count} transitions of obs_dim {dim})"
+        )
     buf = memoryview(data)
     off = HEADER_SIZE
 
@@ -141,8 +159,9 @@ def decode_block(data: bytes, obs_dim: int | None = None, num_actions: int | Non
     # overflows, in which case the slow exact check decides.
     floats = (obs, ret, discount, next_obs, priority)
     if not all(np.isfinite(a.sum(dtype=np.float64)) or np.isfinite(a).all() for a in floats):
-        bad = [n for n, a in zip(("obs", "ret", "discount", "next_obs", "priority"), floats)
-               if not np.isfinite(a).all()]
+        bad = [
+            n for n, a in zip(("obs", "ret", "discount", "next_obs", "priority"), floats) if not np.isfinite(a).all()
+        ]
         if bad:
             raise BlockError("non_finite", f"NaN or infinity in {', '.join(bad)}")
     lo, hi = int(action.min()), int(action.max())
@@ -153,8 +172,9 @@ def decode_block(data: bytes, obs_dim: int | None = None, num_actions: int | Non
     if not float(priority.min()) > 0.0:
         raise BlockError("bad_priority", "initial priorities must be > 0")
     if float(priority.max()) > MAX_PRIORITY:
-        raise BlockError("priority_too_large", f"initial priority {float(priority.max()):.3g} exceeds "
-                                               f"the maximum {MAX_PRIORITY:g}")
+        raise BlockError(
+            "priority_too_large", f"initial priority {float(priority.max()):.3g} exceeds the maximum {MAX_PRIORITY:g}"
+        )
     return Block(obs, action, ret, discount, next_obs, priority, actor_id, wver, seq)
 
 
@@ -235,8 +255,14 @@ def _columns(arr: np.ndarray, dim: int, count: int) -> tuple[np.ndarray, ...]:
     def col(a: int, b: int, dt: str) -> np.ndarray:
         return np.ascontiguousarray(arr[:, a:b].view(dt)).reshape(-1)
 
-    return (col(o_obs, o_act, "<f4").reshape(-1, dim), col(o_act, o_ret, "<i4"), col(o_ret, o_disc, "<f4"),
-            col(o_disc, o_next, "<f4"), col(o_next, o_prio, "<f4").reshape(-1, dim), col(o_prio, arr.shape[1], "<f4"))
+    return (
+        col(o_obs, o_act, "<f4").reshape(-1, dim),
+        col(o_act, o_ret, "<i4"),
+        col(o_ret, o_disc, "<f4"),
+        col(o_disc, o_next, "<f4"),
+        col(o_next, o_prio, "<f4").reshape(-1, dim),
+        col(o_prio, arr.shape[1], "<f4"),
+    )
 
 
 def _valid_rows(arr: np.ndarray, cols: tuple, dim: int, count: int, num_actions: int | None) -> np.ndarray:
@@ -256,9 +282,15 @@ def _valid_rows(arr: np.ndarray, cols: tuple, dim: int, count: int, num_actions:
     # a float32 sum is finite only if every term is (an overflowing sum sends the rows to the
     # exact check in decode_block)
     with np.errstate(all="ignore"):
-        if ((head == want).all() and np.isfinite(obs.sum() + nxt.sum() + ret.sum() + disc.sum() + prio.sum())
-                and int(act.max()) < limit and disc.min() >= 0.0 and disc.max() <= 1.0 and prio.min() > 0.0
-                and prio.max() <= MAX_PRIORITY):
+        if (
+            (head == want).all()
+            and np.isfinite(obs.sum() + nxt.sum() + ret.sum() + disc.sum() + prio.sum())
+            and int(act.max()) < limit
+            and disc.min() >= 0.0
+            and disc.max() <= 1.0
+            and prio.min() > 0.0
+            and prio.max() <= MAX_PRIORITY
+        ):
             return np.ones(arr.shape[0], dtype=bool)
         r = arr.shape[0]
         obs, nxt = obs.reshape(r, -1), nxt.reshape(r, -1)

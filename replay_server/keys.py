@@ -2,6 +2,7 @@
 
 The weights' keys are in :mod:`apexq.core.weights_store`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

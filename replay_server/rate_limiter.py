@@ -12,6 +12,7 @@ The state space is one number, so deadlock freedom is a one-line condition: from
 where inserting is blocked (``diff > error_buffer - m*spi``) sampling must be possible
 (``diff - n >= -error_buffer``), i.e. ``2 * error_buffer >= n + m * spi``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class SampleToInsertRatio:
             raise RateLimiterError(
                 f"error_buffer={self.error_buffer:g} would deadlock: with batches of {sample_batch} sampled "
                 f"and blocks of {insert_batch} inserted at samples_per_insert={self.samples_per_insert:g}, "
-                f"it must be at least {need / 2:g} (half of batch + block * ratio)")
+                f"it must be at least {need / 2:g} (half of batch + block * ratio)"
+            )
 
     @property
     def diff(self) -> float:

@@ -21,6 +21,7 @@ every turn of its loop (at least once a second, when idle too), and :meth:`Shard
 names a thread that died or has not come back to its loop for ``STALL_S`` seconds, so the CLI
 exits and a supervisor restarts the process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,19 +37,28 @@ from apexq.core.batch import SAMPLE_COLUMNS, SampleBatch
 from apexq.core.connection import RETRYABLE, connect, with_backoff
 
 from .keys import Keys
-from .rpc_messages import (MAX_ITEMS, MAX_TIMEOUT, RpcError, decode, encode, parse_priorities, parse_request,
-                           prio_layout, sample_layout)
+from .rpc_messages import (
+    MAX_ITEMS,
+    MAX_TIMEOUT,
+    RpcError,
+    decode,
+    encode,
+    parse_priorities,
+    parse_request,
+    prio_layout,
+    sample_layout,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RpcError", "encode", "decode", "ShardRpcServer", "RedisShardClient"]
 _sample_layout, _prio_layout = sample_layout, prio_layout  # the names benchmarks/learner.py uses
 MAX_QUEUED = 1000
-REPLY_TTL_MS = 20_000   # an abandoned reply goes after this (a caller waits at most MAX_TIMEOUT + 10 s)
-REPLY_KEEP = 2          # replies kept on one reply list: the current call's and one late one
-STALL_S = 30.0          # a serving thread away from its loop this long is stuck (one turn: a sample
-                        # waits <= MAX_TIMEOUT, a Redis call times out after 10 s)
-LOG_EVERY_S = 60.0      # each rejection reason is logged at most this often
+REPLY_TTL_MS = 20_000  # an abandoned reply goes after this (a caller waits at most MAX_TIMEOUT + 10 s)
+REPLY_KEEP = 2  # replies kept on one reply list: the current call's and one late one
+STALL_S = 30.0  # a serving thread away from its loop this long is stuck (one turn: a sample
+# waits <= MAX_TIMEOUT, a Redis call times out after 10 s)
+LOG_EVERY_S = 60.0  # each rejection reason is logged at most this often
 
 
 class ShardRpcServer:
@@ -75,9 +85,11 @@ class ShardRpcServer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> "ShardRpcServer":
-        for name, key, handler in (("rpc", self.rpc_key, self._serve_request),
-                                   ("prio", self.prio_key, self._serve_priorities)):
+    def start(self) -> ShardRpcServer:
+        for name, key, handler in (
+            ("rpc", self.rpc_key, self._serve_request),
+            ("prio", self.prio_key, self._serve_priorities),
+        ):
             name = f"shard-{self.k}-{name}"
             self._beats[name] = time.monotonic()
             t = threading.Thread(target=self._loop, args=(name, key, handler), name=name, daemon=True)
@@ -106,8 +118,12 @@ class ShardRpcServer:
     def stats(self) -> dict:
         with self._count_lock:
             rejected = dict(self.rejected)
-        return {"rpc_requests": self.counters["requests"], "rpc_priority_messages": self.counters["priority_messages"],
-                "rpc_rejected": rejected, "rpc_rejected_total": sum(rejected.values())}
+        return {
+            "rpc_requests": self.counters["requests"],
+            "rpc_priority_messages": self.counters["priority_messages"],
+            "rpc_rejected": rejected,
+            "rpc_rejected_total": sum(rejected.values()),
+        }
 
     def _loop(self, name: str, key: str, handler) -> None:
         client = connect(self.redis_url)
@@ -116,6 +132,7 @@ class ShardRpcServer:
         def waiting() -> bool:  # with_backoff asks between retries: waiting on Redis is no stall
             beats[name] = time.monotonic()
             return self._stop.is_set()
+
         while not self._stop.is_set():
             beats[name] = time.monotonic()
             try:
@@ -140,8 +157,13 @@ class ShardRpcServer:
                 self._logged[reason] = now
         if due:
             what = str(exc) if isinstance(exc, RpcError) else f"{reason}: {type(exc).__name__}: {exc}"
-            log.warning("shard %d: dropped an rpc message (%s); %d so far with this reason, logged at most once a "
-                        "minute", self.k, what[:200], n, exc_info=exc if trace else None)
+            log.warning(
+                "shard %d: dropped an rpc message (%s); %d so far with this reason, logged at most once a minute",
+                self.k,
+                what[:200],
+                n,
+                exc_info=exc if trace else None,
+            )
 
     def _serve_priorities(self, client, data: bytes) -> None:
         keys, pr = parse_priorities(data, self.max_items)
@@ -165,8 +187,13 @@ class ShardRpcServer:
             if res is None:
                 msg = encode({"id": req.id, "ok": False})
             else:
-                head = {"id": req.id, "ok": True, "n": int(len(res.keys)), "total": float(res.total),
-                        "size": int(res.size)}
+                head = {
+                    "id": req.id,
+                    "ok": True,
+                    "n": int(len(res.keys)),
+                    "total": float(res.total),
+                    "size": int(res.size),
+                }
                 layout = sample_layout(self.shard.spec.obs_dim)(head)  # the dtypes the client checks
                 msg = encode(head, tuple(np.asarray(getattr(res, c), dt) for c, (dt, _) in zip(SAMPLE_COLUMNS, layout)))
         else:
@@ -216,14 +243,18 @@ class RedisShardClient:
     def _call(self, header: dict, wait: float, layout=None) -> tuple[dict, list]:
         with self._lock:  # one reply list per client: calls take turns
             rid = uuid.uuid4().hex
-            self._push(self._keys.rpc(self.shard), encode(
-                {**header, "id": rid, "reply": self._reply, "expires": time.time() + wait}))
+            self._push(
+                self._keys.rpc(self.shard),
+                encode({**header, "id": rid, "reply": self._reply, "expires": time.time() + wait}),
+            )
             deadline = time.monotonic() + wait
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"replay shard {self.shard} did not answer within {wait:.0f}s "
-                                       f"(is `apexq replay-server --shard {self.shard}` running?)")
+                    raise TimeoutError(
+                        f"replay shard {self.shard} did not answer within {wait:.0f}s "
+                        f"(is `apexq replay-server --shard {self.shard}` running?)"
+                    )
                 item = self.client.blpop([self._reply], timeout=min(5, max(1, int(np.ceil(left)))))
                 if item is None:
                     continue
@@ -239,7 +270,7 @@ class RedisShardClient:
         head, arrays = self._call({"op": "sample", "n": int(n), "timeout": timeout}, timeout + 10.0, self._layout)
         if not head.get("ok"):
             return None
-        return SampleBatch(*arrays, total=float(head["total"]), size=int(head["size"]), shard=self.shard)
+        return SampleBatch._make((*arrays, float(head["total"]), int(head["size"]), self.shard))
 
     def update_priorities(self, keys, priorities) -> None:
         keys = np.asarray(keys, "<i8")

@@ -15,6 +15,7 @@ parser assumes nothing and raises only :class:`RpcError` (its ``reason`` is a me
   batches_per_request``), and a reply key of this shard's pattern in the run's namespace;
 * priorities finite and >= 0 (the shard clamps those above ``codec.MAX_PRIORITY``).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apexq.core.batch import SAMPLE_COLUMNS
-
 MAGIC = b"AQR1"
-MAX_HEADER = 4096      # bytes of JSON header
-MAX_DEPTH = 8          # nesting of JSON objects/arrays in a header (a stats reply uses 3)
-MAX_ITEMS = 1 << 20    # absolute cap on items in one request, reply or priority update
-MAX_TIMEOUT = 10.0     # seconds a sample request may wait for the rate limiter
-MAX_ID = 64            # characters of a request id and of a reply list's client part
+MAX_HEADER = 4096  # bytes of JSON header
+MAX_DEPTH = 8  # nesting of JSON objects/arrays in a header (a stats reply uses 3)
+MAX_ITEMS = 1 << 20  # absolute cap on items in one request, reply or priority update
+MAX_TIMEOUT = 10.0  # seconds a sample request may wait for the rate limiter
+MAX_ID = 64  # characters of a request id and of a reply list's client part
 _CLIENT = re.compile(r"[0-9A-Za-z_-]{1,%d}" % MAX_ID)
-REQUEST_FIELDS = {"sample": {"op", "id", "reply", "expires", "n", "timeout"},
-                  "stats": {"op", "id", "reply", "expires"}}
+REQUEST_FIELDS = {"sample": {"op", "id", "reply", "expires", "n", "timeout"}, "stats": {"op", "id", "reply", "expires"}}
 
 
 class RpcError(ValueError):
@@ -49,11 +47,11 @@ class RpcError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    op: str          # "sample" or "stats"
+    op: str  # "sample" or "stats"
     id: str
-    reply: str       # the requester's reply list
-    expires: float   # wall-clock time after which the requester no longer waits
-    n: int = 0       # items to sample
+    reply: str  # the requester's reply list
+    expires: float  # wall-clock time after which the requester no longer waits
+    n: int = 0  # items to sample
     timeout: float = 0.0  # seconds the sample may wait for the rate limiter
 
 
@@ -72,9 +70,9 @@ def too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
         if in_str:
             if esc:
                 esc = False
-            elif c == 0x5C:    # backslash
+            elif c == 0x5C:  # backslash
                 esc = True
-            elif c == 0x22:    # closing quote
+            elif c == 0x22:  # closing quote
                 in_str = False
         elif c == 0x22:
             in_str = True
@@ -97,7 +95,7 @@ def decode(data, layout=None, header_only: bool = False, max_bytes: int | None =
     (hlen,) = struct.unpack_from("<I", data, 4)
     if hlen > MAX_HEADER or 8 + hlen > len(data):
         raise RpcError("bad_header_length", str(hlen))
-    raw = bytes(data[8:8 + hlen])
+    raw = bytes(data[8 : 8 + hlen])
     if too_deep(raw):
         raise RpcError("too_deep", f"JSON nested more than {MAX_DEPTH} deep")
     try:
@@ -131,17 +129,26 @@ def number_field(header: dict, name: str, lo: float, hi: float) -> float:
     """A finite number in ``[lo, hi]`` (int or float, never bool); compared before any conversion,
     so a 400-digit int is refused rather than overflowing ``float()``."""
     v = header.get(name)
-    if type(v) not in (int, float) or not lo <= v <= hi:  # NaN fails the comparison
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:  # NaN fails the comparison
         raise RpcError(f"bad_{name}", repr(v)[:40])
     return float(v)
 
 
 def sample_layout(obs_dim: int):
     """The arrays of a sample reply: the :data:`SAMPLE_COLUMNS` of a ``SampleBatch``, in that order."""
+
     def layout(h: dict):
         n = int_field(h, "n", 0, MAX_ITEMS) if h.get("ok", True) else 0
-        return [("<i8", (n,)), ("<f4", (n, obs_dim)), ("<i4", (n,)), ("<f4", (n,)), ("<f4", (n,)),
-                ("<f4", (n, obs_dim)), ("<f8", (n,))]
+        return [
+            ("<i8", (n,)),
+            ("<f4", (n, obs_dim)),
+            ("<i4", (n,)),
+            ("<f4", (n,)),
+            ("<f4", (n,)),
+            ("<f4", (n, obs_dim)),
+            ("<f8", (n,)),
+        ]
+
     return layout
 
 
@@ -154,8 +161,11 @@ def parse_request(data, reply_prefix: str, max_items: int) -> Request:
     """A sample or stats request, checked field by field (see the module docstring)."""
     h, _ = decode(data, max_bytes=8 + MAX_HEADER)
     reply = h.get("reply")
-    if not isinstance(reply, str) or not reply.startswith(reply_prefix) \
-            or not _CLIENT.fullmatch(reply[len(reply_prefix):]):
+    if (
+        not isinstance(reply, str)
+        or not reply.startswith(reply_prefix)
+        or not _CLIENT.fullmatch(reply[len(reply_prefix) :])
+    ):
         raise RpcError("bad_reply_key", repr(reply)[:80])
     rid = h.get("id")
     if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_ID:
@@ -177,8 +187,9 @@ def check_request(h: dict, max_items: int) -> Request:
     expires = number_field(h, "expires", 0.0, 1e12)  # a Unix time
     if op == "stats":
         return Request(op, h["id"], h["reply"], expires)
-    return Request(op, h["id"], h["reply"], expires, int_field(h, "n", 1, max_items),
-                   number_field(h, "timeout", 0.0, MAX_TIMEOUT))
+    return Request(
+        op, h["id"], h["reply"], expires, int_field(h, "n", 1, max_items), number_field(h, "timeout", 0.0, MAX_TIMEOUT)
+    )
 
 
 def parse_priorities(data, max_items: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ Items carry stable keys ``epoch << 40 | sequence``; a priority update whose key 
 matches the slot (the item was evicted, or the shard restarted) is ignored. Priorities above
 ``codec.MAX_PRIORITY`` are clamped to it, on insert and on update.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,7 @@ import redis
 from apexq.core.batch import SampleBatch
 from apexq.core.connection import RETRYABLE, connect, with_backoff
 
-from .codec import (HEADER_SIZE, MAX_PRIORITY, Block, BlockError, decode_batch, decode_block,
-                    transition_nbytes)
+from .codec import HEADER_SIZE, MAX_PRIORITY, Block, BlockError, decode_batch, decode_block, transition_nbytes
 from .keys import Keys
 from .rate_limiter import SampleToInsertRatio
 from .sum_tree import SumTree
@@ -38,6 +38,7 @@ SEQ_MASK = (1 << SEQ_BITS) - 1
 class ShardSpec:
     """One shard's settings; cluster/components.py builds them from the config's replay section, whose
     default file (configs/mountaincar.yaml) is the only place their defaults live."""
+
     shard_id: int
     capacity: int
     obs_dim: int
@@ -100,12 +101,11 @@ class ReplayShard:
         """Connect, rebuild from the stream, and start consuming in a background thread."""
         self.redis = connect(self.redis_url)
         rebuilt = with_backoff(self._rebuild, what=f"shard {self.spec.shard_id} rebuild")
-        self._thread = threading.Thread(target=self._ingest_loop, name=f"shard-{self.spec.shard_id}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._ingest_loop, name=f"shard-{self.spec.shard_id}", daemon=True)
         self._thread.start()
         return {"rebuilt": rebuilt, "epoch": self.epoch}
 
-    def open_local(self) -> "ReplayShard":
+    def open_local(self) -> ReplayShard:
         """Use without Redis (single-process mode): blocks come through :meth:`insert`.
 
         The shard then has no stream to rebuild from; its item keys carry epoch 1, as a first
@@ -117,10 +117,12 @@ class ReplayShard:
     def run(self) -> dict:
         """Start (rebuild + consume) and block until :meth:`stop`; returns the final stats."""
         self.start()
+        thread = self._thread
+        assert thread is not None
         while not self._stop.wait(0.5):
-            if not self._thread.is_alive():
+            if not thread.is_alive():
                 raise RuntimeError(f"shard {self.spec.shard_id}: ingest thread died")
-        self._thread.join(timeout=10)
+        thread.join(timeout=10)
         return self.stats()
 
     def stop(self) -> None:
@@ -133,8 +135,14 @@ class ReplayShard:
             self._reader.close()
             self._reader = None
 
+    @property
+    def _redis(self) -> redis.Redis:
+        """The connection :meth:`start` opened (a shard used without Redis never gets here)."""
+        assert self.redis is not None, "start() first"
+        return self.redis
+
     def _rebuild(self) -> int:
-        r = self.redis
+        r = self._redis
         self.epoch = int(r.incr(self.keys.epoch(self.spec.shard_id)))
         try:
             r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
@@ -167,8 +175,9 @@ class ReplayShard:
             for entry_id in ids:
                 got = r.xrange(self.stream, min=entry_id, max=entry_id)
                 try:
-                    good += len(decode_block(_payload(got[0][1]) if got else None, self.spec.obs_dim,
-                                             self.spec.num_actions))
+                    good += len(
+                        decode_block(_payload(got[0][1]) if got else None, self.spec.obs_dim, self.spec.num_actions)
+                    )
                 except BlockError:
                     bad += 1
             self._ack(ids, ingested=good, rejected=bad)
@@ -206,8 +215,19 @@ class ReplayShard:
         error the read in flight is abandoned: its entries stay pending in the group and in the
         stream, so a restarted shard rebuilds them like any delivered, unacknowledged entry.
         """
-        args = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", int(self.spec.read_count),
-                "BLOCK", int(block_ms), "STREAMS", self.stream, ">")
+        args = (
+            "XREADGROUP",
+            "GROUP",
+            self.group,
+            self.consumer,
+            "COUNT",
+            int(self.spec.read_count),
+            "BLOCK",
+            int(block_ms),
+            "STREAMS",
+            self.stream,
+            ">",
+        )
         if self._reader is None:
             self._reader = connect(self.redis_url)
         pool = self._reader.connection_pool
@@ -224,8 +244,11 @@ class ReplayShard:
                     if not batch:
                         batch = None
                         continue
-                ahead = (not self._stop.is_set() and (max_entries is None or done + len(batch) < max_entries)
-                         and self._room_after(batch))
+                ahead = (
+                    not self._stop.is_set()
+                    and (max_entries is None or done + len(batch) < max_entries)
+                    and self._room_after(batch)
+                )
                 if ahead:
                     conn.send_command(*args)
                 self._consume_and_ack(batch, count_insert=True)
@@ -242,7 +265,7 @@ class ReplayShard:
         """Acknowledge entries whose blocks were inserted (or rejected): the one place both
         ingest paths acknowledge through. The durable counters move in the same transaction, so
         ``appended = ingested + pending`` holds in Redis whatever crashes or restarts."""
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self._redis.pipeline(transaction=True)
         pipe.xack(self.stream, self.group, *entry_ids)
         if ingested:
             pipe.hincrby(self.counts_key, "ingested", int(ingested))
@@ -279,8 +302,9 @@ class ReplayShard:
         """Read up to ``read_count`` entries, insert the valid ones, acknowledge all. Returns entries read."""
         if not self._wait_for_insert_room():
             return 0
-        resp = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                     count=self.spec.read_count, block=block_ms)
+        resp = self._redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=self.spec.read_count, block=block_ms
+        )
         if not resp:
             return 0
         entries = resp[0][1]
@@ -306,13 +330,17 @@ class ReplayShard:
             self.rejected[err.reason] += 1
             if err.reason not in self._logged_reasons:
                 self._logged_reasons.add(err.reason)
-                log.warning("shard %d: rejected a block (%s); further '%s' rejections are only counted",
-                            self.spec.shard_id, err, err.reason)
+                log.warning(
+                    "shard %d: rejected a block (%s); further '%s' rejections are only counted",
+                    self.spec.shard_id,
+                    err,
+                    err.reason,
+                )
         n = 0
         for block in blocks:
             if len(payloads) == 1:  # one stream block: exactly what insert() does with it
                 n += len(self._store(block, count_insert=count_insert, keep_seq=False))
-            else:                   # several merged: each was at most `capacity` long
+            else:  # several merged: each was at most `capacity` long
                 self._store(block, count_insert=count_insert, keep_seq=True)
                 n += len(block)
         return n
@@ -330,7 +358,7 @@ class ReplayShard:
         """
         n = len(block)
         cap = self.spec.capacity
-        cols = (block.obs, block.next_obs, block.action, block.ret, block.discount)
+        cols: tuple[np.ndarray, ...] = (block.obs, block.next_obs, block.action, block.ret, block.discount)
         prio_in = block.priority
         dropped = 0
         if n > cap:
@@ -394,10 +422,18 @@ class ReplayShard:
             slots, leaf = self.tree.sample_with_values(n, self.rng)
             total = self.tree.total
             leaf /= total
-            out = SampleBatch(keys=self.item_keys.take(slots), obs=self.obs.take(slots, axis=0),
-                              action=self.action.take(slots), ret=self.ret.take(slots),
-                              discount=self.discount.take(slots), next_obs=self.next_obs.take(slots, axis=0),
-                              prob=leaf, total=total, size=self.size, shard=self.spec.shard_id)
+            out = SampleBatch(
+                keys=self.item_keys.take(slots),
+                obs=self.obs.take(slots, axis=0),
+                action=self.action.take(slots),
+                ret=self.ret.take(slots),
+                discount=self.discount.take(slots),
+                next_obs=self.next_obs.take(slots, axis=0),
+                prob=leaf,
+                total=total,
+                size=self.size,
+                shard=self.spec.shard_id,
+            )
             self.limiter.record_sample(n)
             self.counters["sampled"] += n
             self._cond.notify_all()

@@ -17,15 +17,16 @@ per-call overhead, not arithmetic, is what a 512-item sample or update pays for)
   ``searchsorted``, descends the rest without the zero-mass guard, and re-runs the guarded
   descent only for the (rare) draws that rounding sent into a zero-mass subtree.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import numpy as np
 
-TOP_LEVELS = 11     # levels that find() resolves with one prefix sum + searchsorted
-DENSE_SPAN = 4096   # an update recomputes whole spans of up to this many nodes densely
-STRATA_CACHED = 8   # sample sizes whose stratum offsets are kept (least recently used goes)
+TOP_LEVELS = 11  # levels that find() resolves with one prefix sum + searchsorted
+DENSE_SPAN = 4096  # an update recomputes whole spans of up to this many nodes densely
+STRATA_CACHED = 8  # sample sizes whose stratum offsets are kept (least recently used goes)
 
 
 class SumTree:
@@ -104,7 +105,7 @@ class SumTree:
         """:meth:`set_range` without the checks (the caller made them)."""
         n = vals.size
         lo = start + self.size
-        self.tree[lo:lo + n] = vals
+        self.tree[lo : lo + n] = vals
         self._refresh_nodes(lo, lo + n)
 
     def _propagate(self, nodes: np.ndarray, vals: np.ndarray) -> None:
@@ -125,7 +126,7 @@ class SumTree:
         while (hi >> (steps + 1)) - (lo >> (steps + 1)) + 1 >= limit:
             steps += 1
         if steps:
-            anc = nodes >> self._shifts[:steps + 1]  # [steps + 1, m]: the nodes, then their ancestors
+            anc = nodes >> self._shifts[: steps + 1]  # [steps + 1, m]: the nodes, then their ancestors
             sib = anc[:steps] ^ 1
             for level in range(steps):
                 vals = vals + tree.take(sib[level])
@@ -148,7 +149,7 @@ class SumTree:
                         return
                     lo >>= 1
                     hi = (hi + 1) >> 1
-            np.add(tree[2 * lo: 2 * hi: 2], tree[2 * lo + 1: 2 * hi: 2], out=tree[lo:hi])
+            np.add(tree[2 * lo : 2 * hi : 2], tree[2 * lo + 1 : 2 * hi : 2], out=tree[lo:hi])
             if lo == 1:
                 break
             lo >>= 1
@@ -180,9 +181,9 @@ class SumTree:
         if top:
             lo = 1 << top
             cum = self._cum
-            np.cumsum(tree[lo: 2 * lo], out=cum[1:])
+            np.cumsum(tree[lo : 2 * lo], out=cum[1:])
             node = np.searchsorted(cum, u, side="right")
-            node -= 1                      # cum[node] <= u < cum[node + 1]
+            node -= 1  # cum[node] <= u < cum[node + 1]
             np.minimum(node, lo - 1, out=node)
             u -= cum.take(node)
             node += lo

@@ -5,6 +5,7 @@
 Paste the output under "## Metrics" in README.md whenever METRICS changes;
 tests/integration/test_deploy.py fails while the two disagree.
 """
+
 from __future__ import annotations
 
 import sys

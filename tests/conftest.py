@@ -15,6 +15,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 def redis_server():
     """A real private Redis-protocol server (redis-server, valkey-server or the pip-shipped Valkey)."""
     from apexq.cluster.redis_server import RedisServer, find_server
+
     server = RedisServer(find_server()).start()
     yield server
     server.stop()

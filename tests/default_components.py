@@ -5,6 +5,7 @@ config (components carry no defaults of their own), with a test's own values on 
     learner_settings(batch_size=32, device="cpu")
     actor_settings(num_envs=8, block_size=32)
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

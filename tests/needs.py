@@ -4,6 +4,7 @@ CI (``.ci/run`` sets CI=true) installs every tool the suite uses, so there a mis
 is a broken CI image, not a reason to skip; the only skips CI accepts are for hardware it does not
 have (CUDA), marked as such in the test itself.
 """
+
 from __future__ import annotations
 
 import importlib

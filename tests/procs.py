@@ -6,13 +6,15 @@ the live descendants of a pid, and a ``Watch`` that keeps recording a run's proc
 runs, so that after the run ends the test can ask which of those very processes (pid and kernel
 start time, so a reused pid is not mistaken for one) are still alive.
 """
+
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 
 def _stat(pid: int) -> Optional[list[bytes]]:

@@ -16,6 +16,7 @@ class LearnerService:
 
     def __init__(self, *args, **kwargs):
         from apexq.learner.learner import Learner
+
         self.impl = Learner(*args, **kwargs)
         self.started = False  # whether this process has begun training (after any restore)
 

@@ -8,6 +8,7 @@ that would otherwise take a fixed one. ``--block`` keeps ``ray start`` in the fo
 session of its own: stopping the head ends exactly the processes of that session, never another
 Ray on the machine (``ray stop`` would end them all).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,10 +55,16 @@ def session_pids(sid: int) -> list[int]:
 
 def clean_env(**extra: str) -> dict:
     """The environment of a user's shell on this machine: no Ray address or auth settings inherited."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")
+    }
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.update(extra)
     return env
 
@@ -81,7 +88,7 @@ class RayHead:
     def address_file(self) -> Path:
         return self.tmp / "ray" / "ray_current_cluster"
 
-    def start(self, tries: int = 2) -> "RayHead":
+    def start(self, tries: int = 2) -> RayHead:
         """Start the head; once more if it failed to come up (Ray gives its raylet a fixed 30 s to
         register, which a machine loaded by other tests can exceed)."""
         for attempt in range(tries):
@@ -95,14 +102,34 @@ class RayHead:
                 self.address = f"127.0.0.1:{self.port}"
         raise AssertionError("unreachable")
 
-    def _start(self) -> "RayHead":
+    def _start(self) -> RayHead:
         self.log = open(self.tmp / "head.log", "w")
         self.proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--num-cpus", str(self.num_cpus), "--port", str(self.port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash), "--include-dashboard=true",
-             "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-             "--disable-usage-stats"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                "--num-cpus",
+                str(self.num_cpus),
+                "--port",
+                str(self.port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dash),
+                "--include-dashboard=true",
+                "--ray-client-server-port",
+                str(free_port()),
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def ready() -> bool:
             if self.proc.poll() is not None:
@@ -116,6 +143,7 @@ class RayHead:
                 return True
             except OSError:
                 return False
+
         if not wait_for(ready, 180, 1.0) or self.proc.poll() is not None:
             tail = self.log_tail()
             self.stop(keep_tmp=True)

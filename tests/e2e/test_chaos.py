@@ -5,6 +5,7 @@ Redis counters behind "balanced" vanish together with the appends a Redis restar
 driver's comparison with what the actors saw acknowledged (``lost_in_redis``) is what must stay
 small, and a learner that came back from scratch would still "recover" by the benchmark's measure.
 """
+
 import json
 import os
 import re
@@ -27,9 +28,16 @@ def records(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_chaos_quick_recovers_everything_and_accounts_for_every_transition():
     from apexq.learner.checkpoint import load
+
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    p = subprocess.Popen([sys.executable, "benchmarks/chaos.py", "--quick"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "benchmarks/chaos.py", "--quick"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
     reader.start()

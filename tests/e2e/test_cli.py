@@ -1,4 +1,5 @@
 """`apexq` as a user runs it: a subprocess, real local Ray, real Redis, real gymnasium."""
+
 import json
 import os
 import re
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from procs import Watch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,15 +19,27 @@ ENV = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_EN
 
 def apexq(*args, **kw):
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=kw.pop("cwd", ROOT), env=env,
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "apexq.cluster.cli", *args],
+        cwd=kw.pop("cwd", ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def watched(args: list, timeout: float) -> tuple[subprocess.CompletedProcess, Watch]:
     """``apexq ARGS`` with its process tree recorded while it runs (its own processes only: other
     tests may run Ray or Redis on this machine at the same time)."""
-    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "apexq.cluster.cli", *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watch = Watch(p.pid)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -46,13 +58,19 @@ def assert_nothing_left(watch: Watch, timeout: float = 20.0) -> None:
     assert not left, f"outlived the run: {left}"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("actors.num=-3", "apexq: error: actors.num: must be between 1 and 4096, got -3"),
-    ("replay.capacity=abc", "apexq: error: replay.capacity: expected an integer, got 'abc'"),
-    ("actors.numm=2", "apexq: error: actors.numm: unknown key (did you mean actors.num?)"),
-    ("env.id=NoSuchEnv-v9", "apexq: error: env.id: 'NoSuchEnv-v9' cannot be made by gymnasium"),
-    ("env.id=Pendulum-v1", "apexq: error: env.id: 'Pendulum-v1' has a Box action space; apexq needs a Discrete one"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("actors.num=-3", "apexq: error: actors.num: must be between 1 and 4096, got -3"),
+        ("replay.capacity=abc", "apexq: error: replay.capacity: expected an integer, got 'abc'"),
+        ("actors.numm=2", "apexq: error: actors.numm: unknown key (did you mean actors.num?)"),
+        ("env.id=NoSuchEnv-v9", "apexq: error: env.id: 'NoSuchEnv-v9' cannot be made by gymnasium"),
+        (
+            "env.id=Pendulum-v1",
+            "apexq: error: env.id: 'Pendulum-v1' has a Box action space; apexq needs a Discrete one",
+        ),
+    ],
+)
 def test_invalid_config_is_one_line_exit_2_and_starts_nothing(override, message, tmp_path):
     r, watch = watched(["train", "--set", override, "--run-dir", str(tmp_path / "run")], timeout=60)
     assert r.returncode == 2
@@ -65,10 +83,27 @@ def test_invalid_config_is_one_line_exit_2_and_starts_nothing(override, message,
 
 
 def short_run_args(run_dir, seconds):
-    return ["train", "--run-dir", str(run_dir), "--set", f"train.max_seconds={seconds}",
-            "--set", "train.progress_every_s=2", "--set", "eval.every_seconds=5", "--set", "eval.episodes=20",
-            "--set", "replay.min_size_to_sample=500", "--set", "replay.capacity=50000",
-            "--set", "actors.envs_per_actor=16", "--set", "learner.checkpoint_every_s=5"]
+    return [
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"train.max_seconds={seconds}",
+        "--set",
+        "train.progress_every_s=2",
+        "--set",
+        "eval.every_seconds=5",
+        "--set",
+        "eval.episodes=20",
+        "--set",
+        "replay.min_size_to_sample=500",
+        "--set",
+        "replay.capacity=50000",
+        "--set",
+        "actors.envs_per_actor=16",
+        "--set",
+        "learner.checkpoint_every_s=5",
+    ]
 
 
 @pytest.mark.slow
@@ -77,14 +112,24 @@ def test_train_end_to_end(tmp_path):
     # ends on env steps, not a clock: the rate limiter (8 samples per insert, error buffer 20,000) and
     # the actors' backlog (64 blocks of 256 each) let 100k env steps happen only with ~500 learner
     # updates done, however slow the machine
-    r, watch = watched([*short_run_args(run_dir, 400), "--set", "train.max_env_steps=100000",
-                        "--set", "eval.every_seconds=3"], timeout=420)
+    r, watch = watched(
+        [*short_run_args(run_dir, 400), "--set", "train.max_env_steps=100000", "--set", "eval.every_seconds=3"],
+        timeout=420,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
-    for key in ("time_s", "env_steps", "updates", "transitions_inserted", "transitions_sampled", "replay_size",
-                "weights_version", "mean_return"):
+    for key in (
+        "time_s",
+        "env_steps",
+        "updates",
+        "transitions_inserted",
+        "transitions_sampled",
+        "replay_size",
+        "weights_version",
+        "mean_return",
+    ):
         assert key in last
     # transitions flowed actor -> Redis -> shard -> learner
     assert last["env_steps"] > 0 and last["transitions_inserted"] > 0 and last["replay_size"] > 0
@@ -114,8 +159,14 @@ def test_train_end_to_end(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_gracefully_with_a_checkpoint(tmp_path, sig):
     run_dir = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 300)], cwd=ROOT, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 300)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     watch = Watch(p.pid)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -151,14 +202,21 @@ def test_killed_run_resumes_with_its_counters(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     args = short_run_args(run_dir, 300)
-    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "apexq.cluster.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
         state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
         if ckpt.exists() and state.get("env_steps", 0) > 0:
             import torch
+
             saved = torch.load(ckpt, weights_only=True)
             if saved["updates"] > 0:
                 break
@@ -166,7 +224,7 @@ def test_killed_run_resumes_with_its_counters(tmp_path):
     else:
         os.killpg(p.pid, signal.SIGKILL)
         pytest.fail("no checkpoint with updates appeared")
-    os.killpg(p.pid, signal.SIGKILL)          # the driver and everything in its session
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and everything in its session
     p.wait()
     saved = torch.load(ckpt, weights_only=True)
     before_updates = saved["updates"]
@@ -188,11 +246,17 @@ def test_killed_run_resumes_with_its_counters(tmp_path):
 def test_killed_single_process_run_resumes_with_its_counters(tmp_path):
     """--single-process checkpoints periodically too; SIGKILLed, it resumes its counters."""
     import torch
+
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 300), "--single-process"],
-                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 300), "--single-process"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + 120
     saved = None
@@ -211,11 +275,18 @@ def test_killed_single_process_run_resumes_with_its_counters(tmp_path):
     before_updates, before_steps = saved["updates"], saved["extra"]["env_steps"]
     before_time = saved["extra"]["time_s"]
     assert before_time > 0
-    r = apexq("train", "--resume", str(run_dir), "--single-process", "--set",
-              f"train.max_seconds={before_time + 12}", timeout=240)
+    r = apexq(
+        "train",
+        "--resume",
+        str(run_dir),
+        "--single-process",
+        "--set",
+        f"train.max_seconds={before_time + 12}",
+        timeout=240,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    resumed = records[[i for i, x in enumerate(records) if x["updates"] >= before_updates][0]:]
+    resumed = records[[i for i, x in enumerate(records) if x["updates"] >= before_updates][0] :]
     resumed = [x for x in resumed if x["time_s"] > before_time]
     assert resumed, "no records after the resume"
     assert all(x["updates"] >= before_updates and x["env_steps"] >= before_steps for x in resumed)
@@ -228,17 +299,26 @@ def test_killed_single_process_run_resumes_with_its_counters(tmp_path):
 
 def test_bad_input_at_every_door_is_one_line(tmp_path, redis_server):
     import socket
+
     cases = []
     closed = socket.socket()  # bound, never listening: nothing can answer on this port during the test
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
-    cases.append((["train", "--redis-url", f"redis://:pw@127.0.0.1:{port}/0", "--run-dir", str(tmp_path / "a")],
-                  "apexq: error: cannot reach Redis at redis://:***@127.0.0.1"))
+    cases.append(
+        (
+            ["train", "--redis-url", f"redis://:pw@127.0.0.1:{port}/0", "--run-dir", str(tmp_path / "a")],
+            "apexq: error: cannot reach Redis at redis://:***@127.0.0.1",
+        )
+    )
     wrong = redis_server.url.replace(redis_server.password, "wrong")
-    cases.append((["train", "--redis-url", wrong, "--run-dir", str(tmp_path / "b")],
-                  "apexq: error: Redis at redis://apexq:***@127.0.0.1"))
-    blocker = tmp_path / "a-file"          # a run directory that cannot be created (tests run as root,
-    blocker.write_text("x")               # so permissions would not stop it)
+    cases.append(
+        (
+            ["train", "--redis-url", wrong, "--run-dir", str(tmp_path / "b")],
+            "apexq: error: Redis at redis://apexq:***@127.0.0.1",
+        )
+    )
+    blocker = tmp_path / "a-file"  # a run directory that cannot be created (tests run as root,
+    blocker.write_text("x")  # so permissions would not stop it)
     cases.append((["train", "--run-dir", str(blocker / "run")], "apexq: error: --run-dir"))
     bad = tmp_path / "badrun"
     bad.mkdir()
@@ -255,7 +335,7 @@ def test_bad_input_at_every_door_is_one_line(tmp_path, redis_server):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, (args, r.stdout[-500:], r.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith(prefix), (args, r.stderr)
-    assert (bad / "checkpoint.pt").read_bytes() == b"garbage"   # nothing already stored was touched
+    assert (bad / "checkpoint.pt").read_bytes() == b"garbage"  # nothing already stored was touched
     closed.close()
 
 
@@ -267,6 +347,7 @@ def tiny_disk(tmp_path):
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:  # CI runs as root and can: there a failed mount fails the test
         from needs import unavailable
+
         unavailable(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -292,11 +373,26 @@ def test_full_disk_stops_the_run_with_one_line_and_keeps_what_was_stored(tiny_di
     there is space again."""
     run_dir = tiny_disk / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    p = subprocess.Popen([sys.executable, "-m", "apexq.cluster.cli", *short_run_args(run_dir, 200),
-                          "--set", "learner.checkpoint_every_s=2", "--set", "train.progress_every_s=1"],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "apexq.cluster.cli",
+            *short_run_args(run_dir, 200),
+            "--set",
+            "learner.checkpoint_every_s=2",
+            "--set",
+            "train.progress_every_s=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         import torch
+
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
             ckpt = run_dir / "checkpoint.pt"
@@ -315,10 +411,10 @@ def test_full_disk_stops_the_run_with_one_line_and_keeps_what_was_stored(tiny_di
     errors = [line for line in out.splitlines() if line.startswith("apexq: error:")]
     assert len(errors) == 1 and "No space left on device while writing" in errors[0], out[-3000:]
     assert f"apexq train --resume {run_dir}" in errors[0]
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)     # whole, not a torn write
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # whole, not a torn write
     assert saved["updates"] > 0
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert lines and all(json.loads(line) for line in lines)           # no half-written record
+    assert lines and all(json.loads(line) for line in lines)  # no half-written record
     assert not list(run_dir.glob("*.tmp"))
     # space again: the run goes on from its checkpoint
     filler.unlink()

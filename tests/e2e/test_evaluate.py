@@ -3,6 +3,7 @@
 Nothing it is given may run code: a ``policy.pt2`` that ``torch.export.load`` would unpickle (the
 test first shows that it does) leaves no marker behind, whatever path leads to it.
 """
+
 import json
 import os
 import pickle
@@ -19,8 +20,14 @@ SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0
 
 def apexq(*args, timeout=120):
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "apexq.cluster.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_error_line(r, prefix="apexq: error: "):
@@ -32,14 +39,33 @@ def one_error_line(r, prefix="apexq: error: "):
 
 # -- a real short run ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """CartPole-v1 for 20 s: a mean that says something (an untrained MountainCar policy scores -200)."""
     run = tmp_path_factory.mktemp("evaluate") / "run"
-    r = apexq("train", "--run-dir", str(run), "--set", "env.id=CartPole-v1", "--set", "train.max_seconds=20",
-              "--set", "eval.every_seconds=4", "--set", "eval.episodes=10", "--set", "replay.min_size_to_sample=500",
-              "--set", "replay.capacity=50000", "--set", "actors.envs_per_actor=16",
-              "--set", "learner.checkpoint_every_s=5", timeout=240)
+    r = apexq(
+        "train",
+        "--run-dir",
+        str(run),
+        "--set",
+        "env.id=CartPole-v1",
+        "--set",
+        "train.max_seconds=20",
+        "--set",
+        "eval.every_seconds=4",
+        "--set",
+        "eval.episodes=10",
+        "--set",
+        "replay.min_size_to_sample=500",
+        "--set",
+        "replay.capacity=50000",
+        "--set",
+        "actors.envs_per_actor=16",
+        "--set",
+        "learner.checkpoint_every_s=5",
+        timeout=240,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run
 
@@ -65,12 +91,14 @@ def test_evaluate_reproduces_the_runs_own_evaluation(trained_run):
     text = apexq("evaluate", str(trained_run), "--episodes", "10")
     assert text.returncode == 0 and text.stdout.strip() == (
         f"CartPole-v1: 10 greedy episodes | mean {res['mean']:.2f} | std {res['std']:.2f} | "
-        f"min {res['min']:.0f} | max {res['max']:.0f}"), text.stdout
+        f"min {res['min']:.0f} | max {res['max']:.0f}"
+    ), text.stdout
 
 
 @pytest.mark.slow
 def test_evaluate_each_path_to_a_run_policy(trained_run):
     import torch
+
     base, _ = evaluate_json(str(trained_run), "--episodes", "5")
     for name in ("policy.json", "policy.safetensors"):
         res, r = evaluate_json(str(trained_run / name), "--episodes", "5")
@@ -78,8 +106,10 @@ def test_evaluate_each_path_to_a_run_policy(trained_run):
     for name in ("policy.pt2", "policy.onnx"):  # read from the safe files beside them, and said so
         res, r = evaluate_json(str(trained_run / name), "--episodes", "5")
         assert res["returns"] == base["returns"] and res["source"] == str(trained_run / "policy.json")
-        assert r.stderr.strip() == (f"apexq: evaluating policy.json + policy.safetensors beside {name} (the same "
-                                    f"weights; apexq never loads {Path(name).suffix} files)")
+        assert r.stderr.strip() == (
+            f"apexq: evaluating policy.json + policy.safetensors beside {name} (the same "
+            f"weights; apexq never loads {Path(name).suffix} files)"
+        )
     res, _ = evaluate_json(str(trained_run / "checkpoint.pt"), "--episodes", "5")
     saved = torch.load(trained_run / "checkpoint.pt", weights_only=True)
     assert res["updates"] == saved["updates"] > 0 and res["env"] == "CartPole-v1" and res["eval_return"] is None
@@ -90,8 +120,10 @@ def test_evaluate_each_path_to_a_run_policy(trained_run):
 @pytest.mark.slow
 def test_evaluate_gif_records_one_greedy_episode(trained_run, tmp_path):
     from needs import require_module
+
     require_module("pygame")  # in the test extra; `apexq[render]` for users
     from PIL import Image
+
     gif = tmp_path / "cart.gif"
     res, r = evaluate_json(str(trained_run), "--episodes", "3", "--gif", str(gif))
     assert len(r.stdout.splitlines()) == 1  # --json is one line: no pygame greeting before it
@@ -102,8 +134,10 @@ def test_evaluate_gif_records_one_greedy_episode(trained_run, tmp_path):
 
 # -- hostile and broken files (no training) --------------------------------------------------------------
 
+
 class Payload:
     """Unpickling this creates the marker directory: proof that code from the file ran."""
+
     def __init__(self, marker):
         self.marker = str(marker)
 
@@ -132,10 +166,14 @@ def exported(tmp_path_factory):
 
     from apexq.learner.export import export_policy
     from apexq.learner.network import build_network
+
     d = tmp_path_factory.mktemp("policy")
     torch.manual_seed(0)
-    export_policy(build_network(SPEC, [16], False), d / "policy.pt2",
-                  {"env_id": "MountainCar-v0", "weights_version": 3, "eval_return": -200.0})
+    export_policy(
+        build_network(SPEC, [16], False),
+        d / "policy.pt2",
+        {"env_id": "MountainCar-v0", "weights_version": 3, "eval_return": -200.0},
+    )
     return d
 
 
@@ -145,11 +183,14 @@ def test_seed_picks_the_episodes(tmp_path):
 
     from apexq.learner.export import export_policy
     from apexq.learner.network import build_network
+
     torch.manual_seed(3)
-    export_policy(build_network({"obs_dim": 4, "num_actions": 2}, [8], False), tmp_path / "policy.pt2",
-                  {"env_id": "CartPole-v1"})
-    first, other, again = (evaluate_json(str(tmp_path), "--episodes", "8", "--seed", seed)[0]["returns"]
-                           for seed in ("0", "1", "0"))
+    export_policy(
+        build_network({"obs_dim": 4, "num_actions": 2}, [8], False), tmp_path / "policy.pt2", {"env_id": "CartPole-v1"}
+    )
+    first, other, again = (
+        evaluate_json(str(tmp_path), "--episodes", "8", "--seed", seed)[0]["returns"] for seed in ("0", "1", "0")
+    )
     assert len(set(first)) > 1 and other != first and again == first, (first, other, again)
 
 
@@ -164,8 +205,11 @@ def test_a_hostile_policy_pt2_runs_nothing(exported, tmp_path):
     marker = tmp_path / "marker"
     hostile_pt2(exported / "policy.pt2", tmp_path / "hostile.pt2", marker)
     # the file is really hostile: torch.export.load runs its payload
-    subprocess.run([sys.executable, "-c", f"import torch; torch.export.load({str(tmp_path / 'hostile.pt2')!r})"],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.export.load({str(tmp_path / 'hostile.pt2')!r})"],
+        capture_output=True,
+        timeout=120,
+    )
     assert marker.is_dir()
     marker.rmdir()
 
@@ -198,6 +242,7 @@ def test_broken_policy_files_and_checkpoints_are_one_line_exit_2(exported, tmp_p
     import torch
 
     from apexq.learner.network import build_network
+
     cases = []
     d = copy_policy(exported, tmp_path / "garbage-weights")
     (d / "policy.safetensors").write_bytes(os.urandom(300))
@@ -206,10 +251,12 @@ def test_broken_policy_files_and_checkpoints_are_one_line_exit_2(exported, tmp_p
     spoil_json(d, hidden_sizes=[17])
     cases.append((d, "body.0.weight: shape (16, 2), expected (17, 2)"))
     d = copy_policy(exported, tmp_path / "absurd")
-    spoil_json(d, hidden_sizes=[2 ** 40])
+    spoil_json(d, hidden_sizes=[2**40])
     cases.append((d, f"{d / 'policy.json'}: hidden_sizes: expected a list"))
     d = copy_policy(exported, tmp_path / "nan")
-    (d / "policy.json").write_text((d / "policy.json").read_text().replace('"eval_return": -200.0', '"eval_return": NaN'))
+    (d / "policy.json").write_text(
+        (d / "policy.json").read_text().replace('"eval_return": -200.0', '"eval_return": NaN')
+    )
     cases.append((d, f"{d / 'policy.json'}: not readable JSON"))
     d = copy_policy(exported, tmp_path / "garbage-pt2", names=())
     (d / "policy.pt2").write_bytes(b"PK\x03\x04" + os.urandom(500))
@@ -217,12 +264,17 @@ def test_broken_policy_files_and_checkpoints_are_one_line_exit_2(exported, tmp_p
     d = copy_policy(exported, tmp_path / "format-only", names=())
     torch.save({"format": "apexq-checkpoint-v1"}, d / "checkpoint.pt")
     cases.append((d, f"{d / 'checkpoint.pt'}: settings: expected dict, got NoneType"))
-    good = {"format": "apexq-checkpoint-v1", "settings": {"hidden_sizes": [16], "dueling": False}, "spec": SPEC,
-            "online": build_network(SPEC, [16], False).state_dict(), "config": {"env": {"id": "MountainCar-v0"}},
-            "updates": 7}
+    good = {
+        "format": "apexq-checkpoint-v1",
+        "settings": {"hidden_sizes": [16], "dueling": False},
+        "spec": SPEC,
+        "online": build_network(SPEC, [16], False).state_dict(),
+        "config": {"env": {"id": "MountainCar-v0"}},
+        "updates": 7,
+    }
     d = copy_policy(exported, tmp_path / "good-checkpoint", names=())
     torch.save(good, d / "checkpoint.pt")
-    res, _ = evaluate_json(str(d / "checkpoint.pt"), "--episodes", "2")   # the crafted form itself is sound
+    res, _ = evaluate_json(str(d / "checkpoint.pt"), "--episodes", "2")  # the crafted form itself is sound
     assert res["updates"] == 7 and res["env"] == "MountainCar-v0"
     d = copy_policy(exported, tmp_path / "wrong-shape-checkpoint", names=())
     torch.save({**good, "online": {**good["online"], "head.bias": torch.zeros(4)}}, d / "checkpoint.pt")

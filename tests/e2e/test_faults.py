@@ -1,4 +1,5 @@
 """Faults during a real run: SIGKILL an actor process and a replay shard process."""
+
 import json
 import os
 import re
@@ -57,9 +58,28 @@ def wait(pred, timeout):
 def test_killed_actor_and_shard_are_replaced_and_nothing_acknowledged_is_lost(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--set", "train.max_seconds=600",
-           "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0", "--set", "metrics.port=0",
-           "--set", "actors.envs_per_actor=16", "--set", "replay.capacity=100000", "--set", "replay.min_size_to_sample=500"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apexq.cluster.cli",
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.max_seconds=600",
+        "--set",
+        "train.progress_every_s=1",
+        "--set",
+        "eval.every_seconds=0",
+        "--set",
+        "metrics.port=0",
+        "--set",
+        "actors.envs_per_actor=16",
+        "--set",
+        "replay.capacity=100000",
+        "--set",
+        "replay.min_size_to_sample=500",
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
@@ -114,13 +134,33 @@ def test_redis_killed_and_restarted_with_aof_the_run_continues(tmp_path):
     carry on; what Redis lost is reported exactly and is at most the last second of appends."""
     sys.path.insert(0, str(ROOT))
     from apexq.cluster.redis_server import RedisServer, find_server
+
     (tmp_path / "redis").mkdir()
     server = RedisServer(find_server(), data_dir=str(tmp_path / "redis")).start()
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir), "--redis-url", server.url,
-           "--set", "train.max_seconds=60", "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0",
-           "--set", "metrics.port=0", "--set", "actors.envs_per_actor=16", "--set", "replay.min_size_to_sample=500"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apexq.cluster.cli",
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--redis-url",
+        server.url,
+        "--set",
+        "train.max_seconds=60",
+        "--set",
+        "train.progress_every_s=1",
+        "--set",
+        "eval.every_seconds=0",
+        "--set",
+        "metrics.port=0",
+        "--set",
+        "actors.envs_per_actor=16",
+        "--set",
+        "replay.min_size_to_sample=500",
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
@@ -138,9 +178,16 @@ def test_redis_killed_and_restarted_with_aof_the_run_continues(tmp_path):
         assert wait(lambda: any("unreachable; waiting up to" in l for l in lines), 60), lines[-20:]
         server.start()
         assert wait(lambda: any("Redis reachable again" in l for l in lines), 60), lines[-20:]
-        after = wait(lambda: [r for r in records(run_dir) if r["time_s"] > before["time_s"] + 2
-                              and r["transitions_inserted"] > before["transitions_inserted"]
-                              and r["updates"] > before["updates"]], 60)
+        after = wait(
+            lambda: [
+                r
+                for r in records(run_dir)
+                if r["time_s"] > before["time_s"] + 2
+                and r["transitions_inserted"] > before["transitions_inserted"]
+                and r["updates"] > before["updates"]
+            ],
+            60,
+        )
         assert after, "the run did not continue after the Redis restart"
         assert wait(lambda: records(run_dir)[-1]["time_s"] > after[0]["time_s"] + 4, 30)
         p.send_signal(signal.SIGTERM)

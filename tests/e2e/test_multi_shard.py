@@ -10,6 +10,7 @@ One real ``apexq train`` run, as a user starts it: 2 actors, ``replay.shards: 2`
   node's address (never 0.0.0.0) with the labels ``component`` and ``run``, every target answers
   ``/metrics``, and ``prometheus_targets.json`` holds the same list.
 """
+
 import json
 import re
 import signal
@@ -20,10 +21,10 @@ import pytest
 import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from test_redis_faults import ROOT, Run, records, wait
 
 from apexq.cluster.redis_server import RedisServer, find_server
 from apexq.replay_server.keys import Keys
-from test_redis_faults import ROOT, Run, records, wait
 
 NAMESPACE = "twoshards"
 EXPECTED = {"driver": 1, "shard": 2, "learner": 1, "actor": 2}  # targets per component
@@ -62,6 +63,7 @@ def shard_values(metrics: dict, name: str) -> dict:
 @pytest.mark.slow
 def test_two_shards_in_two_redis_servers_train_and_every_component_is_discovered(tmp_path, redis_server):
     import ray
+
     node_ip = ray.util.get_node_ip_address()  # what the other nodes of a cluster would reach
     other = RedisServer(find_server()).start()
     busy = socket.socket()
@@ -73,13 +75,36 @@ def test_two_shards_in_two_redis_servers_train_and_every_component_is_discovered
     cfg["replay"]["redis_urls"] = [redis_server.url, other.url]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
-    run = Run(run_dir, "--config", str(tmp_path / "config.yaml"), "--set", "replay.shards=2", "--set", "actors.num=2",
-              "--set", f"replay.namespace={NAMESPACE}", "--set", "metrics.host=0.0.0.0", "--set", f"metrics.port={port}",
-              "--set", "train.max_seconds=300", "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0",
-              "--set", "replay.min_size_to_sample=500")
+    run = Run(
+        run_dir,
+        "--config",
+        str(tmp_path / "config.yaml"),
+        "--set",
+        "replay.shards=2",
+        "--set",
+        "actors.num=2",
+        "--set",
+        f"replay.namespace={NAMESPACE}",
+        "--set",
+        "metrics.host=0.0.0.0",
+        "--set",
+        f"metrics.port={port}",
+        "--set",
+        "train.max_seconds=300",
+        "--set",
+        "train.progress_every_s=1",
+        "--set",
+        "eval.every_seconds=0",
+        "--set",
+        "replay.min_size_to_sample=500",
+    )
     try:
-        line = wait(lambda: next((l for l in run.lines if l.startswith("apexq: metrics at http://")), None), 150,
-                    "the driver's metrics line", run)
+        line = wait(
+            lambda: next((l for l in run.lines if l.startswith("apexq: metrics at http://")), None),
+            150,
+            "the driver's metrics line",
+            run,
+        )
         addr = re.match(r"apexq: metrics at http://([^/\s]+)/metrics", line).group(1)
         host, served = addr.rsplit(":", 1)
         # the busy port: another one, and a line saying so
@@ -92,14 +117,19 @@ def test_two_shards_in_two_redis_servers_train_and_every_component_is_discovered
         def full_sd():
             doc = json.loads(get(f"http://{addr}/targets"))
             return doc if {g["labels"]["component"]: len(g["targets"]) for g in doc} == EXPECTED else None
+
         doc = wait(full_sd, 120, "every component in /targets", run)
         for g in doc:
             assert g["labels"] == {"component": g["labels"]["component"], "run": run_dir.name}, g
             assert all(t.rsplit(":", 1)[0] == node_ip for t in g["targets"]), g
         targets = {g["labels"]["component"]: g["targets"] for g in doc}
         # file_sd: the same list as /targets (rewritten whenever a target is added)
-        wait(lambda: json.loads((run_dir / "prometheus_targets.json").read_text()) == doc, 10,
-             "prometheus_targets.json to equal /targets", run)
+        wait(
+            lambda: json.loads((run_dir / "prometheus_targets.json").read_text()) == doc,
+            10,
+            "prometheus_targets.json to equal /targets",
+            run,
+        )
 
         # every target answers /metrics, with its own component's series; both shards fill and are sampled
         def trained():
@@ -109,6 +139,7 @@ def test_two_shards_in_two_redis_servers_train_and_every_component_is_discovered
             updates = scrape(targets["learner"][0])["apexq_learner_updates_total"][()]
             ok = set(size) == {"0", "1"} and min(size.values()) > 0 and min(sampled.values()) > 0 and updates > 0
             return (size, sampled, updates) if ok else None
+
         size, sampled, updates = wait(trained, 150, "both shards to fill and be sampled, and learner updates", run)
         for t in targets["actor"]:
             assert scrape(t)["apexq_actor_env_steps_total"]

@@ -6,6 +6,7 @@ env steps and learner updates moving and data for every Grafana panel query; eve
 dashboard queries must be exported by the run's endpoints. Nothing the run or Prometheus started
 may outlive them.
 """
+
 import json
 import os
 import re
@@ -76,8 +77,11 @@ def dashboard_exprs() -> list:
     """The dashboard's panel queries, with the `run` variable set to every run and Grafana's
     $__rate_interval to what it is for this test's 2 s scrapes (at least four of them)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"].replace("$run", ".*").replace("$__rate_interval", "20s")
-            for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [
+        t["expr"].replace("$run", ".*").replace("$__rate_interval", "20s")
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+    ]
 
 
 def dashboard_metrics() -> set:
@@ -97,8 +101,9 @@ class Proc:
     """A subprocess in its own session whose output is collected by a thread."""
 
     def __init__(self, args, **kw):
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  start_new_session=True, **kw)
+        self.p = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw
+        )
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
@@ -123,8 +128,10 @@ class Proc:
 
 
 def test_dashboard_metric_parsing_helpers():
-    text = ("# HELP apexq_learner_updates Gradient updates.\n# TYPE apexq_learner_updates counter\n"
-            "apexq_learner_updates_total 12.0\n# HELP apexq_eval_return Eval.\n# TYPE apexq_eval_return gauge\n")
+    text = (
+        "# HELP apexq_learner_updates Gradient updates.\n# TYPE apexq_learner_updates counter\n"
+        "apexq_learner_updates_total 12.0\n# HELP apexq_eval_return Eval.\n# TYPE apexq_eval_return gauge\n"
+    )
     assert exported(text) == {"apexq_learner_updates_total": 1, "apexq_eval_return": 0}
     assert dashboard_metrics() <= set(METRICS) and len(dashboard_metrics()) > 10
 
@@ -132,12 +139,30 @@ def test_dashboard_metric_parsing_helpers():
 @pytest.mark.slow
 def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
     from needs import require_tool
+
     prometheus = require_tool("prometheus", "Debian/Ubuntu: apt-get install prometheus")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     run_dir = tmp_path / "run"
-    run = Proc([sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir),
-                "--set", "train.max_seconds=45", "--set", "metrics.port=0", "--set", "eval.episodes=20",
-                "--set", "replay.min_size_to_sample=500"], cwd=ROOT, env=env)
+    run = Proc(
+        [
+            sys.executable,
+            "-m",
+            "apexq.cluster.cli",
+            "train",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "train.max_seconds=45",
+            "--set",
+            "metrics.port=0",
+            "--set",
+            "eval.episodes=20",
+            "--set",
+            "replay.min_size_to_sample=500",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     prom = None
     ours = set()
     try:
@@ -164,8 +189,14 @@ def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         api = f"http://127.0.0.1:{port}/api/v1"
-        prom = Proc([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                     f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"])
+        prom = Proc(
+            [
+                prometheus,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ]
+        )
 
         def query(expr):
             try:
@@ -179,8 +210,10 @@ def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
         # every panel query must show data, except those on metrics that stay empty in a short run
         panel_exprs = [e for e in dashboard_exprs() if not any(n in e for n in set(CONDITIONAL) | STANDALONE_ONLY)]
         no_data = panel_exprs
-        checks = {"env steps/s": "sum(rate(apexq_actor_env_steps_total[20s]))",
-                  "updates/s": "rate(apexq_learner_updates_total[20s])"}
+        checks = {
+            "env steps/s": "sum(rate(apexq_actor_env_steps_total[20s]))",
+            "updates/s": "rate(apexq_learner_updates_total[20s])",
+        }
         seen: dict = {}
         samples: dict = {}
         targets_ok = False
@@ -198,8 +231,9 @@ def test_prometheus_scrapes_a_real_run_with_the_shipped_config(tmp_path):
                 # Prometheus found every component and kept the driver's labels
                 active = json.loads(http_get(f"{api}/targets"))["data"]["activeTargets"]
                 kinds = {t["labels"].get("component") for t in active if t["health"] == "up"}
-                targets_ok = (kinds >= {"driver", "shard", "learner", "actor"}
-                              and all(t["labels"].get("run") == run_id for t in active))
+                targets_ok = kinds >= {"driver", "shard", "learner", "actor"} and all(
+                    t["labels"].get("run") == run_id for t in active
+                )
                 # every dashboard panel has data in Prometheus
                 no_data = [e for e in panel_exprs if not query(e)]
                 # and, directly, every endpoint the driver lists

@@ -4,6 +4,7 @@ The runs are started exactly as a user starts them (``apexq train``, the embedde
 ``--redis-url``); the test only kills processes of that run (found among the driver's own
 descendants), never restarts anything itself.
 """
+
 import json
 import os
 import signal
@@ -32,20 +33,31 @@ def wait(pred, timeout: float, what: str, run: "Run | None" = None):
         if v:
             return v
         if run is not None and run.proc.poll() is not None:
-            raise AssertionError(f"the run exited ({run.proc.returncode}) while waiting for {what}: "
-                                 + "\n".join(run.lines[-30:]))
+            raise AssertionError(
+                f"the run exited ({run.proc.returncode}) while waiting for {what}: " + "\n".join(run.lines[-30:])
+            )
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
-                         + (": " + "\n".join(run.lines[-30:]) if run is not None else ""))
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}"
+        + (": " + "\n".join(run.lines[-30:]) if run is not None else "")
+    )
 
 
 class Run:
     """``apexq train`` in a subprocess, its output collected line by line."""
 
     def __init__(self, run_dir: "Path | None", *args: str, env: dict = ENV):
-        cmd = [sys.executable, "-m", "apexq.cluster.cli", "train", *(["--run-dir", str(run_dir)] if run_dir else []), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "apexq.cluster.cli",
+            "train",
+            *(["--run-dir", str(run_dir)] if run_dir else []),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
@@ -72,8 +84,17 @@ class Run:
 @pytest.mark.slow
 def test_default_run_survives_its_redis_then_a_shard_then_an_actor_being_killed(tmp_path):
     run_dir = tmp_path / "run"
-    run = Run(run_dir, "--set", "train.max_seconds=300", "--set", "train.progress_every_s=1",
-              "--set", "eval.every_seconds=0", "--set", "metrics.port=0")
+    run = Run(
+        run_dir,
+        "--set",
+        "train.max_seconds=300",
+        "--set",
+        "train.progress_every_s=1",
+        "--set",
+        "eval.every_seconds=0",
+        "--set",
+        "metrics.port=0",
+    )
     try:
         pid = run.proc.pid
         wait(lambda: any(r["updates"] > 0 for r in records(run_dir)), 150, "the first learner update", run)
@@ -85,9 +106,15 @@ def test_default_run_survives_its_redis_then_a_shard_then_an_actor_being_killed(
         wait(lambda: run.saw("Redis is back"), 30, "the driver to restart its Redis", run)
         back_s = time.monotonic() - t_kill
         # training goes on: the learner and the actors both move past where they were at the kill
-        wait(lambda: records(run_dir)[-1]["updates"] > at_kill["updates"] + 200
-             and records(run_dir)[-1]["env_steps"] > at_kill["env_steps"] + 20_000, 90,
-             f"training to go on after the Redis restart (at the kill: {at_kill})", run)
+        wait(
+            lambda: (
+                records(run_dir)[-1]["updates"] > at_kill["updates"] + 200
+                and records(run_dir)[-1]["env_steps"] > at_kill["env_steps"] + 20_000
+            ),
+            90,
+            f"training to go on after the Redis restart (at the kill: {at_kill})",
+            run,
+        )
         assert back_s < 15, back_s
 
         shard = pids_of(pid, "ray::ShardService")
@@ -99,9 +126,15 @@ def test_default_run_survives_its_redis_then_a_shard_then_an_actor_being_killed(
         at_actor_kill = records(run_dir)[-1]
         os.kill(actors[0], signal.SIGKILL)
         wait(lambda: run.saw("actor 0 process died") or run.saw("actor 1 process died"), 30, "the actor's restart", run)
-        wait(lambda: records(run_dir)[-1]["env_steps"] > at_actor_kill["env_steps"] + 20_000
-             and records(run_dir)[-1]["updates"] > at_actor_kill["updates"] + 100, 90,
-             "training to go on after the shard and actor restarts", run)
+        wait(
+            lambda: (
+                records(run_dir)[-1]["env_steps"] > at_actor_kill["env_steps"] + 20_000
+                and records(run_dir)[-1]["updates"] > at_actor_kill["updates"] + 100
+            ),
+            90,
+            "training to go on after the shard and actor restarts",
+            run,
+        )
         run.proc.send_signal(signal.SIGTERM)
         rc = run.finish(120)
     finally:
@@ -127,12 +160,25 @@ def test_default_run_survives_its_redis_then_a_shard_then_an_actor_being_killed(
 @pytest.mark.slow
 def test_run_stops_with_an_error_when_its_redis_stays_unreachable(tmp_path):
     from apexq.cluster.redis_server import RedisServer, find_server
+
     server = RedisServer(find_server()).start()
     run_dir = tmp_path / "run"
     try:
-        run = Run(run_dir, "--redis-url", server.url, "--set", "train.max_seconds=300",
-                  "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0", "--set", "metrics.port=0",
-                  "--set", "redis.unreachable_timeout_s=8")
+        run = Run(
+            run_dir,
+            "--redis-url",
+            server.url,
+            "--set",
+            "train.max_seconds=300",
+            "--set",
+            "train.progress_every_s=1",
+            "--set",
+            "eval.every_seconds=0",
+            "--set",
+            "metrics.port=0",
+            "--set",
+            "redis.unreachable_timeout_s=8",
+        )
         wait(lambda: any(r["updates"] > 0 for r in records(run_dir)), 150, "the first learner update", run)
         server.kill()  # someone else's Redis: apexq must not (and cannot) restart it
         t = time.monotonic()

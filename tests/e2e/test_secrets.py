@@ -1,6 +1,7 @@
 """The Redis password of a real distributed run, given the way the README says (APEXQ_REDIS_URL and a
 `file:` entry in replay.redis_urls), appears in no argv, no file of the run directory, no line the run
 prints and no metric, and the run's components are never refused a command by the client ACL."""
+
 import json
 import os
 import subprocess
@@ -67,12 +68,31 @@ def test_the_redis_password_stays_out_of_argv_records_logs_and_metrics(redis_ser
     url_file = tmp_path / "shard-url"
     url_file.write_text(redis_server.url + "\n")
     run_dir = tmp_path / "run"
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               APEXQ_REDIS_URL=redis_server.url)
-    argv = [sys.executable, "-m", "apexq.cluster.cli", "train", "--run-dir", str(run_dir),
-            "--set", "train.max_seconds=15", "--set", "train.progress_every_s=2", "--set", "eval.every_seconds=5",
-            "--set", "eval.episodes=5", "--set", "learner.checkpoint_every_s=5",
-            "--set", "replay.min_size_to_sample=500", "--set", f"replay.redis_urls=[file:{url_file}]"]
+    env = dict(
+        os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", APEXQ_REDIS_URL=redis_server.url
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "apexq.cluster.cli",
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.max_seconds=15",
+        "--set",
+        "train.progress_every_s=2",
+        "--set",
+        "eval.every_seconds=5",
+        "--set",
+        "eval.episodes=5",
+        "--set",
+        "learner.checkpoint_every_s=5",
+        "--set",
+        "replay.min_size_to_sample=500",
+        "--set",
+        f"replay.redis_urls=[file:{url_file}]",
+    ]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = err = b""
     seen_argv: dict = {}
@@ -121,12 +141,14 @@ def test_replay_server_takes_the_url_from_a_file_or_the_environment(redis_server
     env = {k: v for k, v in os.environ.items() if k != "APEXQ_REDIS_URL"}
     r = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == (
-        "apexq: error: --redis-url: give the run's Redis with --redis-url-file PATH, $APEXQ_REDIS_URL or --redis-url")
+        "apexq: error: --redis-url: give the run's Redis with --redis-url-file PATH, $APEXQ_REDIS_URL or --redis-url"
+    )
     url_file = tmp_path / "url"
     url_file.write_text(redis_server.url + "\n")
     for extra, extra_env in (["--redis-url-file", str(url_file)], {}), ([], {"APEXQ_REDIS_URL": redis_server.url}):
-        p = subprocess.Popen(base + extra, cwd=ROOT, env={**env, **extra_env}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            base + extra, cwd=ROOT, env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         try:
             line = p.stdout.readline()
             assert line.startswith("apexq replay-server: shard 0") and "apexq:***@127.0.0.1" in line, line

@@ -5,6 +5,7 @@ itself (descendants of the benchmark, from /proc) once the benchmark says the re
 compares the last third of its samples with the middle third. The benchmark's summary is only
 checked for being consistent with that.
 """
+
 import json
 import os
 import statistics
@@ -18,8 +19,13 @@ import pytest
 from procs import descendants
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = {"actor": "ray::ActorService", "shard": "ray::ShardService", "learner": "ray::LearnerService",
-         "driver": "cluster.cli train", "redis": "-server "}
+KINDS = {
+    "actor": "ray::ActorService",
+    "shard": "ray::ShardService",
+    "learner": "ray::LearnerService",
+    "driver": "cluster.cli train",
+    "redis": "-server ",
+}
 TOLERANCE_MB, TOLERANCE_PCT = 8.0, 5.0
 
 
@@ -47,8 +53,14 @@ def sample(root: int) -> dict:
 @pytest.mark.slow
 def test_memory_does_not_keep_growing_once_the_replay_is_full():
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    p = subprocess.Popen([sys.executable, "benchmarks/soak.py", "--quick"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "benchmarks/soak.py", "--quick"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
     reader.start()
@@ -81,7 +93,7 @@ def test_memory_does_not_keep_growing_once_the_replay_is_full():
     grew = {}
     for (kind, pid), v in kept.items():
         n = len(v)
-        middle, last = statistics.median(v[n // 3: 2 * n // 3]), statistics.median(v[2 * n // 3:])
+        middle, last = statistics.median(v[n // 3 : 2 * n // 3]), statistics.median(v[2 * n // 3 :])
         if last - middle > max(TOLERANCE_MB, middle * TOLERANCE_PCT / 100):
             grew[f"{kind} {pid}"] = (round(middle, 1), round(last, 1))
     assert not grew, f"resident memory kept growing (middle third -> last third, MB): {grew}"

@@ -10,6 +10,7 @@
    error line, exit status 1.
 The run's Redis is the test's own (``--redis-url``), so the test reads the published version there.
 """
+
 import os
 import signal
 import threading
@@ -17,9 +18,9 @@ import time
 
 import pytest
 import redis
+from test_redis_faults import Run, pids_of, records, wait
 
 from apexq.core.weights_store import WeightsKeys
-from test_redis_faults import Run, pids_of, records, wait
 
 NAMESPACE = "supervised"
 
@@ -52,24 +53,55 @@ class VersionWatch(threading.Thread):
 @pytest.mark.slow
 def test_learner_restart_hung_actor_and_giving_up(tmp_path, redis_server):
     from apexq.learner.checkpoint import load
+
     run_dir = tmp_path / "run"
     admin = redis.Redis.from_url(redis_server.admin_url)
     version_key = WeightsKeys(NAMESPACE).version
-    run = Run(run_dir, "--redis-url", redis_server.url, "--set", f"replay.namespace={NAMESPACE}",
-              "--set", "train.max_seconds=600", "--set", "train.progress_every_s=1", "--set", "eval.every_seconds=0",
-              "--set", "metrics.port=0", "--set", "replay.min_size_to_sample=500", "--set", "learner.checkpoint_every_s=4",
-              "--set", "supervision.heartbeat_timeout_s=8", "--set", "supervision.max_restarts=3",
-              "--set", "supervision.window_s=600")
+    run = Run(
+        run_dir,
+        "--redis-url",
+        redis_server.url,
+        "--set",
+        f"replay.namespace={NAMESPACE}",
+        "--set",
+        "train.max_seconds=600",
+        "--set",
+        "train.progress_every_s=1",
+        "--set",
+        "eval.every_seconds=0",
+        "--set",
+        "metrics.port=0",
+        "--set",
+        "replay.min_size_to_sample=500",
+        "--set",
+        "learner.checkpoint_every_s=4",
+        "--set",
+        "supervision.heartbeat_timeout_s=8",
+        "--set",
+        "supervision.max_restarts=3",
+        "--set",
+        "supervision.window_s=600",
+    )
     stopped = []
     t_start = time.monotonic()
     try:
         pid = run.proc.pid
         # -- 1. the learner, killed after a checkpoint --------------------------------------------
-        wait(lambda: (run_dir / "checkpoint.pt").exists() and records(run_dir)
-             and min(records(run_dir)[-1]["actor_weights_versions"]) > 0, 150, "a checkpoint and actors on weights", run)
+        wait(
+            lambda: (
+                (run_dir / "checkpoint.pt").exists()
+                and records(run_dir)
+                and min(records(run_dir)[-1]["actor_weights_versions"]) > 0
+            ),
+            150,
+            "a checkpoint and actors on weights",
+            run,
+        )
         seen_ckpt = int(load(run_dir / "checkpoint.pt")["weights_version"])
         # published versions run ahead of the checkpoint's: the restarted learner must not go back to it
-        wait(lambda: int(admin.get(version_key) or 0) >= seen_ckpt + 5, 60, "weights published after the checkpoint", run)
+        wait(
+            lambda: int(admin.get(version_key) or 0) >= seen_ckpt + 5, 60, "weights published after the checkpoint", run
+        )
         learner = pids_of(pid, "ray::LearnerService")
         assert len(learner) == 1, learner
         os.kill(learner[0], signal.SIGKILL)
@@ -84,8 +116,12 @@ def test_learner_restart_hung_actor_and_giving_up(tmp_path, redis_server):
         t_kill = time.monotonic()
         wait(lambda: run.saw("learner 0 process died"), 30, "the driver to see the learner die", run)
         n = len(records(run_dir))
-        after = wait(lambda: next((r for r in records(run_dir)[n:] if min(r["actor_weights_versions"]) > at_kill), None),
-                     90, f"every actor on weights newer than v{at_kill} (the version at the kill)", run)
+        after = wait(
+            lambda: next((r for r in records(run_dir)[n:] if min(r["actor_weights_versions"]) > at_kill), None),
+            90,
+            f"every actor on weights newer than v{at_kill} (the version at the kill)",
+            run,
+        )
         picked_up_s = time.monotonic() - t_kill
         watch.stop.set()
         watch.join()
@@ -107,9 +143,15 @@ def test_learner_restart_hung_actor_and_giving_up(tmp_path, redis_server):
         wait(lambda: run.saw(f"actor {which} process died"), 30, "the hung actor's restart", run)
         wait(lambda: gone(actors[0]), 30, "the hung process to be killed")
         at_restart = records(run_dir)[-1]
-        wait(lambda: len(pids_of(pid, "ray::ActorService")) == 2
-             and records(run_dir)[-1]["env_steps"] > at_restart["env_steps"] + 20_000, 90,
-             "a new actor process and env steps growing after the restart", run)
+        wait(
+            lambda: (
+                len(pids_of(pid, "ray::ActorService")) == 2
+                and records(run_dir)[-1]["env_steps"] > at_restart["env_steps"] + 20_000
+            ),
+            90,
+            "a new actor process and env steps growing after the restart",
+            run,
+        )
 
         # -- 3. two more restarts: over supervision.max_restarts ----------------------------------
         # the learner and the hung actor, once each (a run resubmitted while Ray was still restarting
@@ -139,9 +181,14 @@ def test_learner_restart_hung_actor_and_giving_up(tmp_path, redis_server):
     out = "\n".join(run.lines)
     assert rc == 1, out[-3000:]
     errors = [l for l in run.lines if l.startswith("apexq: error:")]
-    assert len(errors) == 1 and "4 component restarts within 600s (supervision.max_restarts=3)" in errors[0], out[-3000:]
+    assert len(errors) == 1 and "4 component restarts within 600s (supervision.max_restarts=3)" in errors[0], out[
+        -3000:
+    ]
     assert any(l.startswith("apexq: stopped (gave up: ") for l in run.lines), out[-2000:]
     assert "Traceback" not in out
-    print(f"actors on newer weights {picked_up_s:.1f}s after the learner kill (v{at_kill} -> v{after['weights_version']}); "
-          f"hung actor named {hung_s:.1f}s after SIGSTOP; exit {exit_s:.1f}s after the last kills; "
-          f"whole run {time.monotonic() - t_start:.0f}s")
+    print(
+        f"actors on newer weights {picked_up_s:.1f}s after the learner kill "
+        f"(v{at_kill} -> v{after['weights_version']}); "
+        f"hung actor named {hung_s:.1f}s after SIGSTOP; exit {exit_s:.1f}s after the last kills; "
+        f"whole run {time.monotonic() - t_start:.0f}s"
+    )

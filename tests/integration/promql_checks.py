@@ -3,14 +3,27 @@
 The scanners are deliberately simple (parentheses matched by counting, no full PromQL parser):
 enough for the expressions apexq ships, and tested on the wrong forms they must catch.
 """
+
 import os
 import re
 import shutil
 
 import pytest
 
-AGGREGATIONS = ("sum", "min", "max", "avg", "group", "stddev", "stdvar", "count_values", "count",
-                "bottomk", "topk", "quantile")
+AGGREGATIONS = (
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count_values",
+    "count",
+    "bottomk",
+    "topk",
+    "quantile",
+)
 RANGE_FUNCTIONS = ("rate", "irate", "increase")
 AGGREGATION = re.compile(r"\b(%s)\s*(?:(by|without)\s*\(([^)]*)\)\s*)?\(" % "|".join(AGGREGATIONS))
 RANGE_CALL = re.compile(r"\b(%s)\s*\(" % "|".join(RANGE_FUNCTIONS))
@@ -34,7 +47,7 @@ def aggregations(expr: str) -> list:
     for m in AGGREGATION.finditer(expr):
         op, kw, labels = m.groups()
         if kw is None:
-            after = re.match(r"\s*(by|without)\s*\(([^)]*)\)", expr[closing(expr, m.end() - 1) + 1:])
+            after = re.match(r"\s*(by|without)\s*\(([^)]*)\)", expr[closing(expr, m.end() - 1) + 1 :])
             if after:
                 kw, labels = after.groups()
         out.append((op, kw, {x.strip() for x in (labels or "").split(",") if x.strip()}))
@@ -43,15 +56,18 @@ def aggregations(expr: str) -> list:
 
 def aggregations_dropping(expr: str, label: str) -> list:
     """Aggregations in ``expr`` whose result loses ``label`` (no `by` naming it, or `without` it)."""
-    return [(op, kw, labels) for op, kw, labels in aggregations(expr)
-            if not ((kw == "by" and label in labels) or (kw == "without" and label not in labels))]
+    return [
+        (op, kw, labels)
+        for op, kw, labels in aggregations(expr)
+        if not ((kw == "by" and label in labels) or (kw == "without" and label not in labels))
+    ]
 
 
 def range_windows(expr: str) -> list:
     """The range of every rate/irate/increase call, e.g. ['$__rate_interval', '30s']."""
     out = []
     for m in RANGE_CALL.finditer(expr):
-        arg = expr[m.end():closing(expr, m.end() - 1)]
+        arg = expr[m.end() : closing(expr, m.end() - 1)]
         ranges = re.findall(r"\[([^\]]*)\]", arg)
         out.append(ranges[-1].strip() if ranges else None)
     return out

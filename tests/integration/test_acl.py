@@ -1,5 +1,6 @@
 """The client user's allow-list (replay_server/acl.py) against a real server: every listed command is
 allowed, the dangerous ones are refused, and the real components send nothing outside the list."""
+
 import threading
 import time
 
@@ -13,16 +14,30 @@ NS = "acl"
 # the arguments each listed command is checked with (keys under apexq:, as the code uses them)
 K = f"apexq:{NS}:shard:0"
 SAMPLE_ARGS = {
-    "auth": ("apexq", "x"), "hello": ("2",), "client|setinfo": ("LIB-NAME", "redis-py"), "select": ("0",),
-    "ping": (), "multi": (), "exec": (),
+    "auth": ("apexq", "x"),
+    "hello": ("2",),
+    "client|setinfo": ("LIB-NAME", "redis-py"),
+    "select": ("0",),
+    "ping": (),
+    "multi": (),
+    "exec": (),
     "xadd": (f"{K}:stream", "MAXLEN", "~", "10", "*", "b", "x"),
     "xreadgroup": ("GROUP", "shard", "c", "COUNT", "1", "BLOCK", "10", "STREAMS", f"{K}:stream", ">"),
-    "xack": (f"{K}:stream", "shard", "0-1"), "xgroup|create": (f"{K}:stream", "shard", "0", "MKSTREAM"),
-    "xinfo|groups": (f"{K}:stream",), "xrange": (f"{K}:stream", "-", "+", "COUNT", "1"),
-    "xpending": (f"{K}:stream", "shard", "-", "+", "10"), "incrby": (f"{K}:epoch", "1"),
-    "hincrby": (f"{K}:counts", "ingested", "1"), "hgetall": (f"{K}:counts",), "exists": (f"{K}:stream",),
-    "get": (f"apexq:{NS}:weights",), "set": (f"apexq:{NS}:weights_version", "1"), "rpush": (f"{K}:rpc", "m"),
-    "blpop": (f"{K}:reply:x", "1"), "ltrim": (f"{K}:prio", "-1000", "-1"), "pexpire": (f"{K}:reply:x", "5000"),
+    "xack": (f"{K}:stream", "shard", "0-1"),
+    "xgroup|create": (f"{K}:stream", "shard", "0", "MKSTREAM"),
+    "xinfo|groups": (f"{K}:stream",),
+    "xrange": (f"{K}:stream", "-", "+", "COUNT", "1"),
+    "xpending": (f"{K}:stream", "shard", "-", "+", "10"),
+    "incrby": (f"{K}:epoch", "1"),
+    "hincrby": (f"{K}:counts", "ingested", "1"),
+    "hgetall": (f"{K}:counts",),
+    "exists": (f"{K}:stream",),
+    "get": (f"apexq:{NS}:weights",),
+    "set": (f"apexq:{NS}:weights_version", "1"),
+    "rpush": (f"{K}:rpc", "m"),
+    "blpop": (f"{K}:reply:x", "1"),
+    "ltrim": (f"{K}:prio", "-1000", "-1"),
+    "pexpire": (f"{K}:reply:x", "5000"),
 }
 
 
@@ -65,6 +80,7 @@ def test_the_client_user_gets_noperm_for_dangerous_commands(redis_server, cmd):
 class Monitor:
     """Every command the server runs, recorded by the admin user with MONITOR (name, lower case,
     with the subcommand for container commands such as XINFO GROUPS)."""
+
     CONTAINERS = {"client", "xinfo", "xgroup", "config", "acl", "function", "script", "object", "memory"}
 
     def __init__(self, url):
@@ -98,11 +114,13 @@ class Monitor:
 
 
 def drive_components(url):
-    """The real code paths that talk to Redis: the start-up check, an actor's loop (appends, weights fetches, backpressure),
+    """The real code paths that talk to Redis: the start-up check, an actor's loop (appends, weights fetches,
+    backpressure),
     a shard (rebuild, ingest, acknowledge), the learner's weights publish, a standalone shard's
     request/reply lists, a shard restarted with entries delivered but not acknowledged, and the
     driver's accounting and backlog reads."""
     import torch
+    from default_components import actor_settings, shard_spec
 
     from apexq.actors.actor import ApexActor
     from apexq.actors.envs import env_spec
@@ -113,7 +131,6 @@ def drive_components(url):
     from apexq.replay_server.keys import Keys
     from apexq.replay_server.rpc import RedisShardClient, ShardRpcServer
     from apexq.replay_server.shard import ReplayShard
-    from default_components import actor_settings, shard_spec
 
     spec = env_spec("MountainCar-v0")
     keys, weights_keys = Keys(NS), weights_store.WeightsKeys(NS)
@@ -125,8 +142,15 @@ def drive_components(url):
     shard = ReplayShard(one_shard, url, NS, seed=0)
     shard.start()
     server = ShardRpcServer(shard, url, NS, max_items=4096).start()
-    settings = actor_settings(num_envs=8, total_envs=8, block_size=64, weights_update_period=5, max_backlog_blocks=4,
-                              stream_maxlen=200, hidden_sizes=[16])
+    settings = actor_settings(
+        num_envs=8,
+        total_envs=8,
+        block_size=64,
+        weights_update_period=5,
+        max_backlog_blocks=4,
+        stream_maxlen=200,
+        hidden_sizes=[16],
+    )
     actor = ApexActor(settings, url, NS, spec)
     actor.run(max_env_steps=2000)
     actor.flush()
@@ -154,10 +178,18 @@ def drive_components(url):
 
 def actor_block(spec):
     from apexq.replay_server.codec import Block
+
     n, d = 4, spec["obs_dim"]
     obs = np.zeros((n, d), np.float32)
-    return Block(obs=obs, action=np.zeros(n, np.int32), ret=np.zeros(n, np.float32),
-                 discount=np.ones(n, np.float32), next_obs=obs, priority=np.ones(n, np.float32), block_seq=999)
+    return Block(
+        obs=obs,
+        action=np.zeros(n, np.int32),
+        ret=np.zeros(n, np.float32),
+        discount=np.ones(n, np.float32),
+        next_obs=obs,
+        priority=np.ones(n, np.float32),
+        block_seq=999,
+    )
 
 
 def test_the_components_send_only_listed_commands(redis_server, admin):
@@ -172,8 +204,7 @@ def test_the_components_send_only_listed_commands(redis_server, admin):
     assert not unlisted, f"components send commands the client ACL refuses: {unlisted}"
     # and the list holds nothing they do not send, but for redis-py's handshake commands that MONITOR
     # does not show (AUTH) or that only some URLs cause (HELLO for protocol=3, SELECT for a database > 0)
-    assert set(CLIENT_COMMANDS) - sent <= {"auth", "hello", "select"}, \
-        sorted(set(CLIENT_COMMANDS) - sent)
+    assert set(CLIENT_COMMANDS) - sent <= {"auth", "hello", "select"}, sorted(set(CLIENT_COMMANDS) - sent)
 
 
 def test_the_components_work_under_the_acl_and_are_never_refused(redis_server, admin):
@@ -197,6 +228,7 @@ def test_a_restart_replays_the_consumer_groups_under_the_acl(tmp_path):
     client rule on `default` the replay dropped them: the group's deliveries and pending list rolled
     back on restart, a shard ingested those entries again and the run's accounting broke."""
     from apexq.cluster.redis_server import RedisServer, find_server
+
     server = RedisServer(find_server(), data_dir=str(tmp_path), appendfsync="always").start()
     try:
         c = redis.Redis.from_url(server.url)
@@ -214,7 +246,7 @@ def test_a_restart_replays_the_consumer_groups_under_the_acl(tmp_path):
         after = c.xinfo_groups(stream)[0]
         assert (after["pending"], after["last-delivered-id"]) == (4, ids[5]), after
         # the next delivery is the 7th entry, not one that was delivered before the restart
-        (_, entries), = c.xreadgroup("shard", "c", {stream: ">"}, count=1)
+        ((_, entries),) = c.xreadgroup("shard", "c", {stream: ">"}, count=1)
         assert entries[0][0] == ids[6]
         c.close()
         admin = redis.Redis.from_url(server.admin_url)

@@ -1,22 +1,29 @@
 """deploy/prometheus/alerts.yml: promtool accepts the rules and their unit tests pass
 (deploy/prometheus/alerts_test.yml), every alert has a firing and a quiet test case, reads only
 metrics apexq exports, keeps the `run` label, and the shipped Prometheus configs load the file."""
+
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from promql_checks import aggregations_dropping, metric_names, promtool
 
 from apexq.cluster.metrics import METRICS
-from promql_checks import aggregations_dropping, metric_names, promtool
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
 ALERTS_TEST = PROMETHEUS / "alerts_test.yml"
-WANTED = {"ApexqLearnerStalled", "ApexqActorWeightsStale", "ApexqRestartLoop", "ApexqReplayRejectingEntries",
-          "ApexqNoEvaluation", "ApexqTargetDown"}
+WANTED = {
+    "ApexqLearnerStalled",
+    "ApexqActorWeightsStale",
+    "ApexqRestartLoop",
+    "ApexqReplayRejectingEntries",
+    "ApexqNoEvaluation",
+    "ApexqTargetDown",
+}
 
 
 def rules():

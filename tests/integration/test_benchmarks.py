@@ -6,8 +6,9 @@ least the tracked figures. Whether a target is met is never checked here (``--sm
 far too small to say anything about performance), but every rate must be a real measurement:
 finite and above zero, and each derived figure must agree with the rates it is derived from.
 """
-import math
+
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,8 +27,14 @@ CASES = {
 
 # figures that measure something: a zero (nothing flowed) or NaN fails
 RATES = {
-    "replay": ("ingest_tps", "raw_ingest_tps", "sample_tps", "shard_memory_ratio", "redis_memory_ratio",
-               "transitions_in_shard"),
+    "replay": (
+        "ingest_tps",
+        "raw_ingest_tps",
+        "sample_tps",
+        "shard_memory_ratio",
+        "redis_memory_ratio",
+        "transitions_in_shard",
+    ),
     "actors": ("actor_sps", "gym_loop_sps", "sps_1_actor", "sps_2_actors", "speedup"),
     "learner": ("updates_per_s", "bare_updates_per_s", "efficiency"),
 }
@@ -43,8 +50,9 @@ def run_smoke(name: str, timeout: float = 240) -> dict:
     script = ROOT / "benchmarks" / f"{name}.py"
     assert script.exists(), f"{script} is missing"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(script), "--smoke"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{script.name} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(lines) >= 2, f"expected a table before the JSON line, got:\n{proc.stdout}"
@@ -67,7 +75,8 @@ def test_benchmark_smoke_prints_the_json_convention(name):
         v = figures[key]
         assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name}: {key} = {v!r}"
     for ratio, num, den in RATIOS[name]:
-        assert figures[ratio] == pytest.approx(figures[num] / figures[den], rel=0.05, abs=0.06), \
+        assert figures[ratio] == pytest.approx(figures[num] / figures[den], rel=0.05, abs=0.06), (
             f"{name}: {ratio} = {figures[ratio]} but {num} / {den} = {figures[num] / figures[den]:.3f}"
+        )
     if name == "learner":
         assert figures["device"] == "cpu" and figures["batch_size"] == 512

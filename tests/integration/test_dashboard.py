@@ -1,12 +1,12 @@
 """deploy/grafana/dashboards/apexq.json imports into any Grafana: every query goes through the
 data-source variable (offered by the import dialog through `__inputs`), no rate window is fixed
 (`$__rate_interval` fits any scrape interval) and no aggregation adds different runs together."""
+
 import json
 import subprocess
 from pathlib import Path
 
 import yaml
-
 from promql_checks import FIXED_WINDOW, aggregations_dropping, promtool, range_windows
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "apexq.json"
@@ -37,8 +37,11 @@ def datasource_refs(node, path="$"):
 def foreign_datasources(dashboard):
     """Data-source references that do not go through the variable (Grafana's built-in annotation
     source aside): a fixed uid or name is "datasource not found" in any other Grafana."""
-    return [(path, ref) for path, ref in datasource_refs(dashboard)
-            if ref != VARIABLE_REF and not (isinstance(ref, dict) and ref.get("type") == "grafana")]
+    return [
+        (path, ref)
+        for path, ref in datasource_refs(dashboard)
+        if ref != VARIABLE_REF and not (isinstance(ref, dict) and ref.get("type") == "grafana")
+    ]
 
 
 def test_every_datasource_reference_is_the_variable():
@@ -86,8 +89,9 @@ def test_every_query_is_valid_promql(tmp_path):
     queries = [e.replace("$run", ".*").replace("$__rate_interval", "20s") for _, e in exprs(load())]
     rules = [{"record": f"apexq_dashboard:query{i}", "expr": q} for i, q in enumerate(queries)]
     (tmp_path / "queries.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    r = subprocess.run([promtool(), "check", "rules", str(tmp_path / "queries.yml")], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [promtool(), "check", "rules", str(tmp_path / "queries.yml")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in r.stdout, r.stdout + r.stderr
 
 
@@ -101,13 +105,26 @@ def test_standalone_replay_server_rpc_panels():
 def test_the_checks_catch_a_dashboard_made_the_old_way():
     """The scanners above on the forms this dashboard used to have (fixed uid, [30s] windows,
     runs summed together), so the tests cannot pass vacuously."""
-    old = {"panels": [{"title": "x", "datasource": {"type": "prometheus", "uid": "apexq-prometheus"},
-                       "targets": [{"datasource": {"type": "prometheus", "uid": "apexq-prometheus"},
-                                    "expr": 'sum(rate(apexq_actor_env_steps_total{run=~"$run"}[30s]))'}]}],
-           "annotations": {"list": [{"datasource": {"type": "grafana", "uid": "-- Grafana --"}}]}}
-    assert [path for path, _ in foreign_datasources(old)] == ["$.panels[0].datasource",
-                                                              "$.panels[0].targets[0].datasource"]
-    (_, expr), = exprs(old)
+    old = {
+        "panels": [
+            {
+                "title": "x",
+                "datasource": {"type": "prometheus", "uid": "apexq-prometheus"},
+                "targets": [
+                    {
+                        "datasource": {"type": "prometheus", "uid": "apexq-prometheus"},
+                        "expr": 'sum(rate(apexq_actor_env_steps_total{run=~"$run"}[30s]))',
+                    }
+                ],
+            }
+        ],
+        "annotations": {"list": [{"datasource": {"type": "grafana", "uid": "-- Grafana --"}}]},
+    }
+    assert [path for path, _ in foreign_datasources(old)] == [
+        "$.panels[0].datasource",
+        "$.panels[0].targets[0].datasource",
+    ]
+    ((_, expr),) = exprs(old)
     assert FIXED_WINDOW.search(expr) and range_windows(expr) == ["30s"]
     assert aggregations_dropping(expr, "run") == [("sum", None, set())]
     assert aggregations_dropping("sum by (actor) (x)", "run") and aggregations_dropping("max(x) without (run)", "run")

@@ -1,5 +1,6 @@
 """The deploy/ tree and configs/cluster.yaml: they parse, Prometheus accepts its config, the
 dashboard only queries metrics apexq exports, and the pieces agree with each other."""
+
 import importlib.util
 import json
 import os
@@ -14,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
+from promql_checks import promtool
 
 from apexq.cluster.config import load_config
 from apexq.cluster.metrics import METRICS
 from apexq.replay_server.acl import acl_rule
-from promql_checks import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -40,10 +41,18 @@ def load_yaml(path):
 
 
 def test_deploy_tree_has_the_expected_files():
-    for rel in ("prometheus/prometheus.yml", "prometheus/prometheus-compose.yml",
-                "grafana/provisioning/datasources/prometheus.yml", "grafana/provisioning/dashboards/apexq.yml",
-                "grafana/dashboards/apexq.json", "docker-compose.yml", "Dockerfile", "ray/cluster.yaml",
-                "k8s/rayjob.yaml", "k8s/redis.yaml"):
+    for rel in (
+        "prometheus/prometheus.yml",
+        "prometheus/prometheus-compose.yml",
+        "grafana/provisioning/datasources/prometheus.yml",
+        "grafana/provisioning/dashboards/apexq.yml",
+        "grafana/dashboards/apexq.json",
+        "docker-compose.yml",
+        "Dockerfile",
+        "ray/cluster.yaml",
+        "k8s/rayjob.yaml",
+        "k8s/redis.yaml",
+    ):
         assert (DEPLOY / rel).is_file(), rel
 
 
@@ -81,7 +90,7 @@ def commented_file_sd(text):
     for line in lines[start:]:
         if not line.startswith(" " * indent + "#") or line.strip() == "#":
             break
-        block.append(line[indent + 2:])
+        block.append(line[indent + 2 :])
     return yaml.safe_load("\n".join(block))["file_sd_configs"]
 
 
@@ -151,8 +160,12 @@ def metric_names(queries):
 
 
 def test_metric_name_extraction_catches_unknown_names():
-    names = metric_names(['sum(rate(apexq_actor_env_steps_total{run=~"$run"}[30s]))',
-                          "apexq_learner_loss_bucket / on() apexq_learner_beta"])
+    names = metric_names(
+        [
+            'sum(rate(apexq_actor_env_steps_total{run=~"$run"}[30s]))',
+            "apexq_learner_loss_bucket / on() apexq_learner_beta",
+        ]
+    )
     assert names == {"apexq_actor_env_steps_total", "apexq_learner_loss_bucket", "apexq_learner_beta"}
     assert names - set(METRICS) == {"apexq_learner_loss_bucket"}
 
@@ -174,14 +187,27 @@ def test_dashboard_panels_cover_the_promised_views():
     exprs = " ".join(dashboard_queries(dashboard))
     assert re.search(r"sum by \(run\) \(rate\(apexq_actor_env_steps_total(\{[^}]*\})?\[\$__rate_interval\]\)\)", exprs)
     assert re.search(r"sum by \(run, actor\) \(rate\(apexq_actor_env_steps_total", exprs)
-    for name in ("apexq_actor_episode_return_mean", "apexq_eval_return", "apexq_replay_size",
-                 "apexq_replay_inserted_total", "apexq_replay_sampled_total", "apexq_replay_rejected_total",
-                 "apexq_learner_updates_total", "apexq_learner_loss", "apexq_learner_td_error_abs_mean",
-                 "apexq_learner_q_mean", "apexq_learner_beta", "apexq_learner_weights_version",
-                 "apexq_actor_weights_lag", "apexq_replay_rate_limiter_waits_total",
-                 "apexq_component_restarts_total", "apexq_time_to_solve_seconds",
-                 "apexq_replay_rpc_requests_total", "apexq_replay_rpc_rejected_total",
-                 "apexq_eval_last_timestamp_seconds"):
+    for name in (
+        "apexq_actor_episode_return_mean",
+        "apexq_eval_return",
+        "apexq_replay_size",
+        "apexq_replay_inserted_total",
+        "apexq_replay_sampled_total",
+        "apexq_replay_rejected_total",
+        "apexq_learner_updates_total",
+        "apexq_learner_loss",
+        "apexq_learner_td_error_abs_mean",
+        "apexq_learner_q_mean",
+        "apexq_learner_beta",
+        "apexq_learner_weights_version",
+        "apexq_actor_weights_lag",
+        "apexq_replay_rate_limiter_waits_total",
+        "apexq_component_restarts_total",
+        "apexq_time_to_solve_seconds",
+        "apexq_replay_rpc_requests_total",
+        "apexq_replay_rpc_rejected_total",
+        "apexq_eval_last_timestamp_seconds",
+    ):
         assert name in exprs, f"no panel shows {name}"
     assert "sum by (run, reason) (rate(apexq_replay_rejected_total" in exprs
     assert "sum by (run, reason) (rate(apexq_replay_rpc_rejected_total" in exprs
@@ -279,8 +305,11 @@ def test_compose_mounts_exist_and_wire_grafana_to_prometheus():
 
 
 def test_dockerfile_builds_the_apexq_image_from_existing_paths():
-    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()
-             if line.strip() and not line.strip().startswith("#")]
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     assert lines[0] == "FROM python:3.11-slim"
     assert 'ENTRYPOINT ["apexq"]' in lines
     for line in lines:
@@ -288,8 +317,11 @@ def test_dockerfile_builds_the_apexq_image_from_existing_paths():
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
     assert any(re.search(r"pip install .*-e \.", line) for line in lines)
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for needed in ("core", "cluster", "actors", "replay_server", "learner", "configs", "pyproject.toml", "README.md"):
         assert needed not in ignored
 
@@ -297,9 +329,11 @@ def test_dockerfile_builds_the_apexq_image_from_existing_paths():
 def test_ray_cluster_launcher_config_is_valid_and_installs_apexq_everywhere():
     cfg = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
     import ray
+
     schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
     assert schema_path.is_file(), f"Ray's launcher schema is missing ({schema_path}): the config cannot be checked"
     import jsonschema  # in the test extra
+
     jsonschema.validate(cfg, json.loads(schema_path.read_text()))
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
@@ -331,10 +365,16 @@ def test_ray_head_starts_a_reachable_password_protected_redis(tmp_path):
     cfg = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
     assert "bash ~/apexq/deploy/ray/start_redis.sh" in cfg["head_start_ray_commands"]
     from needs import require_tool
+
     require_tool("openssl", "apt-get install openssl")
     require_tool("hostname", "apt-get install hostname")
-    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "APEXQ_REDIS_DIR": str(tmp_path / "redis"),
-           "APEXQ_REDIS_PORT": str(free_tcp_port()), "APEXQ_PYTHON": sys.executable}
+    env = {
+        "HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "APEXQ_REDIS_DIR": str(tmp_path / "redis"),
+        "APEXQ_REDIS_PORT": str(free_tcp_port()),
+        "APEXQ_PYTHON": sys.executable,
+    }
     script = str(DEPLOY / "ray" / "start_redis.sh")
     pidfile = tmp_path / "redis" / "redis.pid"
     try:
@@ -510,6 +550,7 @@ def acl_user_rule(text, password_token):
     """The rule of the `user apexq` line a deploy file writes into its Redis config; the file must
     also keep `default` off with every right (Redis replays its AOF as `default`: see acl.py)."""
     from apexq.replay_server.acl import DEFAULT_USER_LINE
+
     assert re.search(rf"^\s*{re.escape(DEFAULT_USER_LINE)}\s*$", text, re.M), f"no `{DEFAULT_USER_LINE}` line"
     m = re.search(rf"^\s*user apexq reset on >{re.escape(password_token)} (.+?)\s*$", text, re.M)
     assert m, f"no `user apexq reset on >{password_token} ...` line"
@@ -523,7 +564,7 @@ def acl_list_rule(admin):
     (default,) = [u for u in users if u.startswith("user default ")]
     assert " off " in default and "~*" in default and "+@all" in default, default
     (line,) = [u for u in users if u.startswith("user apexq ")]
-    return "resetkeys " + line[line.index(" ~") + 1:]
+    return "resetkeys " + line[line.index(" ~") + 1 :]
 
 
 def pod_specs(node):
@@ -552,6 +593,7 @@ def restricted_violations(pod):
 
         def eff(key):
             return sc.get(key, psc.get(key))
+
         if eff("runAsNonRoot") is not True:
             bad.append(f"{name}: runAsNonRoot")
         if not eff("runAsUser"):  # restricted allows an unset uid for non-root images; we pin one
@@ -635,6 +677,7 @@ def test_compose_requires_every_password_variable():
 def run_redis_script(script, tmp_path, port):
     """A deploy file's Redis start script, run by sh on this machine with the embedded server binary."""
     from apexq.cluster.redis_server import find_server
+
     data = tmp_path / "data"
     data.mkdir()
     conf = tmp_path / "redis.conf"
@@ -669,8 +712,8 @@ def test_deploy_redis_scripts_start_a_server_with_the_client_acl(which, tmp_path
         admin = redis.Redis(port=port, username="admin", password="adm1n-pw")
         assert acl_list_rule(admin) == acl_rule()
         assert admin.info("persistence")["aof_enabled"] == 1
-        assert conf.stat().st_mode & 0o077 == 0                     # the config holds the passwords
-        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes()      # sh exec'd redis-server
+        assert conf.stat().st_mode & 0o077 == 0  # the config holds the passwords
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # sh exec'd redis-server
         assert b"c1ient-pw" not in argv and b"adm1n-pw" not in argv
     finally:
         proc.kill()
@@ -679,9 +722,10 @@ def test_deploy_redis_scripts_start_a_server_with_the_client_acl(which, tmp_path
 
 def test_readme_gives_the_acl_line_and_the_pod_security_profile():
     from apexq.replay_server.acl import setuser_command
+
     readme = (ROOT / "README.md").read_text()
     assert setuser_command() in readme
-    assert "meet Pod Security \"restricted\"" in readme
+    assert 'meet Pod Security "restricted"' in readme
     for option in ("APEXQ_REDIS_URL", "--redis-url-file"):
         assert option in readme
 
@@ -729,9 +773,13 @@ def test_cpu_and_gpu_nodes_take_the_same_torch_version():
     launcher = (DEPLOY / "ray" / "cluster.yaml").read_text()
     assert set(re.findall(r'"torch([^"]*)"', launcher)) == {f"=={version}"}  # CPU and GPU node types alike
     from packaging.specifiers import SpecifierSet
-    deps = [d for d in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-            if d.startswith("torch")]
-    assert version in SpecifierSet(deps[0][len("torch"):])
+
+    deps = [
+        d
+        for d in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("torch")
+    ]
+    assert version in SpecifierSet(deps[0][len("torch") :])
 
 
 def test_dockerfile_installs_dependencies_before_copying_the_source():

@@ -1,5 +1,6 @@
 """A two-node Ray cluster on this machine: the learner lands on the node with the stand-in resource,
 and its checkpoint and policy end up in the driver's run directory."""
+
 import io
 import json
 
@@ -19,9 +20,18 @@ def test_two_node_cluster_places_learner_and_spreads_actors(tmp_path, redis_serv
     cluster.wait_for_nodes()
     try:
         from apexq.cluster.launch import train
-        cfg = load_config(overrides=["train.max_seconds=35", "learner.custom_resource=learner_node",
-                                     "eval.every_seconds=0", "metrics.port=0", "replay.min_size_to_sample=500",
-                                     "actors.envs_per_actor=8", "train.progress_every_s=2"])
+
+        cfg = load_config(
+            overrides=[
+                "train.max_seconds=35",
+                "learner.custom_resource=learner_node",
+                "eval.every_seconds=0",
+                "metrics.port=0",
+                "replay.min_size_to_sample=500",
+                "actors.envs_per_actor=8",
+                "train.progress_every_s=2",
+            ]
+        )
         rd = RunDir(tmp_path / "run")
         rd.create(cfg)
         out = io.StringIO()
@@ -31,13 +41,14 @@ def test_two_node_cluster_places_learner_and_spreads_actors(tmp_path, redis_serv
         learner = [p for p in placement if p["kind"] == "learner"][0]
         assert learner["node_id"] == gpu_like.node_id
         actor_nodes = {p["node_id"] for p in placement if p["kind"] == "actor"}
-        assert len(actor_nodes) == 2, placement          # SPREAD: one actor on each node
+        assert len(actor_nodes) == 2, placement  # SPREAD: one actor on each node
         records = rd.read_metrics()
         assert records[-1]["updates"] > 0 and records[-1]["env_steps"] > 0
         assert summary["accounting"]["balanced"]
         # the learner's node wrote nothing here: its final checkpoint and policy came to the driver as bytes
         assert summary["checkpoint"] == str(rd.checkpoint)
         import torch
+
         ckpt = torch.load(rd.checkpoint, weights_only=True)
         assert ckpt["updates"] == records[-1]["updates"] and ckpt["extra"]["env_steps"] == records[-1]["env_steps"]
         policy = json.loads(rd.policy.with_suffix(".json").read_text())

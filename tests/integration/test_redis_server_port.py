@@ -1,4 +1,5 @@
 """The embedded Redis's port: chosen free, but someone may bind it before the server does."""
+
 import socket
 
 import pytest

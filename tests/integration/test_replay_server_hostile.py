@@ -1,5 +1,6 @@
 """Hostile messages against a running `apexq replay-server`, sent through Redis as anyone with the
 password could: each is dropped and counted by reason, and the server goes on answering."""
+
 import json
 import struct
 import threading
@@ -9,14 +10,13 @@ import uuid
 import numpy as np
 import pytest
 import redis
+from test_replay_server import block, start_server, wait_for  # noqa: E402 (the same server and blocks)
 
 from apexq.replay_server.client import StreamWriter
 from apexq.replay_server.codec import MAX_PRIORITY, encode_block
 from apexq.replay_server.keys import Keys
 from apexq.replay_server.rpc import RedisShardClient, ShardRpcServer, decode, encode
 from apexq.replay_server.rpc_messages import MAGIC
-
-from test_replay_server import block, start_server, wait_for  # noqa: E402 (the same server and blocks)
 
 NS = "hx"
 K = Keys(NS)
@@ -61,8 +61,11 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_answering(redis_serve
         # once spun the rpc thread at 100% forever. Sent with a valid but unservable request after it,
         # which waits its 2 s and gets "not ready".
         c0 = cpu_seconds(p.pid)
-        attacker.rpush(K.rpc(0), raw(request(evil, n=500).replace('"timeout": 1.0', '"timeout": NaN')),
-                       raw(request(evil, n=500, timeout=2.0, id="wait")))
+        attacker.rpush(
+            K.rpc(0),
+            raw(request(evil, n=500).replace('"timeout": 1.0', '"timeout": NaN')),
+            raw(request(evil, n=500, timeout=2.0, id="wait")),
+        )
         time.sleep(3.0)
         assert cpu_seconds(p.pid) - c0 < 1.0, "the server burns CPU on an unservable request"
         replies = [decode(m, header_only=True)[0] for m in admin.lrange(evil, 0, -1)]
@@ -77,9 +80,12 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_answering(redis_serve
 
         # 2. 4 KB of nested JSON on both lists; 3. a timeout of 10**400; 4. a huge count (a 158-byte
         # request that asked for a 1.78 MB reply): refused, with a short error reply
-        attacker.rpush(K.rpc(0), raw("[" * 2040 + "]" * 2040),
-                       raw(request(evil).replace('"timeout": 1.0', '"timeout": 1' + "0" * 400)),
-                       raw(request(evil, n=10 ** 9, id="huge")))
+        attacker.rpush(
+            K.rpc(0),
+            raw("[" * 2040 + "]" * 2040),
+            raw(request(evil).replace('"timeout": 1.0', '"timeout": 1' + "0" * 400)),
+            raw(request(evil, n=10**9, id="huge")),
+        )
         attacker.rpush(K.prio(0), raw('{"n": ' + "[" * 2040 + "]" * 2040 + "}"))
         assert wait_for(lambda: rejected(client) == {"bad_timeout": 2, "too_deep": 2, "bad_n": 1}), rejected(client)
         error_reply = admin.lrange(evil, 0, -1)
@@ -100,7 +106,10 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_answering(redis_serve
         for lo in range(1, 2501, 500):  # in chunks: a client's request trims the list to its newest 1000
             attacker.rpush(K.rpc(0), *(raw(request(evil, n=n, timeout=0.0)) for n in range(lo, lo + 500)))
             assert wait_for(lambda: admin.llen(K.rpc(0)) == 0, timeout=60)
-        assert wait_for(lambda: rejected(client).get("bad_n") == 1 + 2500 - 512, timeout=60), (client.stats()["rpc_rejected"], client.stats()["rpc_requests"])
+        assert wait_for(lambda: rejected(client).get("bad_n") == 1 + 2500 - 512, timeout=60), (
+            client.stats()["rpc_rejected"],
+            client.stats()["rpc_requests"],
+        )
         grown = rss_mb(p.pid) - rss0
         print(f"2,500 distinct sizes: server RSS {rss0:.1f} MB -> {rss0 + grown:.1f} MB")
         assert grown < 15, f"RSS grew {grown:.1f} MB"
@@ -109,8 +118,11 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_answering(redis_serve
 
         # 7. forged priority 3.4e38: clamped to MAX_PRIORITY; a NaN one refused
         s = client.sample(8)
-        attacker.rpush(K.prio(0), encode({"n": 1}, (s.keys[:1], np.array([3.4e38], "<f4"))),
-                       encode({"n": 1}, (s.keys[1:2], np.array([np.nan], "<f4"))))
+        attacker.rpush(
+            K.prio(0),
+            encode({"n": 1}, (s.keys[:1], np.array([3.4e38], "<f4"))),
+            encode({"n": 1}, (s.keys[1:2], np.array([np.nan], "<f4"))),
+        )
         assert wait_for(lambda: client.stats()["priority_updates_clamped"] == 1)
         st = client.stats()
         assert st["priority_total"] == pytest.approx(MAX_PRIORITY + 999, rel=1e-6)  # alpha 1: bounded mass

@@ -1,22 +1,29 @@
 """A replay shard against a real Redis server process."""
+
 import time
 
 import numpy as np
 import pytest
 import redis
+from default_components import shard_spec
 
 from apexq.replay_server.client import StreamWriter
 from apexq.replay_server.codec import Block, encode_block
 from apexq.replay_server.keys import Keys
 from apexq.replay_server.shard import ReplayShard
-from default_components import shard_spec
 
 
 def block(n, start=0.0, seq=0, prio=1.0):
     obs = (np.arange(n, dtype=np.float32)[:, None] + start).repeat(2, axis=1)
-    return Block(obs=obs, action=(np.arange(n) % 3).astype(np.int32), ret=np.full(n, -1, np.float32),
-                 discount=np.full(n, 0.99, np.float32), next_obs=obs + 1, priority=np.full(n, prio, np.float32),
-                 block_seq=seq)
+    return Block(
+        obs=obs,
+        action=(np.arange(n) % 3).astype(np.int32),
+        ret=np.full(n, -1, np.float32),
+        discount=np.full(n, 0.99, np.float32),
+        next_obs=obs + 1,
+        priority=np.full(n, prio, np.float32),
+        block_seq=seq,
+    )
 
 
 def spec(**kw):
@@ -42,13 +49,13 @@ def test_actor_to_shard_to_sample_and_priority_updates(redis_server):
         assert wait_for(lambda: shard.stats()["inserted"] == 400)
         s = shard.sample(64)
         assert s.obs.shape == (64, 2) and s.keys.shape == (64,)
-        np.testing.assert_allclose(s.prob, 1 / 400)            # equal priorities -> uniform
+        np.testing.assert_allclose(s.prob, 1 / 400)  # equal priorities -> uniform
         np.testing.assert_array_equal(s.next_obs, s.obs + 1)
         # raise one item's priority: it is drawn far more often
         key = s.keys[0]
         assert shard.update_priorities([key], [1000.0]) == 1
         s2 = shard.sample(256)
-        heavy = (1000.0 + 1e-6) ** 0.6                      # priority ** alpha
+        heavy = (1000.0 + 1e-6) ** 0.6  # priority ** alpha
         share = heavy / (heavy + 399 * (1.0 + 1e-6) ** 0.6)  # ~0.137
         assert abs((s2.keys == key).sum() - 256 * share) <= 3  # stratified: within a stratum or two
         np.testing.assert_allclose(s2.prob[s2.keys == key], share, rtol=1e-6)
@@ -62,7 +69,7 @@ def test_update_for_an_evicted_item_is_ignored(redis_server):
     shard = ReplayShard(spec(capacity=100), redis_server.url, "t2", seed=0)
     shard.epoch = 1
     keys_old = shard.insert(block(100))
-    shard.insert(block(100, start=1000))        # overwrites every slot
+    shard.insert(block(100, start=1000))  # overwrites every slot
     assert shard.update_priorities(keys_old[:10], np.full(10, 5.0)) == 0
     assert shard.stats()["priority_updates_stale"] == 10
     assert shard.stats()["evicted"] == 100
@@ -75,8 +82,8 @@ def test_restarted_shard_rebuilds_every_acknowledged_transition(redis_server):
     for i in range(5):
         w.append(block(50, start=i * 50, seq=i))
     assert wait_for(lambda: shard.stats()["inserted"] == 250)
-    shard.stop()                                   # "killed": its memory is gone
-    for i in range(5, 7):                          # appended while no shard runs
+    shard.stop()  # "killed": its memory is gone
+    for i in range(5, 7):  # appended while no shard runs
         w.append(block(50, start=i * 50, seq=i))
     fresh = ReplayShard(spec(), redis_server.url, "t3", seed=0)
     info = fresh.start()
@@ -117,9 +124,11 @@ def test_forged_entries_are_rejected_and_counted_and_the_shard_keeps_serving(red
             r.xadd(stream, {b"b": payload})
             forged += 1
         r.xadd(stream, {b"b": good})
+
         def entries_done():
             st = shard.stats()
-            return st["rejected_total"] + st["inserted"] // 20 >= 2001   # every entry decided
+            return st["rejected_total"] + st["inserted"] // 20 >= 2001  # every entry decided
+
         assert wait_for(entries_done, timeout=30)
         st = shard.stats()
         # a random bit flip inside a float column can still be a valid block: count those as inserted
@@ -134,6 +143,7 @@ def test_forged_entries_are_rejected_and_counted_and_the_shard_keeps_serving(red
 
 def test_wrong_password_is_refused(redis_server):
     from apexq.core.connection import RedisAuthError, check
+
     bad = redis_server.url.replace(redis_server.password, "not-the-password")
     with pytest.raises(RedisAuthError, match="refused the password"):
         check(bad)
@@ -147,6 +157,7 @@ def test_wrong_password_is_refused(redis_server):
 
 def test_accounting_balances_across_a_shard_restart(redis_server):
     from apexq.replay_server.accounting import reconcile
+
     r = redis.Redis.from_url(redis_server.url)
     w = StreamWriter(redis_server.url, "t5", 0, actor_id=3, maxlen=100, max_backlog=100)
     shard = ReplayShard(spec(), redis_server.url, "t5", seed=0)
@@ -157,7 +168,7 @@ def test_accounting_balances_across_a_shard_restart(redis_server):
     assert wait_for(lambda: shard.stats()["inserted"] == 100 and shard.stats()["rejected_total"] == 1)
     shard.stop()
     for i in range(4, 6):
-        w.append(block(25, start=i * 25, seq=i))       # appended while no shard runs: pending
+        w.append(block(25, start=i * 25, seq=i))  # appended while no shard runs: pending
     acct = reconcile(r, "t5", 0)
     assert (acct["appended"], acct["ingested"], acct["pending"], acct["rejected_entries"]) == (150, 100, 50, 1)
     assert acct["balanced"] and acct["appended_by_actor"] == {3: 150}

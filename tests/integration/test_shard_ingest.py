@@ -1,21 +1,28 @@
 """The shard's ingest loop (read-ahead) keeps the semantics of reading one batch at a time."""
+
 import threading
 import time
 
 import numpy as np
 import redis
+from default_components import shard_spec
 
 from apexq.core.connection import connect
 from apexq.replay_server.codec import Block, encode_block
 from apexq.replay_server.keys import Keys
 from apexq.replay_server.shard import ReplayShard
-from default_components import shard_spec
 
 
 def block(n, start=0.0):
     obs = (np.arange(n, dtype=np.float32)[:, None] + start).repeat(2, axis=1)
-    return Block(obs=obs, action=(np.arange(n) % 3).astype(np.int32), ret=np.full(n, -1, np.float32),
-                 discount=np.full(n, 0.99, np.float32), next_obs=obs + 1, priority=np.full(n, 1.0, np.float32))
+    return Block(
+        obs=obs,
+        action=(np.arange(n) % 3).astype(np.int32),
+        ret=np.full(n, -1, np.float32),
+        discount=np.full(n, 0.99, np.float32),
+        next_obs=obs + 1,
+        priority=np.full(n, 1.0, np.float32),
+    )
 
 
 def fill(url, ns, entries, n=10):
@@ -91,6 +98,6 @@ def test_everything_read_is_inserted_and_acknowledged(redis_server):
         shard.stop()
     assert int(r.xpending(stream, Keys("ra3").group(0))["pending"]) == 0
     assert [g["lag"] for g in r.xinfo_groups(stream)] == [0]  # every entry was read
-    assert shard.stats()["inserted"] == 400 * 7                # and none twice
+    assert shard.stats()["inserted"] == 400 * 7  # and none twice
     got = np.sort(shard.obs[:2800, 0])
     np.testing.assert_array_equal(got, np.arange(2800, dtype=np.float32))

@@ -4,6 +4,7 @@ The pip-shipped Valkey is built without TLS, so the test puts a TLS terminator i
 stunnel or a managed Redis's TLS endpoint does) with a certificate made for the test; the clients
 are the real ones, configured only by their URL.
 """
+
 import datetime
 import ipaddress
 import select
@@ -14,14 +15,13 @@ import time
 
 import numpy as np
 import pytest
+from default_components import shard_spec
+from needs import require_module
 
 from apexq.core.connection import check, connect
 from apexq.replay_server.client import StreamWriter
 from apexq.replay_server.codec import Block
 from apexq.replay_server.shard import ReplayShard
-
-from default_components import shard_spec
-from needs import require_module
 
 x509 = require_module("cryptography.x509")  # in the test extra: CI fails without it instead of skipping
 
@@ -30,19 +30,27 @@ def self_signed(tmp_path):
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_path), str(key_path)
 
 
@@ -101,14 +109,26 @@ def test_rediss_urls_carry_the_whole_replay_path(redis_server, tmp_path):
         url = f"rediss://apexq:{redis_server.password}@127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
         check(url)
         assert connect(url).connection_pool.connection_class.__name__ == "SSLConnection"
-        shard = ReplayShard(shard_spec(capacity=1000, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
-                            url, "tls", seed=0)
+        shard = ReplayShard(
+            shard_spec(capacity=1000, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
+            url,
+            "tls",
+            seed=0,
+        )
         shard.start()
         try:
             w = StreamWriter(url, "tls", 0, actor_id=0, maxlen=100, max_backlog=50)
             obs = np.arange(200, dtype=np.float32).reshape(100, 2)
-            w.append(Block(obs=obs, action=np.zeros(100, np.int32), ret=np.ones(100, np.float32),
-                           discount=np.zeros(100, np.float32), next_obs=obs, priority=np.ones(100, np.float32)))
+            w.append(
+                Block(
+                    obs=obs,
+                    action=np.zeros(100, np.int32),
+                    ret=np.ones(100, np.float32),
+                    discount=np.zeros(100, np.float32),
+                    next_obs=obs,
+                    priority=np.ones(100, np.float32),
+                )
+            )
             deadline = time.monotonic() + 30
             while shard.stats()["inserted"] < 100 and time.monotonic() < deadline:
                 time.sleep(0.05)

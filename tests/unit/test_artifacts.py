@@ -1,13 +1,14 @@
 """The learner's files as bytes: the outbox's versions, the run directory's writes, a checkpoint's round trip."""
+
 import numpy as np
 import pytest
 import torch
+from default_components import learner_settings
 
 from apexq.cluster.run_dir import RunDir
 from apexq.learner.artifacts import Outbox
 from apexq.learner.checkpoint import CheckpointError, dumps, loads
 from apexq.learner.learner import Learner
-from default_components import learner_settings
 
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 
@@ -23,8 +24,11 @@ def test_outbox_hands_over_only_what_is_newer_and_everything_to_another_process(
     box.put({"checkpoint.pt": b"c3"})
     assert box.since(box.token, 2)[2] == {"checkpoint.pt": b"c3"}
     # a driver that last took version 9 from an earlier learner process gets all of this one's
-    assert box.since("another-process", 9) == (box.token, 3, {"checkpoint.pt": b"c3", "policy.json": b"j2",
-                                                              "policy.pt2": b"p2"})
+    assert box.since("another-process", 9) == (
+        box.token,
+        3,
+        {"checkpoint.pt": b"c3", "policy.json": b"j2", "policy.pt2": b"p2"},
+    )
     assert box.mark() == (box.token, 3) and Outbox().token != box.token
     with pytest.raises(ValueError, match="not a file of a run"):
         box.put({"../config.yaml": b"x"})
@@ -55,6 +59,7 @@ def test_checkpoint_bytes_round_trip_and_garbage_is_refused():
 
 def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_restores_from_them(tmp_path, monkeypatch):
     import tempfile
+
     private = tmp_path / "node-tmp"  # the learner node's temporary folder
     private.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(private))
@@ -70,7 +75,7 @@ def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_res
     assert {"checkpoint.pt", "policy.safetensors", "policy.json", "policy.pt2"} <= set(files), sorted(files)
     assert a.artifacts(token, version)[2] == {}
     assert [p.name for p in tmp_path.iterdir()] == ["node-tmp"]  # nothing written but the export's folder,
-    assert not list(private.iterdir())                             # which is gone once its files were read
+    assert not list(private.iterdir())  # which is gone once its files were read
     b = Learner(s, SPEC, [], config={"env": {"id": "MountainCar-v0"}})
     b.restore(files["checkpoint.pt"])
     x = torch.tensor([[-0.5, 0.01], [0.3, -0.05]])
@@ -82,6 +87,7 @@ def test_learner_without_a_path_puts_checkpoint_and_policy_in_its_outbox_and_res
     # the files the driver wrote are the policy apexq evaluate reads: the same Q values
     from apexq.actors.policy import NumpyQPolicy
     from apexq.learner.policy_file import read_policy_files
+
     desc, weights = read_policy_files(tmp_path / "policy")
     assert desc["env_id"] == "MountainCar-v0" and desc["weights_version"] == 9
     policy = NumpyQPolicy(SPEC, desc["hidden_sizes"], desc["dueling"])

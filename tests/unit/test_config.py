@@ -30,8 +30,9 @@ def test_the_yaml_is_the_only_place_defaults_live():
         cls = todo.pop()
         types = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, \
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (
                 f"{cls.__name__}.{f.name}"
+            )
             if dataclasses.is_dataclass(types[f.name]):
                 todo.append(types[f.name])
             else:
@@ -59,13 +60,16 @@ def test_a_config_file_is_an_overlay_of_the_default(tmp_path):
     assert load_config(base=saved).redis.unreachable_timeout_s == default["redis"]["unreachable_timeout_s"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("actors:\n  numm: 7\n", "actors.numm: unknown key (did you mean actors.num?)"),
-    ("actor:\n  num: 7\n", "actor: unknown key (did you mean actors?)"),
-    ("actors:\n  num: -1\n", "actors.num: must be between 1 and 4096, got -1"),
-    ("actors: 7\n", "actors: expected a mapping, got 7"),
-    ("- actors\n", "config: expected a mapping, got ['actors']"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("actors:\n  numm: 7\n", "actors.numm: unknown key (did you mean actors.num?)"),
+        ("actor:\n  num: 7\n", "actor: unknown key (did you mean actors?)"),
+        ("actors:\n  num: -1\n", "actors.num: must be between 1 and 4096, got -1"),
+        ("actors: 7\n", "actors: expected a mapping, got 7"),
+        ("- actors\n", "config: expected a mapping, got ['actors']"),
+    ],
+)
 def test_a_bad_key_in_an_overlay_is_one_line_naming_it(tmp_path, text, message):
     path = tmp_path / "mine.yaml"
     path.write_text(text)
@@ -110,18 +114,21 @@ def test_documented_defaults_by_hand(tmp_path):
     assert load_config(tmp_path / "empty.yaml").to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("actors.num=-3", "actors.num: must be between 1 and 4096, got -3"),
-    ("replay.capacity=abc", "replay.capacity: expected an integer, got 'abc'"),
-    ("actors.numm=2", "actors.numm: unknown key (did you mean actors.num?)"),
-    ("learner.device=tpu", "learner.device: must be one of auto, cpu, cuda, got 'tpu'"),
-    ("actors.gamma=0", "actors.gamma: must be in (0, 1], got 0"),
-    ("learner.hidden_sizes=[64,x]", "learner.hidden_sizes[1]: expected an integer, got 'x'"),
-    ("learner.dueling=3", "learner.dueling: expected true or false, got 3"),
-    ("nosuch.key=1", "nosuch: unknown key"),
-    ("seed=1.5", "seed: expected an integer, got 1.5"),
-    ("train.max_seconds=.nan", "train.max_seconds: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("actors.num=-3", "actors.num: must be between 1 and 4096, got -3"),
+        ("replay.capacity=abc", "replay.capacity: expected an integer, got 'abc'"),
+        ("actors.numm=2", "actors.numm: unknown key (did you mean actors.num?)"),
+        ("learner.device=tpu", "learner.device: must be one of auto, cpu, cuda, got 'tpu'"),
+        ("actors.gamma=0", "actors.gamma: must be in (0, 1], got 0"),
+        ("learner.hidden_sizes=[64,x]", "learner.hidden_sizes[1]: expected an integer, got 'x'"),
+        ("learner.dueling=3", "learner.dueling: expected true or false, got 3"),
+        ("nosuch.key=1", "nosuch: unknown key"),
+        ("seed=1.5", "seed: expected an integer, got 1.5"),
+        ("train.max_seconds=.nan", "train.max_seconds: must be a finite number"),
+    ],
+)
 def test_invalid_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
@@ -130,8 +137,15 @@ def test_invalid_values_name_the_key(override, message):
 
 
 def test_overrides_coerce_types():
-    cfg = load_config(overrides=["actors.num=4", "train.stop_at_return=-110", "train.max_env_steps=null",
-                                 "learner.hidden_sizes=[64, 64]", "learner.dueling=true"])
+    cfg = load_config(
+        overrides=[
+            "actors.num=4",
+            "train.stop_at_return=-110",
+            "train.max_env_steps=null",
+            "learner.hidden_sizes=[64, 64]",
+            "learner.dueling=true",
+        ]
+    )
     assert cfg.actors.num == 4 and cfg.train.stop_at_return == -110.0 and cfg.train.max_env_steps is None
     assert cfg.learner.hidden_sizes == [64, 64] and cfg.learner.dueling is True
     # YAML 1.1 reads 1e15 (no dot) as a string: a float key still takes it as the number

@@ -1,4 +1,5 @@
 """Broken and hostile config files get one line naming the file and what was wrong, exit 2, no traceback."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ def laughs(levels: int) -> str:
 CASES = {
     "integer of 5,000 digits": ("seed: " + "9" * 5000 + "\n", "an integer has too many digits"),
     "flow nesting 5,000 deep": ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than"),
-    "block nesting 200 deep": ("".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "x: 1\n",
-                               "nested more than"),
+    "block nesting 200 deep": (
+        "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "x: 1\n",
+        "nested more than",
+    ),
     "not UTF-8 on line 3": (b"seed: 1\nenv:\n  id: \xff\xfeCar\n", "line 3 is not UTF-8 text (byte 0xff)"),
     "2 MiB file": ("#" * (2 << 20) + "\n", "larger than 1048576 bytes"),
     "billion laughs": (laughs(40), "nested more than"),
@@ -59,8 +62,9 @@ def test_huge_integer_in_set_is_one_line():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "apexq.cluster.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("name", ["integer of 5,000 digits", "flow nesting 5,000 deep", "not UTF-8 on line 3"])
@@ -77,6 +81,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, name):
 
 def test_capacity_beyond_memory_is_refused_before_anything_starts(tmp_path):
     from apexq.cluster.components import physical_memory
+
     # 10**12 transitions of MountainCar (2-dim obs: 32 bytes raw, ~84 bytes in a shard) need ~78 TiB
     assert physical_memory() < 10**12 * 84
     r = run_cli("train", "--set", "replay.capacity=1000000000000", "--run-dir", str(tmp_path / "run"))
@@ -89,11 +94,20 @@ def test_capacity_beyond_memory_is_refused_before_anything_starts(tmp_path):
 
 def test_replay_memory_estimate_by_hand():
     from apexq.cluster.components import replay_memory_bytes
-    cfg = load_config(overrides=["replay.capacity=1000", "replay.min_size_to_sample=100", "learner.batch_size=64",
-                                 "actors.block_size=100", "actors.max_backlog_blocks=4"])
+
+    cfg = load_config(
+        overrides=[
+            "replay.capacity=1000",
+            "replay.min_size_to_sample=100",
+            "learner.batch_size=64",
+            "actors.block_size=100",
+            "actors.max_backlog_blocks=4",
+        ]
+    )
     shard, stream = replay_memory_bytes(cfg, obs_dim=2)
     # shard: 1000 items x (2 obs x 2 dims x 4 B + action, return, discount 12 B + key 8 B + tree 32 B)
     assert shard == 1000 * (16 + 12 + 8 + 32)
     # stream: ceil(1000/100) + 4 backlog + 16 spare = 30 blocks of 100 transitions (32 B each) + header
     from apexq.replay_server.codec import HEADER_SIZE
+
     assert stream == 30 * (HEADER_SIZE + 100 * 32)

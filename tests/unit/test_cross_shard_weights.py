@@ -6,16 +6,17 @@ P = [1/8, 1/8, 2/8, 4/8]. With N = 4 items and beta = 0.5, w_i = (N P_i) ** -0.5
 [sqrt 2, sqrt 2, 1, 1/sqrt 2]; divided by the largest: [1, 1, 1/sqrt 2, 1/2].
 The function that combines the shards is ``learner.prefetch.PrefetchSampler`` (split, fetch, prepare).
 """
+
 import math
 import time
 
 import numpy as np
 import torch
+from default_components import shard_spec
 
 from apexq.learner.prefetch import PrefetchSampler
 from apexq.replay_server.codec import Block
 from apexq.replay_server.shard import ReplayShard
-from default_components import shard_spec
 
 # item id (written into obs[:, 0]) -> (shard, priority)
 ITEMS = {0: (0, 1.0), 1: (0, 1.0), 2: (1, 2.0), 3: (1, 4.0)}
@@ -25,8 +26,20 @@ W_BETA_HALF = {0: 1.0, 1: 1.0, 2: 1 / math.sqrt(2), 3: 0.5}
 
 def shard(k: int, filled: bool = True) -> ReplayShard:
     n = sum(1 for s, _ in ITEMS.values() if s == k)
-    sh = ReplayShard(shard_spec(shard_id=k, capacity=n, priority_alpha=1.0, priority_eps=0.0, samples_per_insert=1.0,
-                                min_size_to_sample=1, error_buffer=1e12), "", "t", seed=10 + k)
+    sh = ReplayShard(
+        shard_spec(
+            shard_id=k,
+            capacity=n,
+            priority_alpha=1.0,
+            priority_eps=0.0,
+            samples_per_insert=1.0,
+            min_size_to_sample=1,
+            error_buffer=1e12,
+        ),
+        "",
+        "t",
+        seed=10 + k,
+    )
     return fill(sh) if filled else sh
 
 
@@ -34,14 +47,23 @@ def fill(sh: ReplayShard) -> ReplayShard:
     ids = [i for i, (s, _) in ITEMS.items() if s == sh.spec.shard_id]
     obs = np.array([[i, 0.0] for i in ids], np.float32)
     n = len(ids)
-    sh.insert(Block(obs, np.zeros(n, np.int32), np.zeros(n, np.float32), np.ones(n, np.float32), obs,
-                    np.array([ITEMS[i][1] for i in ids], np.float32)))
+    sh.insert(
+        Block(
+            obs,
+            np.zeros(n, np.int32),
+            np.zeros(n, np.float32),
+            np.ones(n, np.float32),
+            obs,
+            np.array([ITEMS[i][1] for i in ids], np.float32),
+        )
+    )
     return sh
 
 
 def sampler(batch: int, beta: float, seed: int = 0) -> PrefetchSampler:
-    return PrefetchSampler([shard(0), shard(1)], batch, 1, torch.device("cpu"), lambda: beta, inline=True,
-                           rng=np.random.default_rng(seed))
+    return PrefetchSampler(
+        [shard(0), shard(1)], batch, 1, torch.device("cpu"), lambda: beta, inline=True, rng=np.random.default_rng(seed)
+    )
 
 
 def ids_of(batch: dict) -> np.ndarray:

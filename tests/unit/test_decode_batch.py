@@ -1,4 +1,5 @@
 """decode_batch (what a shard uses) accepts and rejects exactly what decode_block does."""
+
 import numpy as np
 import pytest
 
@@ -8,18 +9,23 @@ from apexq.replay_server.sum_tree import SumTree
 
 def make_block(n, seed, dim=2):
     rng = np.random.default_rng(seed)
-    return Block(obs=rng.normal(size=(n, dim)).astype(np.float32), action=rng.integers(0, 3, n).astype(np.int32),
-                 ret=rng.normal(size=n).astype(np.float32), discount=rng.uniform(0, 1, n).astype(np.float32),
-                 next_obs=rng.normal(size=(n, dim)).astype(np.float32),
-                 priority=rng.uniform(0.1, 2, n).astype(np.float32), block_seq=seed)
+    return Block(
+        obs=rng.normal(size=(n, dim)).astype(np.float32),
+        action=rng.integers(0, 3, n).astype(np.int32),
+        ret=rng.normal(size=n).astype(np.float32),
+        discount=rng.uniform(0, 1, n).astype(np.float32),
+        next_obs=rng.normal(size=(n, dim)).astype(np.float32),
+        priority=rng.uniform(0.1, 2, n).astype(np.float32),
+        block_seq=seed,
+    )
 
 
 def forge(data: bytes, kind: int, rng) -> object:
     """A damaged copy of an encoded block (kind 0 leaves it intact)."""
     b = bytearray(data)
-    if kind == 1:    # a NaN / inf / out-of-range value somewhere in the columns
+    if kind == 1:  # a NaN / inf / out-of-range value somewhere in the columns
         i = 36 + 4 * int(rng.integers(0, (len(b) - 36) // 4))
-        b[i:i + 4] = np.array([rng.choice([np.nan, np.inf, -np.inf, -1.0, 7.0, 1e38])], "<f4").tobytes()
+        b[i : i + 4] = np.array([rng.choice([np.nan, np.inf, -np.inf, -1.0, 7.0, 1e38])], "<f4").tobytes()
     elif kind == 2:  # a random byte flipped anywhere, header included
         b[int(rng.integers(0, len(b)))] ^= 0xFF
     elif kind == 3:
@@ -28,16 +34,16 @@ def forge(data: bytes, kind: int, rng) -> object:
         return None  # entry without a payload
     elif kind == 5:  # an action outside 0..2 (or negative), in a block of 8
         i = 36 + 4 * 2 * 8 + 4 * int(rng.integers(0, 8))
-        b[i:i + 4] = np.array([rng.choice([-1, 3, 1 << 30])], "<i4").tobytes()
+        b[i : i + 4] = np.array([rng.choice([-1, 3, 1 << 30])], "<i4").tobytes()
     elif kind == 6:  # float32 overflow in a sum, every value finite and valid
         obs = np.frombuffer(b, "<f4", count=16, offset=36).copy()
         obs[:] = 3e38
-        b[36:36 + 64] = obs.tobytes()
+        b[36 : 36 + 64] = obs.tobytes()
     elif kind == 7:  # a reserved flag set in the header
         b[16 + int(rng.integers(0, 4))] |= 1 << int(rng.integers(0, 8))
     elif kind == 8:  # a finite priority above MAX_PRIORITY (the last column: the block's last values)
         i = len(b) - 4 * int(rng.integers(1, (len(b) - 36) // 32 + 1))
-        b[i:i + 4] = np.array([rng.choice([1.5e6, 3.4e38])], "<f4").tobytes()
+        b[i : i + 4] = np.array([rng.choice([1.5e6, 3.4e38])], "<f4").tobytes()
     return bytes(b)
 
 
@@ -81,8 +87,16 @@ def test_batch_matches_block_by_block(seed):
 def test_the_forgeries_above_cover_every_rejection_reason():
     """Computed here from the same cases, so it holds alone, with -k or under xdist."""
     seen = {reason for seed in SEEDS for reason in reference(case(seed))[1]}
-    assert {"non_finite", "bad_length", "missing_field", "bad_action", "bad_discount", "too_short", "bad_flags",
-            "priority_too_large"} <= seen
+    assert {
+        "non_finite",
+        "bad_length",
+        "missing_field",
+        "bad_action",
+        "bad_discount",
+        "too_short",
+        "bad_flags",
+        "priority_too_large",
+    } <= seen
 
 
 def test_all_valid_entries_of_one_size_become_one_block():

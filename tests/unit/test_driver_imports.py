@@ -1,4 +1,5 @@
 """The driver of a distributed run never imports torch (a ~3 s import that delayed every component)."""
+
 import re
 import subprocess
 import sys
@@ -26,7 +27,14 @@ def test_driver_modules_do_not_import_torch():
 def test_learner_service_forwards_every_method_the_driver_calls():
     # Ray exposes only methods defined on the class: each call the launcher makes must exist on the shell
     from apexq.cluster.services.learner import LearnerService
-    driver = "".join((ROOT / "cluster" / f).read_text() for f in ("launch.py", "ray_components.py", "shutdown.py",
-                                                                     "supervision.py"))
-    called = set(re.findall(r"learner\.handle\.([a-z_]+)\.remote", driver)) | {"run", "stats", "serve_metrics", "node_id"}
+
+    driver = "".join(
+        (ROOT / "cluster" / f).read_text() for f in ("launch.py", "ray_components.py", "shutdown.py", "supervision.py")
+    )
+    called = set(re.findall(r"learner\.handle\.([a-z_]+)\.remote", driver)) | {
+        "run",
+        "stats",
+        "serve_metrics",
+        "node_id",
+    }
     assert called <= set(dir(LearnerService)), called - set(dir(LearnerService))

@@ -1,4 +1,5 @@
 """Temporally-extended epsilon-greedy, step by step with a scripted random source."""
+
 import numpy as np
 import pytest
 
@@ -52,7 +53,7 @@ def test_max_duration_one_is_per_step_epsilon_greedy():
     ex = TemporallyExtendedEpsilonGreedy(eps, 3, rng, mu=1.5, max_duration=1)
     greedy = np.zeros(3, np.int64)
     acts = np.array([ex.select(greedy) for _ in range(20_000)])
-    assert (acts[:, 0] == 0).all()                                        # epsilon 0: always greedy
+    assert (acts[:, 0] == 0).all()  # epsilon 0: always greedy
     assert np.bincount(acts[:, 1], minlength=3) / 20_000 == pytest.approx([1 / 3] * 3, abs=0.02)
     assert (acts[:, 2] != 0).mean() == pytest.approx(0.3 * 2 / 3, abs=0.015)  # random, not greedy
     # no runs: consecutive exploratory actions are independent

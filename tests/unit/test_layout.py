@@ -1,6 +1,7 @@
 """The code's shape, checked: every module is imported as apexq.*, never by a bare folder name; the
 packages depend on each other in one direction; every implementation of an interface of
 apexq.core.interfaces has each of its members."""
+
 import ast
 from pathlib import Path
 
@@ -33,15 +34,19 @@ def imported_names(path: Path):
 
 
 def test_nothing_imports_a_bare_folder_name():
-    bare = [f"{p.relative_to(ROOT)}: {name}" for p in python_files() for name in imported_names(p)
-            if name.split(".")[0] in PACKAGES]
+    bare = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in python_files()
+        for name in imported_names(p)
+        if name.split(".")[0] in PACKAGES
+    ]
     assert not bare, bare
 
 
 def test_the_default_config_is_package_data():
     from apexq.cluster.config import DEFAULT_CONFIG
-    assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.name == "mountaincar.yaml"
 
+    assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.name == "mountaincar.yaml"
 
 
 def apexq_imports(tree: ast.AST, package: list) -> set:
@@ -52,7 +57,7 @@ def apexq_imports(tree: ast.AST, package: list) -> set:
         if isinstance(node, ast.Import):
             names = [a.name.split(".") for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             names = [base + (node.module.split(".") if node.module else [])]
         else:
             continue
@@ -79,13 +84,17 @@ def test_the_import_check_sees_relative_and_function_level_imports():
 # -- interfaces ---------------------------------------------------------------------------------
 
 # A class defining these methods, with these first parameters, implements the protocol of core/interfaces.py.
-PROTOCOLS = {"Shard": {"sample": ["self", "n"], "update_priorities": ["self", "keys"]},
-             "BlockSink": {"append": ["self", "block"]},
-             "WeightsSource": {"poll": ["self"], "wait_first": ["self", "timeout"]}}
+PROTOCOLS = {
+    "Shard": {"sample": ["self", "n"], "update_priorities": ["self", "keys"]},
+    "BlockSink": {"append": ["self", "block"]},
+    "WeightsSource": {"poll": ["self"], "wait_first": ["self", "timeout"]},
+}
 # the implementations there are today: finding fewer means the search above is broken
-KNOWN = {"Shard": {"ReplayShard", "RayShardProxy", "RedisShardClient", "ShardProcess"},
-         "BlockSink": {"StreamWriter", "DirectWriter", "EncodingWriter"},
-         "WeightsSource": {"WeightsClient", "DirectWeights", "NoWeights"}}
+KNOWN = {
+    "Shard": {"ReplayShard", "RayShardProxy", "RedisShardClient", "ShardProcess"},
+    "BlockSink": {"StreamWriter", "DirectWriter", "EncodingWriter"},
+    "WeightsSource": {"WeightsClient", "DirectWeights", "NoWeights"},
+}
 
 
 def classes(path: Path) -> dict:
@@ -95,8 +104,12 @@ def classes(path: Path) -> dict:
 
 def methods(cls: ast.ClassDef) -> dict:
     """name -> arguments of each method (a property is an attribute here)."""
-    return {n.name: n.args for n in cls.body if isinstance(n, ast.FunctionDef)
-            and not any(isinstance(d, ast.Name) and d.id == "property" for d in n.decorator_list)}
+    return {
+        n.name: n.args
+        for n in cls.body
+        if isinstance(n, ast.FunctionDef)
+        and not any(isinstance(d, ast.Name) and d.id == "property" for d in n.decorator_list)
+    }
 
 
 def members(cls: ast.ClassDef) -> set:
@@ -108,8 +121,14 @@ def members(cls: ast.ClassDef) -> set:
         names |= {t.id for t in targets if isinstance(t, ast.Name)}
     for n in cls.body:
         if isinstance(n, ast.FunctionDef) and n.name == "__init__":
-            names |= {a.attr for a in ast.walk(n) if isinstance(a, ast.Attribute) and isinstance(a.ctx, ast.Store)
-                      and isinstance(a.value, ast.Name) and a.value.id == "self"}
+            names |= {
+                a.attr
+                for a in ast.walk(n)
+                if isinstance(a, ast.Attribute)
+                and isinstance(a.ctx, ast.Store)
+                and isinstance(a.value, ast.Name)
+                and a.value.id == "self"
+            }
     return names - {"__init__"}
 
 
@@ -118,7 +137,7 @@ def takes(impl: ast.arguments, spec: ast.arguments) -> bool:
     parameters first, and defaults for the ones ``spec`` gives defaults and for any further ones?"""
     names, wanted = [a.arg for a in impl.args], [a.arg for a in spec.args]
     extra = len(names) - len(wanted)
-    return names[:len(wanted)] == wanted and len(impl.defaults) >= extra + len(spec.defaults)
+    return names[: len(wanted)] == wanted and len(impl.defaults) >= extra + len(spec.defaults)
 
 
 def implementations() -> dict:
@@ -129,8 +148,9 @@ def implementations() -> dict:
             for cls in classes(path).values():
                 have = methods(cls)
                 for proto, sig in PROTOCOLS.items():
-                    if all(m in have and [a.arg for a in have[m].args[:len(first)]] == first
-                           for m, first in sig.items()):
+                    if all(
+                        m in have and [a.arg for a in have[m].args[: len(first)]] == first for m, first in sig.items()
+                    ):
                         found[proto].append((f"{path.relative_to(ROOT)}:{cls.name}", cls))
     return found
 
@@ -146,13 +166,16 @@ def test_every_implementation_defines_each_member_of_its_protocol():
             assert not missing, f"{where} lacks {sorted(missing)} of apexq.core.interfaces.{proto}"
             have = methods(cls)
             for name, args in methods(spec).items():
-                assert name in have and takes(have[name], args), \
+                assert name in have and takes(have[name], args), (
                     f"{where}.{name} does not take the parameters of apexq.core.interfaces.{proto}.{name}"
+                )
 
 
 def test_a_class_that_forgets_a_member_or_a_parameter_fails_the_check():
-    forgetful = ast.parse("class W:\n    def __init__(self):\n        self.version = -1\n"
-                          "    def poll(self):\n        pass\n    def wait_first(self):\n        pass\n").body[0]
+    forgetful = ast.parse(
+        "class W:\n    def __init__(self):\n        self.version = -1\n"
+        "    def poll(self):\n        pass\n    def wait_first(self):\n        pass\n"
+    ).body[0]
     spec = classes(ROOT / "core" / "interfaces.py")["WeightsSource"]
     assert members(spec) - members(forgetful) == {"lag", "close"}
     assert not takes(methods(forgetful)["wait_first"], methods(spec)["wait_first"])

@@ -1,4 +1,5 @@
 """Learner: checkpoint round trip, exported policy, training moves Q toward the targets."""
+
 import os
 import subprocess
 import sys
@@ -6,35 +7,47 @@ import sys
 import numpy as np
 import pytest
 import torch
+from default_components import learner_settings, shard_spec
 
 from apexq.learner.checkpoint import CheckpointError, load
 from apexq.learner.learner import Learner
 from apexq.learner.network import build_network
 from apexq.replay_server.codec import Block
 from apexq.replay_server.shard import SEQ_MASK, ReplayShard
-from default_components import learner_settings, shard_spec
 
 
 def load_policy(path):
     """The user's way to run policy.pt2 (apexq itself never unpickles one); these files are the test's own."""
     return torch.export.load(str(path)).module()
 
+
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 
 
 def shard_with(n=2000, seed=0):
-    sh = ReplayShard(shard_spec(capacity=n, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
-                     "", "t", seed)
+    sh = ReplayShard(
+        shard_spec(capacity=n, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9), "", "t", seed
+    )
     rng = np.random.default_rng(seed)
     obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
-    sh.insert(Block(obs, rng.integers(0, 3, n).astype(np.int32), np.full(n, -1.0, np.float32),
-                    np.zeros(n, np.float32), obs, np.ones(n, np.float32)))
+    sh.insert(
+        Block(
+            obs,
+            rng.integers(0, 3, n).astype(np.int32),
+            np.full(n, -1.0, np.float32),
+            np.zeros(n, np.float32),
+            obs,
+            np.ones(n, np.float32),
+        )
+    )
     return sh
 
 
 def make(tmp_path, shard, **kw):
     s = learner_settings(batch_size=32, device="cpu", publish_every=10, checkpoint_every_s=1e9, prefetch=2, **kw)
-    return Learner(s, SPEC, [shard], checkpoint_path=str(tmp_path / "checkpoint.pt"), config={"env": {"id": "MountainCar-v0"}})
+    return Learner(
+        s, SPEC, [shard], checkpoint_path=str(tmp_path / "checkpoint.pt"), config={"env": {"id": "MountainCar-v0"}}
+    )
 
 
 def test_training_fits_terminal_returns(tmp_path):
@@ -88,6 +101,7 @@ def test_polyak_target_update_by_hand(tmp_path):
     lr = make(tmp_path, sh, target_tau=0.25)
     before = [p.detach().clone() for p in lr.target.parameters()]
     from apexq.learner.prefetch import PrefetchSampler
+
     sp = PrefetchSampler([sh], 32, 1, lr.device, lr.beta)
     lr.step(sp.sample_once()[0])
     for t0, t1, o in zip(before, lr.target.parameters(), lr.online.parameters()):
@@ -104,9 +118,14 @@ def test_compiled_update_matches_eager(tmp_path):
     compiled.target.load_state_dict(eager.target.state_dict())
     g = torch.Generator().manual_seed(3)
     obs = torch.rand(32, 2, generator=g) * torch.tensor([1.8, 0.14]) - torch.tensor([1.2, 0.07])
-    batch = {"obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (32,), generator=g),
-             "ret": torch.randn(32, generator=g), "discount": torch.full((32,), 0.97 ** 3),
-             "weights": torch.rand(32, generator=g)}
+    batch = {
+        "obs": obs,
+        "next_obs": obs + 0.01,
+        "action": torch.randint(0, 3, (32,), generator=g),
+        "ret": torch.randn(32, generator=g),
+        "discount": torch.full((32,), 0.97**3),
+        "weights": torch.rand(32, generator=g),
+    }
     for _ in range(3):
         a, b = eager.step(batch), compiled.step(batch)
         torch.testing.assert_close(a["td"], b["td"], rtol=1e-4, atol=1e-5)
@@ -118,6 +137,7 @@ def test_repeated_exports_carry_the_current_weights(tmp_path):
     """Later checkpoints re-save the traced program with new weights: the file follows the network."""
     from apexq.learner.export import PolicyExporter
     from apexq.learner.network import build_network
+
     net = build_network(SPEC, [16, 16], True)
     exporter = PolicyExporter()
     x = torch.randn(32, 2) * torch.tensor([0.5, 0.03])
@@ -168,9 +188,15 @@ def test_read_only_sample_arrays_convert_without_warning():
         "                v.flags.writeable = False\n"
         "        return res\n"
         "batch = PrefetchSampler([ReadOnly()], 16, 1, torch.device('cpu'), lambda: 0.5, inline=True).get(timeout=1.0)\n"
-        "assert batch is not None and batch['obs'].shape == (16, 2)\n")
-    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        "assert batch is not None and batch['obs'].shape == (16, 2)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -187,9 +213,15 @@ def test_read_only_arrays_from_ray_raise_no_torch_warning():
         "for v in state.values():\n"
         "    v.flags.writeable = False\n"
         "lr.set_best_policy(3, -100.0, state)\n"
-        "assert torch.equal(lr.best_policy['state']['head.weight'], lr.online.state_dict()['head.weight'])\n")
-    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        "assert torch.equal(lr.best_policy['state']['head.weight'], lr.online.state_dict()['head.weight'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -197,9 +229,11 @@ def test_every_minibatch_of_a_request_spans_the_whole_replay():
     """One request of k minibatches is one stratified draw of k*B items in slot order; each
     minibatch must still come from the whole buffer, not from the j-th k-th of it."""
     from apexq.learner.prefetch import PrefetchSampler
+
     sh = shard_with(n=2000)  # equal priorities: slot i holds the i-th 1/2000 of the mass
-    sampler = PrefetchSampler([sh], 64, 4, torch.device("cpu"), lambda: 0.5, inline=True, batches_per_request=4,
-                              rng=np.random.default_rng(3))
+    sampler = PrefetchSampler(
+        [sh], 64, 4, torch.device("cpu"), lambda: 0.5, inline=True, batches_per_request=4, rng=np.random.default_rng(3)
+    )
     for _ in range(4):
         batch = sampler.get(timeout=1.0)
         slots = (batch["keys"] & SEQ_MASK) % 2000
@@ -211,6 +245,7 @@ def test_every_minibatch_of_a_request_spans_the_whole_replay():
 
 def test_background_exporter_follows_the_weights_and_survives_its_helper_dying(tmp_path):
     from apexq.learner.export import BackgroundExporter
+
     net = build_network(SPEC, [16], False)
     exp = BackgroundExporter(SPEC, [16], False)
     x = torch.randn(32, 2) * torch.tensor([0.5, 0.03])
@@ -239,6 +274,7 @@ def test_background_exporter_follows_the_weights_and_survives_its_helper_dying(t
 
 def test_deal_by_hand():
     from apexq.learner.prefetch import deal, undeal
+
     a = np.arange(6)
     assert deal(a, 2).tolist() == [0, 2, 4, 1, 3, 5]  # group 0 gets rows 0, 2, 4
     assert deal(a, 3).tolist() == [0, 3, 1, 4, 2, 5]
@@ -291,6 +327,7 @@ class Remote:
 
     def update_priorities(self, keys, pr):
         import threading
+
         self.prio_threads.append(threading.current_thread().name)
         self.shard.update_priorities(keys, pr)
 
@@ -301,8 +338,10 @@ class Remote:
 def test_remote_replies_become_minibatches_on_the_training_thread():
     """On a CPU device the prefetch thread only fetches; get() turns a reply into its k minibatches."""
     from apexq.learner.prefetch import PrefetchSampler
-    sampler = PrefetchSampler([Remote(shard_with(n=2000), True)], 16, 4, torch.device("cpu"), lambda: 0.5,
-                              batches_per_request=4).start()
+
+    sampler = PrefetchSampler(
+        [Remote(shard_with(n=2000), True)], 16, 4, torch.device("cpu"), lambda: 0.5, batches_per_request=4
+    ).start()
     try:
         assert sampler.prepare_on_get
         batches = [sampler.get(timeout=5) for _ in range(4)]
@@ -318,6 +357,7 @@ def test_remote_replies_become_minibatches_on_the_training_thread():
 @pytest.mark.parametrize("nonblocking, thread", [(True, "training"), (False, "learner-bg")])
 def test_priorities_leave_from_the_training_thread_unless_the_shard_blocks(tmp_path, nonblocking, thread):
     import threading
+
     remote = Remote(shard_with(n=2000), nonblocking)
     lr = make(tmp_path, remote, batches_per_request=2)
     t = threading.Thread(target=lr.run, kwargs={"max_updates": 8}, name="training")
@@ -335,12 +375,14 @@ def test_a_cuda_graph_that_cannot_be_captured_leaves_the_learner_training_eagerl
 
     def refuse(*a, **k):
         raise RuntimeError("operation not permitted when stream is capturing")
+
     monkeypatch.setattr(learner_mod, "UpdateGraph", refuse)
     sh = shard_with()
     eager, graphed = make(tmp_path, sh), make(tmp_path, sh)
     graphed._graphs = True  # as on a CUDA device (there is none here)
     graphed.opt.enable_graph_step()
     from apexq.learner.prefetch import PrefetchSampler
+
     batches = PrefetchSampler([sh], 32, 1, eager.device, eager.beta, batches_per_request=3).sample_once()
     with caplog.at_level("WARNING"):
         for b in batches:

@@ -4,19 +4,20 @@ Skipped where torch sees no CUDA device (CI, this project's machines); run on a 
 ``python -m pytest tests/unit/test_learner_cuda.py``. Needs torch, numpy and redis-py (imported
 by the replay shard), no Redis server and no Ray.
 """
+
 import threading
 
 import numpy as np
 import pytest
 import torch
+from default_components import learner_settings, shard_spec
+from test_learner import Remote  # a shard seen as another process's
 
 from apexq.learner.checkpoint import load
 from apexq.learner.learner import Learner
 from apexq.learner.prefetch import PrefetchSampler
 from apexq.replay_server.codec import Block
 from apexq.replay_server.shard import ReplayShard
-from default_components import learner_settings, shard_spec
-from test_learner import Remote  # a shard seen as another process's
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,20 +26,35 @@ B = 64
 
 
 def shard_with(n=4000, seed=0):
-    sh = ReplayShard(shard_spec(capacity=n, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9),
-                     "", "t", seed)
+    sh = ReplayShard(
+        shard_spec(capacity=n, min_size_to_sample=10, samples_per_insert=1.0, error_buffer=1e9), "", "t", seed
+    )
     rng = np.random.default_rng(seed)
     obs = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1).astype(np.float32)
-    sh.insert(Block(obs, rng.integers(0, 3, n).astype(np.int32), rng.normal(-2, 1, n).astype(np.float32),
-                    np.where(rng.random(n) < 0.1, 0.0, 0.99 ** 3).astype(np.float32), obs + 0.01,
-                    np.ones(n, np.float32)))
+    sh.insert(
+        Block(
+            obs,
+            rng.integers(0, 3, n).astype(np.int32),
+            rng.normal(-2, 1, n).astype(np.float32),
+            np.where(rng.random(n) < 0.1, 0.0, 0.99**3).astype(np.float32),
+            obs + 0.01,
+            np.ones(n, np.float32),
+        )
+    )
     return sh
 
 
 def make(tmp_path, device, shards=(), **kw):
     kw.setdefault("cuda_graphs", False)  # the eager update is the reference
-    s = learner_settings(batch_size=B, device=device, publish_every=10**9, checkpoint_every_s=1e9, prefetch=4,
-                         target_update_period=3, **kw)
+    s = learner_settings(
+        batch_size=B,
+        device=device,
+        publish_every=10**9,
+        checkpoint_every_s=1e9,
+        prefetch=4,
+        target_update_period=3,
+        **kw,
+    )
     return Learner(s, SPEC, list(shards), checkpoint_path=str(tmp_path / f"{device}.pt"))
 
 
@@ -49,10 +65,16 @@ def batches(n, seed=0, sizes=None):
     for i in range(n):
         b = sizes[i] if sizes else B
         obs = torch.rand(b, 2, generator=g) * torch.tensor([1.8, 0.14]) - torch.tensor([1.2, 0.07])
-        out.append({"obs": obs, "next_obs": obs + 0.01, "action": torch.randint(0, 3, (b,), generator=g),
-                    "ret": torch.randn(b, generator=g),
-                    "discount": torch.where(torch.rand(b, generator=g) < 0.2, 0.0, 0.97 ** 3),
-                    "weights": torch.rand(b, generator=g) * 0.9 + 0.1})
+        out.append(
+            {
+                "obs": obs,
+                "next_obs": obs + 0.01,
+                "action": torch.randint(0, 3, (b,), generator=g),
+                "ret": torch.randn(b, generator=g),
+                "discount": torch.where(torch.rand(b, generator=g) < 0.2, 0.0, 0.97**3),
+                "weights": torch.rand(b, generator=g) * 0.9 + 0.1,
+            }
+        )
     return out
 
 
@@ -121,8 +143,9 @@ def test_cuda_graphs_priorities_are_not_overwritten_by_later_replays(tmp_path):
 
 
 def test_prefetch_thread_pins_and_copies_to_the_device():
-    sampler = PrefetchSampler([Remote(shard_with(), nonblocking=True)], B, 4, torch.device("cuda"), lambda: 0.5,
-                              batches_per_request=4).start()
+    sampler = PrefetchSampler(
+        [Remote(shard_with(), nonblocking=True)], B, 4, torch.device("cuda"), lambda: 0.5, batches_per_request=4
+    ).start()
     try:
         assert not sampler.prepare_on_get
         got = [sampler.get(timeout=10) for _ in range(8)]

@@ -10,7 +10,7 @@ def test_double_dqn_targets_by_hand():
     # transition 1: terminal (discount 0): target is the return alone
     # transition 2: truncated after 2 steps (discount 0.9**2): bootstraps from the final observation
     ret = torch.tensor([1 + 0.9 * 2 + 0.81 * 3, -1.0, -1.9])
-    disc = torch.tensor([0.9 ** 3, 0.0, 0.9 ** 2])
+    disc = torch.tensor([0.9**3, 0.0, 0.9**2])
     q_next_online = torch.tensor([[0.0, 5.0], [9.0, 1.0], [1.0, 0.0]])
     q_next_target = torch.tensor([[7.0, 2.0], [3.0, 4.0], [-10.0, 8.0]])
     t = double_dqn_targets(ret, disc, q_next_online, q_next_target)
@@ -23,7 +23,7 @@ def test_importance_weights_by_hand():
     raw = [(10 * 0.1) ** -0.5, (10 * 0.2) ** -0.5, (10 * 0.4) ** -0.5]
     assert w.dtype == np.float32
     assert w.tolist() == pytest.approx([r / raw[0] for r in raw])
-    assert w.tolist() == pytest.approx([1.0, 0.5 ** 0.5, 0.25 ** 0.5])
+    assert w.tolist() == pytest.approx([1.0, 0.5**0.5, 0.25**0.5])
     # several minibatches at once: each row is normalised by its own maximum
     w2 = importance_weights(np.array([[0.1, 0.2, 0.4], [0.4, 0.4, 0.2]]), size=10, beta=1.0)
     assert w2.tolist()[0] == pytest.approx([1.0, 0.5, 0.25])
@@ -33,10 +33,10 @@ def test_importance_weights_by_hand():
 def test_weighted_huber_loss_and_priorities_by_hand():
     q = torch.tensor([[1.0, 2.0], [0.0, 3.0]], requires_grad=True)
     actions = torch.tensor([1, 0])
-    targets = torch.tensor([2.5, 4.0])           # td = 0.5 (quadratic zone), 4.0 (linear zone)
+    targets = torch.tensor([2.5, 4.0])  # td = 0.5 (quadratic zone), 4.0 (linear zone)
     weights = torch.tensor([1.0, 0.25])
     loss, extra = td_loss(q, actions, targets, weights)
-    huber = [0.5 * 0.5 ** 2, 4.0 - 0.5]
+    huber = [0.5 * 0.5**2, 4.0 - 0.5]
     assert loss.item() == pytest.approx((1.0 * huber[0] + 0.25 * huber[1]) / 2)
     assert extra["td"].tolist() == pytest.approx([0.5, 4.0])
     assert new_priorities(extra["td"], 1e-6).tolist() == pytest.approx([0.500001, 4.000001])

@@ -1,4 +1,5 @@
 """The batched MountainCar against gymnasium's, step for step, bit for bit."""
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ def policy(obs, rng):
 
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
 def test_matches_gymnasium_step_for_step(mode):
-    ref = gym.make_vec("MountainCar-v0", num_envs=N_ENVS, vectorization_mode="sync",
-                       vector_kwargs={"autoreset_mode": mode})
+    ref = gym.make_vec(
+        "MountainCar-v0", num_envs=N_ENVS, vectorization_mode="sync", vector_kwargs={"autoreset_mode": mode}
+    )
     ours = MountainCarVectorEnv(N_ENVS, autoreset_mode=mode)
     o_ref, _ = ref.reset(seed=123)
     o_ours, _ = ours.reset(seed=123)

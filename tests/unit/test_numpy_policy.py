@@ -1,4 +1,5 @@
 """The actors' numpy forward pass against the learner's torch network, and initial priorities by hand."""
+
 import numpy as np
 import pytest
 import torch
@@ -58,14 +59,20 @@ def test_initial_priorities_by_hand():
     # identity-like network: 1 hidden unit, Q(s) = [x0, 2*x0, 0] after ReLU with unscaled inputs
     spec = {"obs_dim": 2, "num_actions": 3}
     policy = NumpyQPolicy(spec, [1], False)
-    policy.load_state({"obs_center": np.zeros(2, np.float32), "obs_half_range": np.ones(2, np.float32),
-                       "body.0.weight": np.array([[1.0, 0.0]], np.float32), "body.0.bias": np.zeros(1, np.float32),
-                       "head.weight": np.array([[1.0], [2.0], [0.0]], np.float32),
-                       "head.bias": np.zeros(3, np.float32)})
-    obs = np.array([[1.0, 5.0], [2.0, 0.0]], np.float32)        # Q = [1, 2, 0] and [2, 4, 0]
+    policy.load_state(
+        {
+            "obs_center": np.zeros(2, np.float32),
+            "obs_half_range": np.ones(2, np.float32),
+            "body.0.weight": np.array([[1.0, 0.0]], np.float32),
+            "body.0.bias": np.zeros(1, np.float32),
+            "head.weight": np.array([[1.0], [2.0], [0.0]], np.float32),
+            "head.bias": np.zeros(3, np.float32),
+        }
+    )
+    obs = np.array([[1.0, 5.0], [2.0, 0.0]], np.float32)  # Q = [1, 2, 0] and [2, 4, 0]
     next_obs = np.array([[3.0, 0.0], [-1.0, 0.0]], np.float32)  # max Q = 6 and 0 (ReLU)
     action = np.array([1, 0])
     ret = np.array([-1.0, -3.0], np.float32)
-    discount = np.array([0.5, 0.0], np.float32)                  # second one terminal
+    discount = np.array([0.5, 0.0], np.float32)  # second one terminal
     # |-1 + 0.5*6 - 2| = 0 -> floored at 1e-6 ; |-3 + 0 - 2| = 5
     assert initial_priorities(policy, obs, action, ret, discount, next_obs).tolist() == pytest.approx([1e-6, 5.0])

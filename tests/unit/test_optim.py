@@ -1,4 +1,5 @@
 """FlatAdam: parameters and gradients in one buffer each, torch.optim.Adam's numbers."""
+
 import copy
 import math
 import subprocess
@@ -122,7 +123,7 @@ def test_graph_step_follows_step_and_resumes_at_the_saved_count():
     b = copy.deepcopy(a)
     oa, ob = FlatAdam(a.parameters(), 0.01), FlatAdam(b.parameters(), 0.01)
     ob.enable_graph_step()
-    for i in range(20):
+    for _ in range(20):
         x = torch.randn(32, 2)
         for net, opt in ((a, oa), (b, ob)):
             opt.zero_grad()
@@ -206,7 +207,8 @@ def test_learner_never_imports_torch_dynamo(tmp_path):
         "lr.load_state(lr.state())\n"
         "lr.save_checkpoint()\n"
         f"assert os.path.exists({str(tmp_path / 'policy.pt2')!r})\n"
-        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n")
+        "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1,4 +1,5 @@
 """The platform choice and the learner's GPU request (cluster/ray_platform.py): pure decisions."""
+
 import pytest
 
 from apexq.cluster.ray_platform import RayChoice, RayUnreachable, choose, learner_gpu
@@ -16,13 +17,16 @@ def test_a_job_server_address_in_ray_address_is_one_line():
         choose(None, {"RAY_ADDRESS": "http://127.0.0.1:8265"})
 
 
-@pytest.mark.parametrize("device,gpus,want", [
-    ("cuda", 0, (1, "cuda")),   # asked for even with none: the autoscaler's demand
-    ("cuda", 2, (1, "cuda")),
-    ("auto", 1, (1, "auto")),
-    ("auto", 0, (0, "cpu")),    # pinned, so the line is what runs
-    ("cpu", 4, (0, "cpu")),
-])
+@pytest.mark.parametrize(
+    "device,gpus,want",
+    [
+        ("cuda", 0, (1, "cuda")),  # asked for even with none: the autoscaler's demand
+        ("cuda", 2, (1, "cuda")),
+        ("auto", 1, (1, "auto")),
+        ("auto", 0, (0, "cpu")),  # pinned, so the line is what runs
+        ("cpu", 4, (0, "cpu")),
+    ],
+)
 def test_learner_gpu_request(device, gpus, want):
     num_gpus, torch_device, line = learner_gpu(device, gpus)
     assert (num_gpus, torch_device) == want

@@ -1,4 +1,5 @@
 """The exported policy's files: ONNX and safetensors + JSON give torch's Q-values; bad files are one line."""
+
 import json
 import logging
 import sys
@@ -37,6 +38,7 @@ def torch_q(net, obs: np.ndarray) -> np.ndarray:
 
 def onnx_q(path, obs: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [(i.name, i.type, i.shape[1]) for i in session.get_inputs()] == [("obs", "tensor(float)", 2)]
     assert [o.name for o in session.get_outputs()] == ["q"]
@@ -68,6 +70,7 @@ def test_export_writes_files_that_give_torchs_q_values(tmp_path, dueling):
 
 def test_repeated_exports_carry_the_current_weights_into_every_file(tmp_path):
     from apexq.learner.export import PolicyExporter
+
     exporter, obs = PolicyExporter(), observations(20)
     net = net_with_random_weights(False, seed=0)
     exporter.save(net, tmp_path / "policy.pt2", INFO)
@@ -83,6 +86,7 @@ def test_repeated_exports_carry_the_current_weights_into_every_file(tmp_path):
 
 def test_without_onnx_the_export_skips_policy_onnx_with_one_log_line(tmp_path, monkeypatch, caplog):
     from apexq.learner.export import PolicyExporter
+
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
     exporter, net = PolicyExporter(), net_with_random_weights(False)
     with caplog.at_level(logging.WARNING, logger="apexq.learner.onnx_export"):
@@ -95,6 +99,7 @@ def test_without_onnx_the_export_skips_policy_onnx_with_one_log_line(tmp_path, m
 
 # -- hostile files: each is one PolicyFileError line naming the file and the field ----------------------
 
+
 def edit_json(tmp_path, **fields):
     path = tmp_path / "policy.json"
     d = json.loads(path.read_text())
@@ -104,21 +109,28 @@ def edit_json(tmp_path, **fields):
 
 def swap_weights(tmp_path, change):
     from safetensors.numpy import load_file, save_file
+
     state = load_file(tmp_path / "policy.safetensors")
     change(state)
     save_file(state, tmp_path / "policy.safetensors")
 
 
 CASES = {
-    "hidden size absurd": (lambda t: edit_json(t, hidden_sizes=[10 ** 12]), "policy.json: hidden_sizes: expected"),
+    "hidden size absurd": (lambda t: edit_json(t, hidden_sizes=[10**12]), "policy.json: hidden_sizes: expected"),
     "too many parameters": (lambda t: edit_json(t, hidden_sizes=[60_000] * 40), "more than 100000000 parameters"),
     "hidden size a string": (lambda t: edit_json(t, hidden_sizes=["16", 8]), "policy.json: hidden_sizes:"),
     "obs_dim a bool": (lambda t: edit_json(t, obs_dim=True), "policy.json: obs_dim: expected an integer"),
     "num_actions zero": (lambda t: edit_json(t, num_actions=0), "policy.json: num_actions: expected an integer"),
     "dueling a string": (lambda t: edit_json(t, dueling="yes"), "policy.json: dueling: expected true or false"),
     "half range zero": (lambda t: edit_json(t, obs_half_range=[0.9, 0.0]), "policy.json: obs_half_range: expected"),
-    "center infinite": (lambda t: (t / "policy.json").write_text((t / "policy.json").read_text().replace(
-        '"obs_center": [\n  -0.30000001192092896', '"obs_center": [\n  Infinity')), "policy.json: not readable JSON"),
+    "center infinite": (
+        lambda t: (t / "policy.json").write_text(
+            (t / "policy.json")
+            .read_text()
+            .replace('"obs_center": [\n  -0.30000001192092896', '"obs_center": [\n  Infinity')
+        ),
+        "policy.json: not readable JSON",
+    ),
     "eval_return a string": (lambda t: edit_json(t, eval_return="-100"), "policy.json: eval_return: expected"),
     "env_id a number": (lambda t: edit_json(t, env_id=7), "policy.json: env_id: expected"),
     "wrong format": (lambda t: edit_json(t, format="apexq-policy-v9"), "policy.json: format: expected"),
@@ -127,20 +139,34 @@ CASES = {
     "json huge": (lambda t: (t / "policy.json").write_text(" " * (2 << 20)), "policy.json: larger than"),
     "json missing": (lambda t: (t / "policy.json").unlink(), "policy.json: missing"),
     "scaling disagrees": (lambda t: edit_json(t, obs_center=[-0.25, 0.0]), "obs_center: differs from"),
-    "wider than described": (lambda t: edit_json(t, hidden_sizes=[32, 8]),
-                             "body.0.weight: shape (16, 2), expected (32, 2)"),
-    "a tensor renamed": (lambda t: swap_weights(t, lambda s: s.update(extra=s.pop("head.bias"))),
-                         "missing ['head.bias'], unexpected ['extra']"),
-    "a tensor reshaped": (lambda t: swap_weights(t, lambda s: s.update({"head.bias": np.zeros(4, np.float32)})),
-                          "head.bias: shape (4,), expected (3,)"),
-    "a tensor float64": (lambda t: swap_weights(t, lambda s: s.update({"head.bias": np.zeros(3)})),
-                         "head.bias: dtype F64, expected float32"),
-    "a NaN weight": (lambda t: swap_weights(t, lambda s: s["body.0.weight"].__setitem__((0, 0), np.nan)),
-                     "policy.safetensors: body.0.weight: holds NaN"),
-    "safetensors garbage": (lambda t: (t / "policy.safetensors").write_bytes(b"garbage" * 50),
-                            "policy.safetensors: not a readable safetensors file"),
-    "safetensors cut short": (lambda t: (t / "policy.safetensors").write_bytes(
-        (t / "policy.safetensors").read_bytes()[:-20]), "policy.safetensors: not a readable safetensors file"),
+    "wider than described": (
+        lambda t: edit_json(t, hidden_sizes=[32, 8]),
+        "body.0.weight: shape (16, 2), expected (32, 2)",
+    ),
+    "a tensor renamed": (
+        lambda t: swap_weights(t, lambda s: s.update(extra=s.pop("head.bias"))),
+        "missing ['head.bias'], unexpected ['extra']",
+    ),
+    "a tensor reshaped": (
+        lambda t: swap_weights(t, lambda s: s.update({"head.bias": np.zeros(4, np.float32)})),
+        "head.bias: shape (4,), expected (3,)",
+    ),
+    "a tensor float64": (
+        lambda t: swap_weights(t, lambda s: s.update({"head.bias": np.zeros(3)})),
+        "head.bias: dtype F64, expected float32",
+    ),
+    "a NaN weight": (
+        lambda t: swap_weights(t, lambda s: s["body.0.weight"].__setitem__((0, 0), np.nan)),
+        "policy.safetensors: body.0.weight: holds NaN",
+    ),
+    "safetensors garbage": (
+        lambda t: (t / "policy.safetensors").write_bytes(b"garbage" * 50),
+        "policy.safetensors: not a readable safetensors file",
+    ),
+    "safetensors cut short": (
+        lambda t: (t / "policy.safetensors").write_bytes((t / "policy.safetensors").read_bytes()[:-20]),
+        "policy.safetensors: not a readable safetensors file",
+    ),
 }
 
 

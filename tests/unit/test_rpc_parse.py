@@ -1,4 +1,5 @@
 """The replay-server's message parser: every field bounded and typed, and nothing but RpcError escapes."""
+
 import json
 import struct
 import threading
@@ -7,16 +8,26 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from default_components import shard_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apexq.replay_server.codec import MAX_PRIORITY, Block
 from apexq.replay_server.keys import Keys
-from apexq.replay_server.rpc_messages import (MAGIC, MAX_DEPTH, MAX_HEADER, MAX_TIMEOUT, Request, RpcError, encode,
-                                        parse_priorities, parse_request, too_deep)
+from apexq.replay_server.rpc_messages import (
+    MAGIC,
+    MAX_DEPTH,
+    MAX_HEADER,
+    MAX_TIMEOUT,
+    Request,
+    RpcError,
+    encode,
+    parse_priorities,
+    parse_request,
+    too_deep,
+)
 from apexq.replay_server.shard import ReplayShard
 from apexq.replay_server.sum_tree import STRATA_CACHED, SumTree
-from default_components import shard_spec
 
 PREFIX = Keys("ns").reply(0, "")
 MAX = 512
@@ -46,25 +57,44 @@ def test_a_valid_request_parses():
     assert parse_request(raw(req_json(op="stats", n=..., timeout=...)), PREFIX, MAX).op == "stats"
 
 
-@pytest.mark.parametrize("header, why", [
-    (req_json().replace('"timeout": 1.0', '"timeout": NaN'), "bad_timeout"),
-    (req_json().replace('"timeout": 1.0', '"timeout": Infinity'), "bad_timeout"),
-    (req_json().replace('"timeout": 1.0', '"timeout": 1e999'), "bad_timeout"),          # parses to inf
-    (req_json().replace('"timeout": 1.0', '"timeout": ' + "1" + "0" * 400), "bad_timeout"),  # 10**400
-    (req_json(timeout=-0.5), "bad_timeout"), (req_json(timeout=MAX_TIMEOUT + 0.01), "bad_timeout"),
-    (req_json(timeout=True), "bad_timeout"), (req_json(timeout="1"), "bad_timeout"), (req_json(timeout=...), "bad_fields"),
-    (req_json(n=0), "bad_n"), (req_json(n=MAX + 1), "bad_n"), (req_json(n=10 ** 9), "bad_n"), (req_json(n=True), "bad_n"),
-    (req_json(n=4.0), "bad_n"),
-    (req_json(expires=float("nan")), "bad_expires"), (req_json(expires=1e13), "bad_expires"),
-    (req_json(op="flushall"), "bad_op"), (req_json(extra=1), "bad_fields"), (req_json(op="stats"), "bad_fields"),
-    (req_json(reply="apexq:elsewhere"), "bad_reply_key"), (req_json(reply=Keys("other").reply(0, "c1")), "bad_reply_key"),
-    (req_json(reply=PREFIX + "c1:x"), "bad_reply_key"), (req_json(reply=PREFIX), "bad_reply_key"),
-    (req_json(reply=PREFIX + "c" * 65), "bad_reply_key"), (req_json(reply=7), "bad_reply_key"),
-    (req_json(id=""), "bad_id"), (req_json(id="x" * 65), "bad_id"), (req_json(id=5), "bad_id"),
-    ("[" * 2000 + "]" * 2000, "too_deep"), ('{"a":' * 9 + "1" + "}" * 9, "too_deep"),
-    ('{"n": ' + "9" * 5000 + "}", "too_large"),
-    ("[1, 2]", "bad_header_json"), ("{'op': 1}", "bad_header_json"),
-])
+@pytest.mark.parametrize(
+    "header, why",
+    [
+        (req_json().replace('"timeout": 1.0', '"timeout": NaN'), "bad_timeout"),
+        (req_json().replace('"timeout": 1.0', '"timeout": Infinity'), "bad_timeout"),
+        (req_json().replace('"timeout": 1.0', '"timeout": 1e999'), "bad_timeout"),  # parses to inf
+        (req_json().replace('"timeout": 1.0', '"timeout": ' + "1" + "0" * 400), "bad_timeout"),  # 10**400
+        (req_json(timeout=-0.5), "bad_timeout"),
+        (req_json(timeout=MAX_TIMEOUT + 0.01), "bad_timeout"),
+        (req_json(timeout=True), "bad_timeout"),
+        (req_json(timeout="1"), "bad_timeout"),
+        (req_json(timeout=...), "bad_fields"),
+        (req_json(n=0), "bad_n"),
+        (req_json(n=MAX + 1), "bad_n"),
+        (req_json(n=10**9), "bad_n"),
+        (req_json(n=True), "bad_n"),
+        (req_json(n=4.0), "bad_n"),
+        (req_json(expires=float("nan")), "bad_expires"),
+        (req_json(expires=1e13), "bad_expires"),
+        (req_json(op="flushall"), "bad_op"),
+        (req_json(extra=1), "bad_fields"),
+        (req_json(op="stats"), "bad_fields"),
+        (req_json(reply="apexq:elsewhere"), "bad_reply_key"),
+        (req_json(reply=Keys("other").reply(0, "c1")), "bad_reply_key"),
+        (req_json(reply=PREFIX + "c1:x"), "bad_reply_key"),
+        (req_json(reply=PREFIX), "bad_reply_key"),
+        (req_json(reply=PREFIX + "c" * 65), "bad_reply_key"),
+        (req_json(reply=7), "bad_reply_key"),
+        (req_json(id=""), "bad_id"),
+        (req_json(id="x" * 65), "bad_id"),
+        (req_json(id=5), "bad_id"),
+        ("[" * 2000 + "]" * 2000, "too_deep"),
+        ('{"a":' * 9 + "1" + "}" * 9, "too_deep"),
+        ('{"n": ' + "9" * 5000 + "}", "too_large"),
+        ("[1, 2]", "bad_header_json"),
+        ("{'op': 1}", "bad_header_json"),
+    ],
+)
 def test_bad_fields_are_refused_by_name(header, why):
     assert reason(raw(header)) == why
 
@@ -79,16 +109,16 @@ def test_parse_refuses_bytes_before_json():
 
 def test_errors_after_the_reply_key_can_be_answered():
     with pytest.raises(RpcError) as err:
-        parse_request(raw(req_json(n=10 ** 6)), PREFIX, MAX)
+        parse_request(raw(req_json(n=10**6)), PREFIX, MAX)
     assert err.value.answer == (PREFIX + "c1", "r1")
     with pytest.raises(RpcError) as err:
-        parse_request(raw(req_json(reply="apexq:elsewhere", n=10 ** 6)), PREFIX, MAX)
+        parse_request(raw(req_json(reply="apexq:elsewhere", n=10**6)), PREFIX, MAX)
     assert err.value.answer is None  # never write to a key outside this shard's reply lists
 
 
 def test_depth_scan_counts_brackets_outside_strings_only():
     assert not too_deep(b'{"a": [[1], {"b": [2]}]}', 4) and too_deep(b'{"a": [[1], {"b": [2]}]}', 3)
-    assert not too_deep(b'{"s": "[[[[[[[[[[[[\\"[[[[[["}', 1)      # brackets in a string, escaped quote too
+    assert not too_deep(b'{"s": "[[[[[[[[[[[[\\"[[[[[["}', 1)  # brackets in a string, escaped quote too
     assert too_deep(b'{"s": "\\\\", "t": [[[[[[[[[1]]]]]]]]]}', MAX_DEPTH)  # an escaped backslash ends the escape
     assert parse_request(raw(req_json(id="[[[[[[[[[[[[[[[[")), PREFIX, MAX).id == "[" * 16
 
@@ -108,21 +138,38 @@ def test_priority_messages():
     assert bad(prio_msg([1, 2], [1, 1], n=3)) == "bad_payload_length"
     assert bad(raw('{"n": 1, "x": 0}', b"\0" * 12)) == "bad_fields"
     assert bad(raw('{"n": true}')) == "bad_n"
-    assert bad(raw('{"n": ' + '[' * 3000)) == "too_deep"
+    assert bad(raw('{"n": ' + "[" * 3000)) == "too_deep"
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                           max_leaves=30)
-fields = st.fixed_dictionaries({}, optional={
-    "op": st.sampled_from(["sample", "stats", "x"]) | json_values, "id": st.text(max_size=70) | json_values,
-    "reply": st.sampled_from([PREFIX + "c", PREFIX, "k"]) | json_values, "expires": json_values,
-    "n": st.integers(-5, 2 * MAX) | json_values, "timeout": st.floats() | json_values, "extra": json_values})
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=30,
+)
+fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "op": st.sampled_from(["sample", "stats", "x"]) | json_values,
+        "id": st.text(max_size=70) | json_values,
+        "reply": st.sampled_from([PREFIX + "c", PREFIX, "k"]) | json_values,
+        "expires": json_values,
+        "n": st.integers(-5, 2 * MAX) | json_values,
+        "timeout": st.floats() | json_values,
+        "extra": json_values,
+    },
+)
 
 # a good reply key and id, so that the checks of every other field are reached
-envelope = st.fixed_dictionaries({"id": st.just("r"), "reply": st.just(PREFIX + "c")}, optional={
-    "op": st.sampled_from(["sample", "stats"]) | json_values, "expires": st.floats(0, 2e12) | json_values,
-    "n": st.integers(-5, 2 * MAX) | json_values, "timeout": st.floats() | json_values, "x": json_values})
+envelope = st.fixed_dictionaries(
+    {"id": st.just("r"), "reply": st.just(PREFIX + "c")},
+    optional={
+        "op": st.sampled_from(["sample", "stats"]) | json_values,
+        "expires": st.floats(0, 2e12) | json_values,
+        "n": st.integers(-5, 2 * MAX) | json_values,
+        "timeout": st.floats() | json_values,
+        "x": json_values,
+    },
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -151,15 +198,24 @@ def test_arbitrary_json_raises_only_rpc_error(header, payload):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, MAX), st.floats(0, MAX_TIMEOUT), st.from_regex(r"[0-9a-f]{1,64}", fullmatch=True),
-       st.from_regex(r"[0-9A-Za-z_-]{1,64}", fullmatch=True), st.floats(0, 1e12))
+@given(
+    st.integers(1, MAX),
+    st.floats(0, MAX_TIMEOUT),
+    st.from_regex(r"[0-9a-f]{1,64}", fullmatch=True),
+    st.from_regex(r"[0-9A-Za-z_-]{1,64}", fullmatch=True),
+    st.floats(0, 1e12),
+)
 def test_valid_requests_round_trip(n, timeout, rid, client, expires):
     h = {"op": "sample", "id": rid, "reply": PREFIX + client, "expires": expires, "n": n, "timeout": timeout}
     assert parse_request(encode(h), PREFIX, MAX) == Request("sample", rid, PREFIX + client, expires, n, timeout)
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(-2**63, 2**63 - 1), st.floats(0, float(np.float32(3.4e38)), width=32)), max_size=MAX))
+@given(
+    st.lists(
+        st.tuples(st.integers(-(2**63), 2**63 - 1), st.floats(0, float(np.float32(3.4e38)), width=32)), max_size=MAX
+    )
+)
 def test_valid_priority_updates_round_trip(items):
     keys = [k for k, _ in items]
     pr = np.array([p for _, p in items], "<f4")
@@ -170,12 +226,18 @@ def test_valid_priority_updates_round_trip(items):
 
 # -- the shard's side: no spin on an unservable sample, priorities clamped, bounded caches ----------
 
+
 def small_shard(n=50) -> ReplayShard:
-    shard = ReplayShard(shard_spec(capacity=100, priority_alpha=1.0, priority_eps=0.0, min_size_to_sample=10,
-                                   error_buffer=1000.0), "redis://unused", "ns", seed=0)
+    shard = ReplayShard(
+        shard_spec(capacity=100, priority_alpha=1.0, priority_eps=0.0, min_size_to_sample=10, error_buffer=1000.0),
+        "redis://unused",
+        "ns",
+        seed=0,
+    )
     obs = np.zeros((n, 2), np.float32)
-    shard.insert(Block(obs, np.zeros(n, np.int32), np.zeros(n, np.float32), np.ones(n, np.float32), obs,
-                       np.ones(n, np.float32)))
+    shard.insert(
+        Block(obs, np.zeros(n, np.int32), np.zeros(n, np.float32), np.ones(n, np.float32), obs, np.ones(n, np.float32))
+    )
     return shard
 
 
@@ -204,8 +266,16 @@ def test_priorities_above_the_maximum_are_clamped_on_update_and_insert():
     assert shard.stats()["priority_updates_clamped"] == 1
     assert shard.update_priorities(keys[:1], [np.nan]) == 0 and shard.tree.get([leaf])[0] == MAX_PRIORITY
     obs = np.zeros((1, 2), np.float32)
-    shard.insert(Block(obs, np.zeros(1, np.int32), np.zeros(1, np.float32), np.ones(1, np.float32), obs,
-                       np.array([3e38], np.float32)))
+    shard.insert(
+        Block(
+            obs,
+            np.zeros(1, np.int32),
+            np.zeros(1, np.float32),
+            np.ones(1, np.float32),
+            obs,
+            np.array([3e38], np.float32),
+        )
+    )
     assert shard.tree.get([50])[0] == MAX_PRIORITY
 
 

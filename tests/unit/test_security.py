@@ -1,5 +1,6 @@
 """No module deserializes untrusted data unsafely: an AST scan of every package, and the scan's own rules
 checked on small snippets (each banned form is flagged by name; the safe forms are not)."""
+
 import ast
 from pathlib import Path
 
@@ -43,8 +44,13 @@ def problems(source: str, where: str = "<snippet>") -> list:
     tree = ast.parse(source)
     found = []
     for node in ast.walk(tree):
-        mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        mods = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         found += [f"{where}:{node.lineno}: imports {m}" for m in mods if m.split(".")[0] in PICKLE_LIKE]
     names = aliases(tree)
     for node in ast.walk(tree):
@@ -72,41 +78,47 @@ def test_no_unsafe_deserialization():
     assert not found, found
 
 
-@pytest.mark.parametrize("snippet, expected", [
-    ("import torch\ntorch.load('x')", "torch.load without weights_only=True"),
-    ("import torch\ntorch.load('x', weights_only=False)", "torch.load without weights_only=True"),
-    ("import torch as T\nT.load(f)", "torch.load without weights_only=True"),
-    ("from torch import load\nload(f, map_location='cpu')", "torch.load without weights_only=True"),
-    ("from torch import load as L\nL(f)", "torch.load without weights_only=True"),
-    ("import torch\ntorch.export.load('policy.pt2').module()", "torch.export.load"),
-    ("import torch.export\ntorch.export.load(p)", "torch.export.load"),
-    ("from torch import export\nexport.load(p)", "torch.export.load"),
-    ("from torch.export import load\nload(p)", "torch.export.load"),
-    ("import torch.export as te\nte.load(p)", "torch.export.load"),
-    ("import cloudpickle", "imports cloudpickle"),
-    ("from cloudpickle import loads", "imports cloudpickle"),
-    ("import pickle as p", "imports pickle"),
-    ("cloudpickle.loads(b)", "cloudpickle.loads"),
-    ("pickle.load(f)", "pickle.load"),
-    ("pickle.loads(b)", "pickle.loads"),
-    ("pickle.Unpickler(f).load()", "pickle.Unpickler"),
-    ("import yaml\nyaml.load(s)", "yaml.load (use yaml.safe_load)"),
-    ("import yaml\nyaml.unsafe_load(s)", "yaml.unsafe_load"),
-    ("import numpy as np\nnp.load(f, allow_pickle=True)", "numpy.load(allow_pickle=True)"),
-])
+@pytest.mark.parametrize(
+    "snippet, expected",
+    [
+        ("import torch\ntorch.load('x')", "torch.load without weights_only=True"),
+        ("import torch\ntorch.load('x', weights_only=False)", "torch.load without weights_only=True"),
+        ("import torch as T\nT.load(f)", "torch.load without weights_only=True"),
+        ("from torch import load\nload(f, map_location='cpu')", "torch.load without weights_only=True"),
+        ("from torch import load as L\nL(f)", "torch.load without weights_only=True"),
+        ("import torch\ntorch.export.load('policy.pt2').module()", "torch.export.load"),
+        ("import torch.export\ntorch.export.load(p)", "torch.export.load"),
+        ("from torch import export\nexport.load(p)", "torch.export.load"),
+        ("from torch.export import load\nload(p)", "torch.export.load"),
+        ("import torch.export as te\nte.load(p)", "torch.export.load"),
+        ("import cloudpickle", "imports cloudpickle"),
+        ("from cloudpickle import loads", "imports cloudpickle"),
+        ("import pickle as p", "imports pickle"),
+        ("cloudpickle.loads(b)", "cloudpickle.loads"),
+        ("pickle.load(f)", "pickle.load"),
+        ("pickle.loads(b)", "pickle.loads"),
+        ("pickle.Unpickler(f).load()", "pickle.Unpickler"),
+        ("import yaml\nyaml.load(s)", "yaml.load (use yaml.safe_load)"),
+        ("import yaml\nyaml.unsafe_load(s)", "yaml.unsafe_load"),
+        ("import numpy as np\nnp.load(f, allow_pickle=True)", "numpy.load(allow_pickle=True)"),
+    ],
+)
 def test_the_scan_flags_each_banned_form(snippet, expected):
     found = problems(snippet)
     assert any(expected in p for p in found), (snippet, found)
 
 
-@pytest.mark.parametrize("snippet", [
-    "import torch\ntorch.load(f, map_location='cpu', weights_only=True)",
-    "from torch import load\nload(f, weights_only=True)",
-    "import yaml\nyaml.safe_load(s)",
-    "import numpy as np\nnp.load(f)",
-    "from safetensors.torch import load\nload(b)",
-    "import json\njson.loads(s)",
-    "import torch\ntorch.export.save(program, p)",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import torch\ntorch.load(f, map_location='cpu', weights_only=True)",
+        "from torch import load\nload(f, weights_only=True)",
+        "import yaml\nyaml.safe_load(s)",
+        "import numpy as np\nnp.load(f)",
+        "from safetensors.torch import load\nload(b)",
+        "import json\njson.loads(s)",
+        "import torch\ntorch.export.save(program, p)",
+    ],
+)
 def test_the_scan_passes_the_safe_forms(snippet):
     assert problems(snippet) == []

@@ -19,8 +19,10 @@ def test_hand_computed_tree():
 
 
 @settings(max_examples=60, deadline=None)
-@given(cap=st.integers(1, 300),
-       ops=st.lists(st.tuples(st.integers(0, 299), st.floats(0, 100, allow_nan=False)), min_size=1, max_size=200))
+@given(
+    cap=st.integers(1, 300),
+    ops=st.lists(st.tuples(st.integers(0, 299), st.floats(0, 100, allow_nan=False)), min_size=1, max_size=200),
+)
 def test_matches_brute_force(cap, ops):
     t = SumTree(cap)
     ref = np.zeros(cap)
@@ -47,8 +49,8 @@ def test_matches_brute_force(cap, ops):
 def test_contiguous_range_update_matches_scattered_update():
     a, b = SumTree(1000), SumTree(1000)
     vals = np.random.default_rng(1).uniform(0, 5, 300)
-    a.set(np.arange(500, 800), vals)            # contiguous fast path
-    for i, v in zip(range(500, 800), vals):     # one at a time
+    a.set(np.arange(500, 800), vals)  # contiguous fast path
+    for i, v in zip(range(500, 800), vals):  # one at a time
         b.set([i], [v])
     np.testing.assert_allclose(a.tree, b.tree)
 
