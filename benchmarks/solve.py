@@ -35,7 +35,7 @@ SOLVED = -110.0
 FINAL_SEED = 777
 
 
-def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir: Path) -> dict:
+def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir: Path, overrides=()) -> dict:
     run_dir = workdir / f"apexq-{'single' if single else 'dist'}-{seed}"
     cmd = [
         sys.executable,
@@ -55,6 +55,8 @@ def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir
         "--set",
         "metrics.port=0",
     ]
+    for o in overrides:
+        cmd += ["--set", o]
     if single:
         cmd.append("--single-process")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -230,6 +232,14 @@ def main() -> None:
         action="append",
         help="run only these systems (repeatable); default all three",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="config overrides for the apexq runs (both modes), e.g. actors.num=8 learner.device=cuda",
+    )
     ap.add_argument("--sb3-worker", type=int, metavar="SEED", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sb3_worker is not None:
@@ -243,10 +253,10 @@ def main() -> None:
         only.discard("sb3")
     for s in seeds:
         if "apexq" in only:
-            results["apexq"].append(run_apexq(s, args.budget, args.eval_every, False, work))
+            results["apexq"].append(run_apexq(s, args.budget, args.eval_every, False, work, args.overrides))
             print("apexq", results["apexq"][-1], flush=True)
         if "single" in only:
-            results["single"].append(run_apexq(s, args.budget, args.eval_every, True, work))
+            results["single"].append(run_apexq(s, args.budget, args.eval_every, True, work, args.overrides))
             print("single-process", results["single"][-1], flush=True)
         if "sb3" in only:
             results["sb3"].append(run_sb3(s, args.sb3_budget, args.eval_every))
@@ -287,6 +297,7 @@ def main() -> None:
         "single_final_returns": [r.get("final_return") for r in results["single"]],
         "apexq_startup_s": [r.get("startup_s") for r in results["apexq"]],
         "seeds": seeds,
+        "overrides": args.overrides,
     }
     n = len(seeds)
     targets = {
