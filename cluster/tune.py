@@ -32,10 +32,12 @@ table's ``trials.csv``, ``best.yaml`` (an overlay of the searched keys), ``objec
 ``runs/<trial>/seed<i>/`` (each run's directory), copies of BASE and SPACE, and Tune's own state
 (``ray/``). ``--resume --id NAME`` continues an interrupted search where it stopped.
 """
+
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import shlex
@@ -62,14 +64,26 @@ def add_arguments(p) -> None:
     p.add_argument("--config", help="the base config (YAML overlay); must set train.stop_at_return")
     p.add_argument("--space", help="the search space (YAML; see configs/tune/mountaincar_space.yaml)")
     p.add_argument("--trials", type=int, metavar="N", help="how many configurations to try")
-    p.add_argument("--seeds", type=int, metavar="K",
-                   help=f"runs per trial, seeds 0..K-1; the objective is their median (default {DEFAULT_SEEDS})")
-    p.add_argument("--budget", type=float, metavar="S",
-                   help="seconds each run may take (train.max_seconds; default: the base config's)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="K",
+        help=f"runs per trial, seeds 0..K-1; the objective is their median (default {DEFAULT_SEEDS})",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="S",
+        help="seconds each run may take (train.max_seconds; default: the base config's)",
+    )
     p.add_argument("--id", help="the search's name: its folder is tune/<id> (default: a new timestamped id)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search --id")
-    p.add_argument("--cpus-per-trial", type=float, metavar="C",
-                   help="CPUs Ray gives each trial (default: all of this machine's, so one trial at a time)")
+    p.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        metavar="C",
+        help="CPUs Ray gives each trial (default: all of this machine's, so one trial at a time)",
+    )
 
 
 @dataclass
@@ -83,8 +97,14 @@ class Search:
     command: str
 
     def settings(self, folder: Path, params) -> TrialSettings:
-        return TrialSettings(str((folder / "base.yaml").resolve()), tuple(params), self.seeds, self.budget_s,
-                             self.target, str((folder / "runs").resolve()))
+        return TrialSettings(
+            str((folder / "base.yaml").resolve()),
+            tuple(params),
+            self.seeds,
+            self.budget_s,
+            self.target,
+            str((folder / "runs").resolve()),
+        )
 
 
 def _positive(name: str, value, integer: bool = True) -> None:
@@ -107,20 +127,33 @@ def _new_search(args, folder: Path) -> tuple[Search, list]:
         raise TuneError(f"--id {args.id}: {folder} already holds a search; add --resume to continue it")
     base = load_config(args.config)
     if base.train.stop_at_return is None:
-        raise TuneError(f"--config {args.config}: train.stop_at_return is not set; the objective is the time to "
-                        f"reach it, so set the return that counts as solved (e.g. -110 for MountainCar)")
+        raise TuneError(
+            f"--config {args.config}: train.stop_at_return is not set; the objective is the time to "
+            f"reach it, so set the return that counts as solved (e.g. -110 for MountainCar)"
+        )
     if base.replay.external:
-        raise TuneError(f"--config {args.config}: replay.external is true; trials run --single-process, which "
-                        f"keeps its shards in the process")
+        raise TuneError(
+            f"--config {args.config}: replay.external is true; trials run --single-process, which "
+            f"keeps its shards in the process"
+        )
     budget = args.budget if args.budget is not None else base.train.max_seconds
     if budget is None:
-        raise TuneError(f"--budget: give the seconds each run may take (--config {args.config} sets no "
-                        f"train.max_seconds)")
+        raise TuneError(
+            f"--budget: give the seconds each run may take (--config {args.config} sets no train.max_seconds)"
+        )
     _positive("budget", budget, integer=False)
     params = load_space(args.space, args.config)
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS
-    command = " ".join(["apexq tune", "--config", shlex.quote(args.config), "--space", shlex.quote(args.space),
-                        f"--trials {args.trials} --seeds {seeds} --budget {budget:g} --id {args.id}"])
+    command = " ".join(
+        [
+            "apexq tune",
+            "--config",
+            shlex.quote(args.config),
+            "--space",
+            shlex.quote(args.space),
+            f"--trials {args.trials} --seeds {seeds} --budget {budget:g} --id {args.id}",
+        ]
+    )
     return Search(args.trials, seeds, float(budget), float(base.train.stop_at_return), command), params
 
 
@@ -136,15 +169,20 @@ def _resumed_search(args, folder: Path) -> tuple[Search, list]:
     if not (folder / "search.json").is_file():
         raise TuneError(f"--resume: {folder} holds no search (no search.json)")
     search = Search(**json.loads((folder / "search.json").read_text()))
-    for flag, given, kept in (("trials", args.trials, search.trials), ("seeds", args.seeds, search.seeds),
-                              ("budget", args.budget, search.budget_s)):
+    for flag, given, kept in (
+        ("trials", args.trials, search.trials),
+        ("seeds", args.seeds, search.seeds),
+        ("budget", args.budget, search.budget_s),
+    ):
         if given is not None and given != kept:
             raise TuneError(f"--resume: this search runs with --{flag} {kept:g}; leave --{flag} out or give that")
-    for flag, given, kept in (("config", args.config, "base.yaml"), ("space", args.space, "space.yaml")):
-        if given is not None and _read_text(given, f"--{flag}") != (folder / kept).read_text(encoding="utf-8"):
-            raise TuneError(f"--resume: --{flag} {given} differs from the one this search started with "
-                            f"({folder / kept}); leave --{flag} out")
-    return search, load_space(folder / "space.yaml", folder / "base.yaml")
+    for flag, path, copy in (("config", args.config, "base.yaml"), ("space", args.space, "space.yaml")):
+        if path is not None and _read_text(path, f"--{flag}") != (folder / copy).read_text(encoding="utf-8"):
+            raise TuneError(
+                f"--resume: --{flag} {path} differs from the one this search started with "
+                f"({folder / copy}); leave --{flag} out"
+            )
+    return search, load_space(folder / "space.yaml", str(folder / "base.yaml"))
 
 
 def _check_installed() -> None:
@@ -166,6 +204,7 @@ def run(args) -> int:
         if args.resume:
             raise TuneError("--resume: name the search to continue with --id NAME (its folder is tune/NAME)")
         from .run_dir import new_run_id
+
         args.id = new_run_id()
     folder = ROOT / args.id
     try:
@@ -177,16 +216,20 @@ def run(args) -> int:
         _record(args, folder, search)
     from . import tune_search
     from .tune_report import HEADER, read_rows
+
     cpus = args.cpus_per_trial or float(os.cpu_count() or 1)
-    ray_cpus = max(float(os.cpu_count() or 1), cpus)
+    ray_cpus = max(os.cpu_count() or 1, math.ceil(cpus))
     concurrent = max(1, int(ray_cpus // cpus))
     settings = search.settings(folder, params)
     if args.resume and not tune_search.restorable(folder):
         raise TuneError(f"--resume: {folder / tune_search.EXPERIMENT} holds no Ray Tune state to continue")
-    print(f"apexq tune: search {args.id} in {folder} | {search.trials} trials x {search.seeds} seed(s), "
-          f"{search.budget_s:g} s each | solved: eval return >= {search.target:g} | keys: "
-          f"{', '.join(p.key for p in params)} | Optuna TPE + ASHA on Ray Tune, {concurrent} trial(s) at a time"
-          + (" | resuming" if args.resume else ""), flush=True)
+    print(
+        f"apexq tune: search {args.id} in {folder} | {search.trials} trials x {search.seeds} seed(s), "
+        f"{search.budget_s:g} s each | solved: eval return >= {search.target:g} | keys: "
+        f"{', '.join(p.key for p in params)} | Optuna TPE + ASHA on Ray Tune, {concurrent} trial(s) at a time"
+        + (" | resuming" if args.resume else ""),
+        flush=True,
+    )
     tune_search.start_ray(ray_cpus)
     try:
         if args.resume:
@@ -198,24 +241,35 @@ def run(args) -> int:
         tuner.fit()
     finally:
         import ray
+
         ray.shutdown()
+        # a run's TMPDIR outlives it when Ray ended its trial before the trial could remove it
+        for tmp in (folder / "runs").glob("*/*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
     return _summary(read_rows(folder / "trials.csv"), search, folder, args.id)
 
 
 def _summary(rows: list[dict], search: Search, folder: Path, search_id: str) -> int:
     from .tune_objective import rank_key
+
     states = {s: sum(r["state"] == s for r in rows) for s in ("done", "stopped early", "error")}
     counts = f"{states['done']} done, {states['stopped early']} stopped early, {states['error']} failed"
     ranked = [r for r in rows if r["state"] != "error" and r["objective_s"] is not None]
     best: Optional[dict] = min(ranked, key=lambda r: rank_key(r["objective_s"], r["final_return"]), default=None)
     if best is not None:
         ret = f"{best['final_return']:.1f}" if best["final_return"] is not None else "-"
-        print(f"apexq tune: best: trial {best['trial']:.0f}, objective {best['objective_s']:.1f} s "
-              f"({best['solved_seeds']:.0f}/{search.seeds} seeds solved, final return {ret}) | {folder / 'best.yaml'}"
-              f" | {folder / 'trials.csv'} | {folder / 'objective.png'}", flush=True)
+        print(
+            f"apexq tune: best: trial {best['trial']:.0f}, objective {best['objective_s']:.1f} s "
+            f"({best['solved_seeds']:.0f}/{search.seeds} seeds solved, final return {ret}) | {folder / 'best.yaml'}"
+            f" | {folder / 'trials.csv'} | {folder / 'objective.png'}",
+            flush=True,
+        )
     if len(rows) < search.trials:
-        print(f"apexq tune: interrupted with {len(rows)} of {search.trials} trials finished ({counts}); continue "
-              f"with: apexq tune --id {search_id} --resume", flush=True)
+        print(
+            f"apexq tune: interrupted with {len(rows)} of {search.trials} trials finished ({counts}); continue "
+            f"with: apexq tune --id {search_id} --resume",
+            flush=True,
+        )
         return 130
     print(f"apexq tune: {len(rows)} trials ({counts})", flush=True)
     if best is None:

@@ -14,6 +14,7 @@ seeds the actors never use). The search minimises one number, :func:`score`: the
 tie-break smaller than :data:`TIE_BREAK_S`, growing with the final return, so the order it gives
 is (objective, higher final return) for any objectives more than a millisecond apart.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,9 +111,15 @@ class TrialProgress:
         obj = objective(times, self.seeds, self.budget_s)
         final = final_return([r.last_return for r in self.runs])
         out = {k: v for k, v in self.latest.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        out.update(objective=obj, score=score(obj, final), solved_seeds=sum(t is not None for t in times),
-                   seeds_finished=sum(r.ended or r.solved_at is not None for r in self.runs), seeds=self.seeds,
-                   seed=len(self.runs) - 1, budget_s=sum(r.used_s for r in self.runs))
+        out.update(
+            objective=obj,
+            score=score(obj, final),
+            solved_seeds=sum(t is not None for t in times),
+            seeds_finished=sum(r.ended or r.solved_at is not None for r in self.runs),
+            seeds=self.seeds,
+            seed=len(self.runs) - 1,
+            budget_s=sum(r.used_s for r in self.runs),
+        )
         if final is not None:
             out["final_return"] = final
         return out

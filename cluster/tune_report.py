@@ -1,6 +1,7 @@
 """What ``apexq tune`` shows and leaves: a table line per finished trial, ``trials.csv``, ``best.yaml``
 (an overlay of the searched keys) and ``objective.png``, all rebuilt from Tune's trials each time
 one finishes, so a resumed search writes them over the whole search."""
+
 from __future__ import annotations
 
 import csv
@@ -31,10 +32,6 @@ class Row:
     final_return: Optional[float] = None
     budget_used_s: Optional[float] = None
 
-    @property
-    def ranked(self) -> bool:
-        return self.objective is not None and self.state != "error"
-
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -48,32 +45,72 @@ def row_of(trial, settings: TrialSettings) -> Row:
     if trial.status == "ERROR":
         return Row(number, trial.trial_id, drawn, "error")
     state = "done" if last.get("seeds_finished") == settings.seeds else "stopped early"
-    return Row(number, trial.trial_id, drawn, state, last.get("objective"), int(last.get("solved_seeds", 0)),
-               last.get("final_return"), last.get("budget_s"))
+    return Row(
+        number,
+        trial.trial_id,
+        drawn,
+        state,
+        last.get("objective"),
+        int(last.get("solved_seeds", 0)),
+        last.get("final_return"),
+        last.get("budget_s"),
+    )
 
 
 def table_line(row: Row, seeds: int) -> str:
     obj = f"{row.objective:.1f}" if row.objective is not None else "-"
     ret = f"{row.final_return:.1f}" if row.final_return is not None else "-"
     params = " ".join(f"{k}={_fmt(v)}" for k, v in row.drawn.items())
-    return (f"{row.number:>5}  {row.trial_id:<8}  {obj:>11}  {row.solved:>3}/{seeds:<2}  {ret:>12}  "
-            f"{row.state:<13}  {params}")
+    return (
+        f"{row.number:>5}  {row.trial_id:<8}  {obj:>11}  {row.solved:>3}/{seeds:<2}  {ret:>12}  "
+        f"{row.state:<13}  {params}"
+    )
+
+
+def ranked(rows: list[Row]) -> list[tuple[float, Row]]:
+    """(objective, row) of the trials that have an objective (all but failed ones), in trial order."""
+    return sorted(
+        ((r.objective, r) for r in rows if r.objective is not None and r.state != "error"),
+        key=lambda pair: pair[1].number,
+    )
 
 
 def best_row(rows: list[Row]) -> Optional[Row]:
-    ranked = [r for r in rows if r.ranked]
-    return min(ranked, key=lambda r: (rank_key(r.objective, r.final_return), r.number)) if ranked else None
+    trials = ranked(rows)
+    return min(trials, key=lambda p: (rank_key(p[0], p[1].final_return), p[1].number))[1] if trials else None
 
 
 def write_csv(rows: list[Row], settings: TrialSettings, path: Path) -> None:
     keys = [p.key for p in settings.params]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", "trial_id", *keys, "objective_s", "solved_seeds", "seeds", "final_return",
-                    "budget_used_s", "state"])
+        w.writerow(
+            [
+                "trial",
+                "trial_id",
+                *keys,
+                "objective_s",
+                "solved_seeds",
+                "seeds",
+                "final_return",
+                "budget_used_s",
+                "state",
+            ]
+        )
         for r in rows:
-            w.writerow([r.number, r.trial_id, *[r.drawn[k] for k in keys], r.objective, r.solved, settings.seeds,
-                        r.final_return, r.budget_used_s, r.state])
+            w.writerow(
+                [
+                    r.number,
+                    r.trial_id,
+                    *[r.drawn[k] for k in keys],
+                    r.objective,
+                    r.solved,
+                    settings.seeds,
+                    r.final_return,
+                    r.budget_used_s,
+                    r.state,
+                ]
+            )
 
 
 def overlay(settings: TrialSettings, drawn: dict) -> dict:
@@ -88,8 +125,7 @@ def overlay(settings: TrialSettings, drawn: dict) -> dict:
     return out
 
 
-def write_best(row: Row, rows: list[Row], settings: TrialSettings, command: str, base_config: str,
-               path: Path) -> None:
+def write_best(row: Row, rows: list[Row], settings: TrialSettings, command: str, base_config: str, path: Path) -> None:
     sets = " ".join(f"--set {shlex.quote(s)}" for s in settings.overrides(row.drawn))
     ret = f"{row.final_return:.1f}" if row.final_return is not None else "none"
     header = [
@@ -107,19 +143,20 @@ def write_best(row: Row, rows: list[Row], settings: TrialSettings, command: str,
 
 def write_plot(rows: list[Row], settings: TrialSettings, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    ranked = sorted((r for r in rows if r.ranked), key=lambda r: r.number)
+    trials = ranked(rows)
     fig, ax = plt.subplots(figsize=(7, 4))
     for state, marker in (("done", "o"), ("stopped early", "x")):
-        pts = [(r.number, r.objective) for r in ranked if r.state == state]
+        pts = [(r.number, obj) for obj, r in trials if r.state == state]
         if pts:
             ax.plot(*zip(*pts), marker, linestyle="none", label=f"trial ({state})")
     best, xs, ys = math.inf, [], []
-    for r in ranked:
-        best = min(best, r.objective)
+    for obj, r in trials:
+        best = min(best, obj)
         xs.append(r.number)
         ys.append(best)
     if xs:
@@ -155,5 +192,6 @@ def read_rows(path: Path) -> list[dict]:
             return float(text)
         except ValueError:
             return text
+
     with open(path, newline="") as f:
         return [{k: cell(v) for k, v in r.items()} for r in csv.DictReader(f)]

@@ -8,9 +8,11 @@ SystemExit in a trial that ASHA has stopped; a first SIGINT makes ``Tuner.fit`` 
 and return, and ``Tuner.restore(path, trainable)`` continues it: finished trials stay finished, the
 searcher's state (the Optuna study) and the trial count come back, a trial that was running starts over.
 """
+
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -62,13 +64,15 @@ class TrialTable(tune.Callback):
         write_outputs(rows, self.settings, self.command, self.base_config, Path(self.folder))
 
 
-def start_ray(num_cpus: float) -> None:
+def start_ray(num_cpus: int) -> None:
     """A private local Ray for the search (no address file, no dashboard); trials' output stays in their logs."""
     import ray
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
+    ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+    )
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer console output prints a banner even at verbose=0
     for name in ("ray.tune", "ray.train", "ray.air"):  # a failed trial is the table's line, not a traceback
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -78,23 +82,43 @@ def _trainable(settings: TrialSettings, cpus_per_trial: float):
     return tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
 
 
-def new_tuner(settings: TrialSettings, trials: int, cpus_per_trial: float, concurrent: int, folder: Path,
-              table: TrialTable) -> tune.Tuner:
+def new_tuner(
+    settings: TrialSettings, trials: int, cpus_per_trial: float, concurrent: int, folder: Path, table: TrialTable
+) -> tune.Tuner:
     import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # TPE models the good and the bad trials once it has a few; before that it draws at random.
     sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED, n_startup_trials=max(2, min(10, trials // 3)))
-    searcher = OptunaSearch(space={p.key: p.distribution() for p in settings.params}, metric=METRIC, mode=MODE,
-                            sampler=sampler)
-    # No trial is judged before a quarter of one seed's budget; rungs at 1/4, 3/4, 9/4 ... of it.
-    scheduler = ASHAScheduler(time_attr=CLOCK, metric=METRIC, mode=MODE, max_t=settings.seeds * settings.budget_s,
-                              grace_period=settings.budget_s / 4, reduction_factor=ASHA_REDUCTION)
+    searcher = OptunaSearch(
+        space={p.key: p.distribution() for p in settings.params}, metric=METRIC, mode=MODE, sampler=sampler
+    )
+    # No trial is judged before a quarter of one seed's budget; rungs at 1/4, 3/4, 9/4 ... of it (whole seconds).
+    scheduler = ASHAScheduler(
+        time_attr=CLOCK,
+        metric=METRIC,
+        mode=MODE,
+        max_t=math.ceil(settings.seeds * settings.budget_s),
+        grace_period=max(1, round(settings.budget_s / 4)),
+        reduction_factor=ASHA_REDUCTION,
+    )
     return tune.Tuner(
         _trainable(settings, cpus_per_trial),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
-                                    max_concurrent_trials=concurrent, reuse_actors=False),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder.resolve()), verbose=0,
-                                  callbacks=[table], failure_config=tune.FailureConfig(max_failures=0)))
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=trials,
+            max_concurrent_trials=concurrent,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(folder.resolve()),
+            verbose=0,
+            callbacks=[table],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
 
 
 def restorable(folder: Path) -> bool:
@@ -103,6 +127,12 @@ def restorable(folder: Path) -> bool:
 
 def restored_tuner(settings: TrialSettings, cpus_per_trial: float, folder: Path) -> tune.Tuner:
     import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return tune.Tuner.restore(str((folder / EXPERIMENT).resolve()), trainable=_trainable(settings, cpus_per_trial),
-                              resume_unfinished=True, resume_errored=False, restart_errored=False)
+    return tune.Tuner.restore(
+        str((folder / EXPERIMENT).resolve()),
+        trainable=_trainable(settings, cpus_per_trial),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+    )

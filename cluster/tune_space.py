@@ -12,6 +12,7 @@ the base config would be: both ends of a range, every choice, and for ``uniform`
 fractional value (so a range over an integer key is refused and ``randint`` named instead). A
 problem is one :class:`~.config.ConfigError` line that names the key.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,11 @@ from .config import Config, ConfigError, load_config, parse_override
 
 KINDS = ("choice", "loguniform", "randint", "uniform")
 # Keys the search sets itself for every run, so a space may not draw them.
-SET_BY_TUNE = {"seed": "each trial runs seeds 0 .. --seeds-1",
-               "train.max_seconds": "every run gets --budget seconds",
-               "train.stop_at_return": "the objective is the time to reach the base config's value"}
+SET_BY_TUNE = {
+    "seed": "each trial runs seeds 0 .. --seeds-1",
+    "train.max_seconds": "every run gets --budget seconds",
+    "train.stop_at_return": "the objective is the time to reach the base config's value",
+}
 EXAMPLE = "{type: loguniform, low: 1.0e-4, high: 3.0e-3}"
 
 
@@ -40,7 +43,7 @@ def value_text(value: Any) -> str:
             text = f"{mantissa}.0e{exponent}"
         return text
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip()
-    return text[:-len("\n...")].strip() if text.endswith("\n...") else text
+    return text[: -len("\n...")].strip() if text.endswith("\n...") else text
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Param:
     def distribution(self):
         """The Optuna distribution Tune's OptunaSearch draws this key from."""
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
         if self.kind == "choice":
             return CategoricalDistribution(list(self.choices))
         if self.kind == "randint":
@@ -141,26 +145,29 @@ def check_param(param: Param, base_config: Optional[str], base: Config) -> None:
         try:
             load_config(base_config, [f"{key}=0"])
         except ConfigError as exc:  # the config's own line, with its "did you mean"
-            raise ConfigError(str(exc) if str(exc).startswith(key + ":") else f"{key}: unknown key ({exc})") \
-                from None
+            raise ConfigError(str(exc) if str(exc).startswith(key + ":") else f"{key}: unknown key ({exc})") from None
         raise ConfigError(f"{key}: unknown key")
     if param.kind == "choice":
         probes = [(f"value {t}", t) for t in param.choices]
     else:
-        probes = [(f"low {value_text(param.low)}", value_text(param.low)),
-                  (f"high {value_text(param.high)}", value_text(param.high))]
+        probes = [
+            (f"low {value_text(param.low)}", value_text(param.low)),
+            (f"high {value_text(param.high)}", value_text(param.high)),
+        ]
     for what, text in probes:
         try:
             load_config(base_config, [f"{key}={text}"])
         except ConfigError as exc:
             raise ConfigError(f"{key}: {param.kind} {what} is refused by the config ({exc})") from None
-    if param.kind in ("uniform", "loguniform"):
+    if param.kind in ("uniform", "loguniform") and param.low is not None and param.high is not None:
         x = _fraction_inside(param.low, param.high)
         try:
             load_config(base_config, [f"{key}={value_text(x)}"])
         except ConfigError as exc:
-            raise ConfigError(f"{key}: {param.kind} draws fractional values such as {x:g}, which the config "
-                              f"refuses ({exc}); use randint or choice") from None
+            raise ConfigError(
+                f"{key}: {param.kind} draws fractional values such as {x:g}, which the config "
+                f"refuses ({exc}); use randint or choice"
+            ) from None
 
 
 def load_space(path: str | Path, base_config: Optional[str]) -> list[Param]:

@@ -11,11 +11,14 @@ for a run's final checkpoint and policy export, which change nothing it measures
 directory keeps ``metrics.jsonl`` and the run's output (``seed<i>.log`` beside it).
 
 A run must not outlive its trial: when ASHA stops the trial, ``tune.report`` raises SystemExit
-here and the run is killed; when Ray kills the trial's worker (the search interrupted), Linux's
-parent-death signal kills the run with it. Each run has its own session (a Ctrl-C in the terminal
-reaches the search, which stops the trials, not the runs directly) and its own TMPDIR inside the
-trial's folder, removed after it, so nothing a killed run leaves lands in /tmp.
+here and the run is killed; when Ray ends the trial's worker first (it does not wait for this
+thread after a stop, nor at an interrupted search's end), Linux's parent-death signal kills the
+run with it. Each run has its own session (a Ctrl-C in the terminal reaches the search, which
+stops the trials, not the runs directly) and its own TMPDIR inside the trial's folder, removed
+after it (or, when Ray ended the trial first, at the search's end), so nothing a killed run
+leaves lands in /tmp.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +28,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .tune_objective import TrialProgress
 from .tune_space import Param
@@ -36,10 +39,12 @@ POLL_S = 0.2
 # Run as `python -c WRAPPER PARENT_PID ARGS...`: ask Linux to SIGKILL this process when its parent
 # thread dies (PR_SET_PDEATHSIG = 1), give up if the parent is already gone, then become ARGS.
 # (A preexec_fn would do the same, but is unsafe in a process with threads, as a Ray worker is.)
-WRAPPER = ("import ctypes, os, signal, sys\n"
-           "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
-           "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
-           "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n")
+WRAPPER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n"
+)
 
 
 class TrialFailed(RuntimeError):
@@ -64,8 +69,17 @@ class TrialSettings:
 def train_command(settings: TrialSettings, drawn: dict, run_dir: Path, seed: int) -> list[str]:
     """The ``apexq train`` command line of one seed's run (after the python executable)."""
     sets = [*settings.overrides(drawn), f"train.max_seconds={settings.budget_s!r}", f"seed={seed}"]
-    return ["-m", "apexq.cluster.cli", "train", "--single-process", "--run-dir", str(run_dir),
-            "--config", settings.base_config, *[a for s in sets for a in ("--set", s)]]
+    return [
+        "-m",
+        "apexq.cluster.cli",
+        "train",
+        "--single-process",
+        "--run-dir",
+        str(run_dir),
+        "--config",
+        settings.base_config,
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 class Run:
@@ -77,8 +91,14 @@ class Run:
         env = {**os.environ, "TMPDIR": str(tmp)}
         prefix = [sys.executable, "-c", WRAPPER, str(os.getpid())] if sys.platform == "linux" else [sys.executable]
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([*prefix, *args], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*prefix, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started = time.monotonic()
         self.offset = 0
         self.killed = False
@@ -130,6 +150,7 @@ class Run:
 def run_trial(config: dict, settings: TrialSettings) -> None:
     """Tune's trainable: the trial's seeds one after another, a report after each new evaluation."""
     from ray import tune
+
     trial_dir = Path(settings.runs_dir) / tune.get_context().get_trial_id()
     if trial_dir.exists():  # left by this trial in a search that was interrupted: the trial starts over
         shutil.rmtree(trial_dir)
@@ -138,8 +159,12 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
     for seed in range(settings.seeds):
         run_dir = trial_dir / f"seed{seed}"
         progress.start_seed()
-        run = Run(train_command(settings, config, run_dir, seed), run_dir, trial_dir / f"seed{seed}.log",
-                  trial_dir / f"seed{seed}.tmp")
+        run = Run(
+            train_command(settings, config, run_dir, seed),
+            run_dir,
+            trial_dir / f"seed{seed}.log",
+            trial_dir / f"seed{seed}.tmp",
+        )
         try:
             for rec in run.records(settings.budget_s):
                 if progress.record(rec):

@@ -1,4 +1,5 @@
 """apexq tune without Ray: the space file and its checks, the objective worked out by hand, best.yaml."""
+
 import math
 from pathlib import Path
 
@@ -23,9 +24,11 @@ def space(tmp_path, text: str) -> Path:
 
 # -- the space file --------------------------------------------------------------------------------
 
+
 def test_each_type_is_parsed_with_its_bounds():
-    assert parse_param("learner.lr", {"type": "loguniform", "low": 1e-4, "high": 3e-3}) == \
-        Param("learner.lr", "loguniform", 1e-4, 3e-3)
+    assert parse_param("learner.lr", {"type": "loguniform", "low": 1e-4, "high": 3e-3}) == Param(
+        "learner.lr", "loguniform", 1e-4, 3e-3
+    )
     assert parse_param("replay.samples_per_insert", {"type": "uniform", "low": 2, "high": 16}).high == 16
     assert parse_param("learner.batch_size", {"type": "choice", "values": [128, 256]}).choices == ("128", "256")
 
@@ -35,48 +38,80 @@ def test_randint_includes_both_ends():
     assert (dist.low, dist.high, dist.step) == (1, 5, 1)  # optuna's IntDistribution: high is drawn too
 
 
-@pytest.mark.parametrize("key, spec, message", [
-    ("learner.lr", {"type": "logunif", "low": 1, "high": 2}, "learner.lr: unknown type 'logunif' (one of choice, "
-                                                              "loguniform, randint, uniform)"),
-    ("learner.lr", {"type": "uniform", "low": 2, "high": 2}, "learner.lr: empty range: low 2 >= high 2"),
-    ("learner.lr", {"type": "uniform", "low": 3e-3, "high": 1e-4}, "learner.lr: empty range: low 0.003 >= high 0.0001"),
-    ("actors.n_step", {"type": "randint", "low": 3, "high": 1}, "actors.n_step: empty range: low 3 >= high 1"),
-    ("learner.lr", {"type": "loguniform", "low": 0, "high": 1}, "learner.lr: loguniform needs low > 0, got 0"),
-    ("actors.n_step", {"type": "randint", "low": 1.5, "high": 3}, "actors.n_step: randint low must be an integer, "
-                                                                   "got 1.5"),
-    ("learner.lr", {"type": "uniform", "low": "a", "high": 1}, "learner.lr: uniform low must be a number, got 'a'"),
-    ("learner.lr", {"type": "uniform", "high": 1}, "learner.lr: uniform needs low"),
-    ("learner.lr", {"type": "uniform", "low": 0.1, "hi": 1}, "learner.lr: unknown field 'hi' for uniform"),
-    ("learner.lr", 0.001, "learner.lr: expected a mapping such as {type: loguniform"),
-    ("learner.batch_size", {"type": "choice", "values": [128]}, "learner.batch_size: choice values must be a list of "
-                                                                 "at least two values"),
-    ("learner.batch_size", {"type": "choice", "values": [128, 128]}, "learner.batch_size: choice values repeat"),
-    ("seed", {"type": "randint", "low": 0, "high": 3}, "seed: set by apexq tune"),
-    ("train.max_seconds", {"type": "uniform", "low": 5, "high": 9}, "train.max_seconds: set by apexq tune"),
-])
+@pytest.mark.parametrize(
+    "key, spec, message",
+    [
+        (
+            "learner.lr",
+            {"type": "logunif", "low": 1, "high": 2},
+            "learner.lr: unknown type 'logunif' (one of choice, loguniform, randint, uniform)",
+        ),
+        ("learner.lr", {"type": "uniform", "low": 2, "high": 2}, "learner.lr: empty range: low 2 >= high 2"),
+        (
+            "learner.lr",
+            {"type": "uniform", "low": 3e-3, "high": 1e-4},
+            "learner.lr: empty range: low 0.003 >= high 0.0001",
+        ),
+        ("actors.n_step", {"type": "randint", "low": 3, "high": 1}, "actors.n_step: empty range: low 3 >= high 1"),
+        ("learner.lr", {"type": "loguniform", "low": 0, "high": 1}, "learner.lr: loguniform needs low > 0, got 0"),
+        (
+            "actors.n_step",
+            {"type": "randint", "low": 1.5, "high": 3},
+            "actors.n_step: randint low must be an integer, got 1.5",
+        ),
+        ("learner.lr", {"type": "uniform", "low": "a", "high": 1}, "learner.lr: uniform low must be a number, got 'a'"),
+        ("learner.lr", {"type": "uniform", "high": 1}, "learner.lr: uniform needs low"),
+        ("learner.lr", {"type": "uniform", "low": 0.1, "hi": 1}, "learner.lr: unknown field 'hi' for uniform"),
+        ("learner.lr", 0.001, "learner.lr: expected a mapping such as {type: loguniform"),
+        (
+            "learner.batch_size",
+            {"type": "choice", "values": [128]},
+            "learner.batch_size: choice values must be a list of at least two values",
+        ),
+        ("learner.batch_size", {"type": "choice", "values": [128, 128]}, "learner.batch_size: choice values repeat"),
+        ("seed", {"type": "randint", "low": 0, "high": 3}, "seed: set by apexq tune"),
+        ("train.max_seconds", {"type": "uniform", "low": 5, "high": 9}, "train.max_seconds: set by apexq tune"),
+    ],
+)
 def test_a_malformed_entry_is_one_line_naming_its_key(key, spec, message):
     with pytest.raises(ConfigError) as exc:
         parse_param(key, spec)
     assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("learner.lrr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}",
-     "learner.lrr: unknown key (did you mean learner.lr?)"),
-    ("learner: {type: uniform, low: 1, high: 2}", "learner: is a section, not a key"),
-    ("foo.bar: {type: uniform, low: 1, high: 2}", "foo.bar: unknown key"),
-    ("learner.batch_size: {type: uniform, low: 128, high: 512}",
-     "learner.batch_size: uniform draws fractional values such as 128.5, which the config refuses "
-     "(learner.batch_size: expected an integer, got 128.5); use randint or choice"),
-    ("train.max_env_steps: {type: loguniform, low: 1000, high: 100000}",
-     "train.max_env_steps: loguniform draws fractional values such as 1000.5"),
-    ("learner.device: {type: choice, values: [cpu, gpu]}",
-     "learner.device: choice value gpu is refused by the config (learner.device: must be one of auto, cpu, cuda"),
-    ("actors.gamma: {type: uniform, low: 0.9, high: 1.5}", "actors.gamma: uniform high 1.5 is refused by the config"),
-    ("learner.dueling: {type: randint, low: 0, high: 1}", "learner.dueling: randint low 0 is refused by the config "
-                                                          "(learner.dueling: expected true or false, got 0)"),
-    ("learner.lr: {type: uniform, low: 0, high: 0.1}", "learner.lr: uniform low 0 is refused by the config"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "learner.lrr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}",
+            "learner.lrr: unknown key (did you mean learner.lr?)",
+        ),
+        ("learner: {type: uniform, low: 1, high: 2}", "learner: is a section, not a key"),
+        ("foo.bar: {type: uniform, low: 1, high: 2}", "foo.bar: unknown key"),
+        (
+            "learner.batch_size: {type: uniform, low: 128, high: 512}",
+            "learner.batch_size: uniform draws fractional values such as 128.5, which the config refuses "
+            "(learner.batch_size: expected an integer, got 128.5); use randint or choice",
+        ),
+        (
+            "train.max_env_steps: {type: loguniform, low: 1000, high: 100000}",
+            "train.max_env_steps: loguniform draws fractional values such as 1000.5",
+        ),
+        (
+            "learner.device: {type: choice, values: [cpu, gpu]}",
+            "learner.device: choice value gpu is refused by the config (learner.device: must be one of auto, cpu, cuda",
+        ),
+        (
+            "actors.gamma: {type: uniform, low: 0.9, high: 1.5}",
+            "actors.gamma: uniform high 1.5 is refused by the config",
+        ),
+        (
+            "learner.dueling: {type: randint, low: 0, high: 1}",
+            "learner.dueling: randint low 0 is refused by the config (learner.dueling: expected true or false, got 0)",
+        ),
+        ("learner.lr: {type: uniform, low: 0, high: 0.1}", "learner.lr: uniform low 0 is refused by the config"),
+    ],
+)
 def test_a_value_the_config_refuses_is_found_before_the_search(tmp_path, text, message):
     with pytest.raises(ConfigError) as exc:
         load_space(space(tmp_path, text), None)
@@ -84,8 +119,14 @@ def test_a_value_the_config_refuses_is_found_before_the_search(tmp_path, text, m
     assert "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("text, message", [("", "expected a mapping"), ("[1, 2]", "expected a mapping"),
-                                           ("a: [\nb: 1\n", "space.yaml:[0-9]+ is not valid YAML")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "expected a mapping"),
+        ("[1, 2]", "expected a mapping"),
+        ("a: [\nb: 1\n", "space.yaml:[0-9]+ is not valid YAML"),
+    ],
+)
 def test_a_file_that_is_no_space_is_one_line(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_space(space(tmp_path, text), None)
@@ -94,8 +135,14 @@ def test_a_file_that_is_no_space_is_one_line(tmp_path, text, message):
 def test_the_example_space_fits_the_example_base_config():
     params = load_space(ROOT / "configs/tune/mountaincar_space.yaml", ROOT / "configs/tune/mountaincar_base.yaml")
     keys = {p.key for p in params}
-    assert {"learner.lr", "learner.batch_size", "replay.samples_per_insert", "actors.n_step",
-            "learner.target_update_period", "actors.envs_per_actor"} <= keys
+    assert {
+        "learner.lr",
+        "learner.batch_size",
+        "replay.samples_per_insert",
+        "actors.n_step",
+        "learner.target_update_period",
+        "actors.envs_per_actor",
+    } <= keys
     assert load_config(ROOT / "configs/tune/mountaincar_base.yaml").train.stop_at_return is not None
 
 
@@ -109,8 +156,11 @@ def test_values_reach_the_run_as_the_config_reads_them():
     settings = TrialSettings("/b.yaml", (hidden,), 2, 8.0, -200.0, "/runs")
     cmd = train_command(settings, {"learner.hidden_sizes": "[128]"}, Path("/runs/t/seed1"), 1)
     assert cmd[cmd.index("--config") + 1] == "/b.yaml"
-    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"] == \
-        ["learner.hidden_sizes=[128]", "train.max_seconds=8.0", "seed=1"]
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"] == [
+        "learner.hidden_sizes=[128]",
+        "train.max_seconds=8.0",
+        "seed=1",
+    ]
 
 
 def test_a_bad_space_exits_2_with_one_line_and_starts_nothing(tmp_path, monkeypatch, capsys):
@@ -148,6 +198,7 @@ def test_without_the_extra_one_line_says_how_to_install_it(tmp_path, monkeypatch
 
 # -- the objective -------------------------------------------------------------------------------
 
+
 def test_the_objective_is_the_median_with_unsolved_runs_at_the_budget():
     assert objective([3.0, None, 5.0], 3, 8.0) == 5.0  # median of 3, 8, 5
     assert objective([3.0], 3, 8.0) == 8.0  # runs not made yet count at the budget: 3, 8, 8
@@ -175,8 +226,17 @@ def test_a_trial_reports_each_new_evaluation_with_the_objective_as_if_it_ended_n
     p = TrialProgress(seeds=2, budget_s=10.0, target=-110.0)
     p.start_seed()
     assert not p.record({"time_s": 3.0, "eval_return": None, "eval_time_s": 0.0, "env_steps": 100})
-    assert p.record({"time_s": 4.0, "eval_return": -200.0, "eval_time_s": 0.5, "env_steps": 200, "final": True,
-                     "actor_weights_versions": [1, 2], "loss": None})
+    assert p.record(
+        {
+            "time_s": 4.0,
+            "eval_return": -200.0,
+            "eval_time_s": 0.5,
+            "env_steps": 200,
+            "final": True,
+            "actor_weights_versions": [1, 2],
+            "loss": None,
+        }
+    )
     rep = p.report()
     assert rep["objective"] == 10.0 and rep["budget_s"] == 4.0 and rep["final_return"] == -200.0
     assert (rep["solved_seeds"], rep["seeds_finished"], rep["seed"], rep["env_steps"]) == (0, 0, 0, 200)
@@ -197,27 +257,59 @@ def test_a_trial_reports_each_new_evaluation_with_the_objective_as_if_it_ended_n
 
 # -- the table and best.yaml ---------------------------------------------------------------------
 
+
 def test_best_yaml_is_an_overlay_of_the_searched_keys_only(tmp_path):
-    params = (parse_param("learner.lr", {"type": "loguniform", "low": 1e-4, "high": 3e-3}),
-              parse_param("learner.hidden_sizes", {"type": "choice", "values": [[64, 64], [128]]}),
-              parse_param("actors.n_step", {"type": "randint", "low": 1, "high": 5}))
+    params = (
+        parse_param("learner.lr", {"type": "loguniform", "low": 1e-4, "high": 3e-3}),
+        parse_param("learner.hidden_sizes", {"type": "choice", "values": [[64, 64], [128]]}),
+        parse_param("actors.n_step", {"type": "randint", "low": 1, "high": 5}),
+    )
     settings = TrialSettings("/b.yaml", params, 3, 8.0, -200.0, "/runs")
-    rows = [Row(1, "aaaa0001", {"learner.lr": 1e-3, "learner.hidden_sizes": "[128]", "actors.n_step": 2}, "done",
-                6.0, 3, -150.0),
-            Row(2, "aaaa0002", {"learner.lr": 2e-3, "learner.hidden_sizes": "[64, 64]", "actors.n_step": 4},
-                "stopped early", 6.0, 2, -120.0),
-            Row(3, "aaaa0003", {"learner.lr": 3e-4, "learner.hidden_sizes": "[128]", "actors.n_step": 1}, "error")]
+    rows = [
+        Row(
+            1,
+            "aaaa0001",
+            {"learner.lr": 1e-3, "learner.hidden_sizes": "[128]", "actors.n_step": 2},
+            "done",
+            6.0,
+            3,
+            -150.0,
+        ),
+        Row(
+            2,
+            "aaaa0002",
+            {"learner.lr": 2e-3, "learner.hidden_sizes": "[64, 64]", "actors.n_step": 4},
+            "stopped early",
+            6.0,
+            2,
+            -120.0,
+        ),
+        Row(3, "aaaa0003", {"learner.lr": 3e-4, "learner.hidden_sizes": "[128]", "actors.n_step": 1}, "error"),
+    ]
     best = best_row(rows)
     assert best.number == 2  # tie on the objective: the higher final return
-    assert table_line(best, 3).split() == ["2", "aaaa0002", "6.0", "2/3", "-120.0", "stopped", "early",
-                                           "learner.lr=0.002", "learner.hidden_sizes=[64,", "64]", "actors.n_step=4"]
+    assert table_line(best, 3).split() == [
+        "2",
+        "aaaa0002",
+        "6.0",
+        "2/3",
+        "-120.0",
+        "stopped",
+        "early",
+        "learner.lr=0.002",
+        "learner.hidden_sizes=[64,",
+        "64]",
+        "actors.n_step=4",
+    ]
     path = tmp_path / "best.yaml"
     write_best(best, rows, settings, "apexq tune --config b.yaml ...", "tune/x/base.yaml", path)
     text = path.read_text()
     assert text.startswith("# apexq tune: the best of 3 finished trials: trial 2 (aaaa0002)")
     assert "objective 6.0 s" in text and "apexq tune --config b.yaml ..." in text
-    assert "apexq train --config tune/x/base.yaml --set learner.lr=0.002 --set 'learner.hidden_sizes=[64, 64]' " \
-           "--set actors.n_step=4" in text
+    assert (
+        "apexq train --config tune/x/base.yaml --set learner.lr=0.002 --set 'learner.hidden_sizes=[64, 64]' "
+        "--set actors.n_step=4" in text
+    )
     assert yaml.safe_load(text) == {"learner": {"lr": 0.002, "hidden_sizes": [64, 64]}, "actors": {"n_step": 4}}
     cfg = load_config(path)
     assert (cfg.learner.lr, cfg.learner.hidden_sizes, cfg.actors.n_step) == (0.002, [64, 64], 4)
