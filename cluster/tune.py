@@ -223,6 +223,9 @@ def run(args) -> int:
     settings = search.settings(folder, params)
     if args.resume and not tune_search.restorable(folder):
         raise TuneError(f"--resume: {folder / tune_search.EXPERIMENT} holds no Ray Tune state to continue")
+    if args.resume and len(read_rows(folder / "trials.csv")) >= search.trials:
+        print(f"apexq tune: search {args.id} has finished all its {search.trials} trials; nothing to resume")
+        return _summary(read_rows(folder / "trials.csv"), search, folder, args.id)
     print(
         f"apexq tune: search {args.id} in {folder} | {search.trials} trials x {search.seeds} seed(s), "
         f"{search.budget_s:g} s each | solved: eval return >= {search.target:g} | keys: "

@@ -95,14 +95,12 @@ class TrialProgress:
             run.solved_at = float(rec["time_s"])
         return True
 
-    def end_seed(self) -> bool:
-        """The current run is over; True when that is news (it ended without solving)."""
+    def end_seed(self) -> None:
+        """The current run is over: solved, or its budget spent."""
         run = self.current
         run.ended = True
         if run.solved_at is None:
             run.used_s = self.budget_s
-            return True
-        return False
 
     def report(self) -> dict:
         """The latest record's numbers and the trial's own: ``objective`` as if the trial ended now,

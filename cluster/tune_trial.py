@@ -168,13 +168,14 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
         try:
             for rec in run.records(settings.budget_s):
                 if progress.record(rec):
+                    if progress.current.solved_at is not None:
+                        break  # reported below, once the run is gone
                     tune.report(progress.report())  # raises SystemExit when ASHA stops the trial
-                if progress.current.solved_at is not None:
-                    break
         finally:
             run.kill()
         if progress.current.solved_at is None and not run.killed and run.proc.returncode != 0:
-            (trial_dir / "failed.txt").write_text(run.failure() + "\n")
-            raise TrialFailed(run.failure())
-        if progress.end_seed():
-            tune.report(progress.report())
+            why = run.failure()
+            (trial_dir / "failed.txt").write_text(why + "\n")
+            raise TrialFailed(why)
+        progress.end_seed()
+        tune.report(progress.report())
