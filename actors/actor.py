@@ -88,8 +88,12 @@ class ApexActor:
         if writer is None or weights is None:
             assert redis_url is not None, "an actor without a writer and weights source needs redis_url"
             writer = writer or StreamWriter(
-                redis_url, namespace, settings.shard, settings.actor_id, settings.stream_maxlen,
-                settings.max_backlog_blocks
+                redis_url,
+                namespace,
+                settings.shard,
+                settings.actor_id,
+                settings.stream_maxlen,
+                settings.max_backlog_blocks,
             )
             weights = weights or WeightsClient(redis_url, namespace)
         self.writer: BlockSink = writer
