@@ -1,14 +1,16 @@
-"""Time to solve MountainCar-v0: apexq (distributed default, and single-process) vs Stable-Baselines3.
+"""Time to solve an env (MountainCar-v0 by default): apexq (distributed, and single-process) vs Stable-Baselines3.
 
 One invocation runs, for the same seeds and the same judging protocol:
-  * apexq with its default config (`apexq train`, as a user runs it),
+  * apexq with the env's config (`apexq train`, as a user runs it): the default config for
+    MountainCar-v0, `configs/<name>.yaml` for the other envs of ``ZOO``,
   * apexq in single-process mode (`apexq train --single-process`, same config),
-  * Stable-Baselines3 DQN with rl-zoo3's tuned MountainCar-v0 hyperparameters (the `bench` extra).
+  * Stable-Baselines3 DQN with rl-zoo3's tuned hyperparameters for the env (the `bench` extra).
 
 Protocol for all three: a 100-episode greedy evaluation (apexq's vector-env evaluator, seeds no
 actor uses) every `--eval-every` seconds of training; time to solve = seconds from launch to the
-first evaluation with mean >= -110, evaluation time excluded, start-up included; then the final
-policy is evaluated on 100 fresh episodes (another seed range). Prints a table, then one JSON line.
+first evaluation with mean >= the env's threshold (gymnasium's reward_threshold, -110 for
+MountainCar-v0), evaluation time excluded, start-up included; then the final policy is evaluated
+on 100 fresh episodes (another seed range). Prints a table, then one JSON line.
 Launch is the start of each system's own process (`apexq train`, or a fresh Python process for
 SB3), so the imports of torch and the rest count for all three.
 """
@@ -27,21 +29,99 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SOLVED = -110.0
 FINAL_SEED = 777
+INSTALL_BENCH = "pip install -e '.[bench]'"
 
 
-def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir: Path, overrides=()) -> dict:
+@dataclass(frozen=True)
+class ZooEnv:
+    """How solve.py runs one env: apexq's config overlay (None: the default config) and default budgets."""
+
+    config: Optional[str]
+    budget: float  # apexq's training seconds per run
+    sb3_budget: float  # SB3's training seconds per run (it also stops at the zoo's n_timesteps)
+
+
+ZOO = {
+    # rl-zoo's 120k steps took ~330 s on this 2-core machine
+    "MountainCar-v0": ZooEnv(None, budget=150.0, sb3_budget=420.0),
+    "CartPole-v1": ZooEnv("configs/cartpole.yaml", budget=150.0, sb3_budget=420.0),
+    "Acrobot-v1": ZooEnv("configs/acrobot.yaml", budget=240.0, sb3_budget=600.0),
+}
+# the zoo's dqn.yml keys that DQN(...) takes as they are; any other key (normalize, frame_stack,
+# env_wrapper, n_envs, ...) would change the env or the policy and is refused rather than dropped
+SB3_DQN_KEYS = {
+    "learning_rate",
+    "batch_size",
+    "buffer_size",
+    "learning_starts",
+    "gamma",
+    "target_update_interval",
+    "train_freq",
+    "gradient_steps",
+    "exploration_fraction",
+    "exploration_initial_eps",
+    "exploration_final_eps",
+    "max_grad_norm",
+    "tau",
+}
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 2: a setup problem, found before any run starts."""
+    print(f"solve.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def threshold_of(env_id: str) -> float:
+    """The return that counts as solved: gymnasium's reward_threshold for the env."""
+    import gymnasium
+
+    threshold = gymnasium.spec(env_id).reward_threshold
+    if threshold is None:
+        fail(f"{env_id} has no reward_threshold in gymnasium's registry")
+    return float(threshold)
+
+
+def sb3_missing() -> Optional[str]:
+    """Why the SB3 baseline cannot run here (one line), or None when stable_baselines3 and rl_zoo3 are there."""
+    import importlib.util
+
+    try:
+        import stable_baselines3  # noqa: F401
+    except ImportError as exc:
+        return f"the SB3 baseline needs the bench extra ({exc}): {INSTALL_BENCH}, or pass --skip-sb3"
+    if importlib.util.find_spec("rl_zoo3") is None:
+        return (
+            f"the SB3 baseline needs the bench extra (no module named 'rl_zoo3'): {INSTALL_BENCH}, or pass --skip-sb3"
+        )
+    return None
+
+
+def run_apexq(
+    env_id: str,
+    threshold: float,
+    seed: int,
+    budget: float,
+    eval_every: float,
+    single: bool,
+    workdir: Path,
+    overrides=(),
+) -> dict:
     run_dir = workdir / f"apexq-{'single' if single else 'dist'}-{seed}"
+    config = ZOO[env_id].config
     cmd = [
         sys.executable,
         "-m",
         "apexq.cluster.cli",
         "train",
+        *(["--config", str(ROOT / config)] if config else []),
         "--run-dir",
         str(run_dir),
         "--set",
@@ -49,7 +129,7 @@ def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir
         "--set",
         f"train.max_seconds={budget}",
         "--set",
-        f"train.stop_at_return={SOLVED}",
+        f"train.stop_at_return={threshold}",
         "--set",
         f"eval.every_seconds={eval_every}",
         "--set",
@@ -70,7 +150,7 @@ def run_apexq(seed: int, budget: float, eval_every: float, single: bool, workdir
         if (run_dir / "metrics.jsonl").exists()
         else []
     )
-    solve = next((r for r in records if r.get("eval_return") is not None and r["eval_return"] >= SOLVED), None)
+    solve = next((r for r in records if r.get("eval_return") is not None and r["eval_return"] >= threshold), None)
     out = {
         "seed": seed,
         "exit": proc.returncode,
@@ -113,11 +193,13 @@ def parse_dict_call(text: str) -> dict:
     return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
 
 
-def run_sb3(seed: int, budget: float, eval_every: float) -> dict:
+def run_sb3(env_id: str, seed: int, budget: float, eval_every: float) -> dict:
     """One SB3 run in a fresh process, so that its clock starts at launch as apexq's does."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
+        "--env",
+        env_id,
         "--sb3-worker",
         str(seed),
         "--sb3-budget",
@@ -137,18 +219,43 @@ def run_sb3(seed: int, budget: float, eval_every: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
+def zoo_hyperparameters(env_id: str) -> tuple[int, dict, dict]:
+    """rl-zoo3's DQN settings for ``env_id``: (n_timesteps, DQN keyword arguments, policy_kwargs).
+
+    Read from the zoo's hyperparams/dqn.yml without importing rl_zoo3 (and all it imports).
+    """
+    import importlib.util
+
+    import yaml
+
+    zoo = importlib.util.find_spec("rl_zoo3")
+    if zoo is None or not zoo.submodule_search_locations:
+        fail(f"rl_zoo3 is not installed: {INSTALL_BENCH}")
+    hp_file = Path(list(zoo.submodule_search_locations)[0]) / "hyperparams" / "dqn.yml"
+    table = yaml.safe_load(hp_file.read_text())
+    if env_id not in table:
+        fail(f"{hp_file} has no DQN hyperparameters for {env_id}")
+    hp = dict(table[env_id])
+    n_timesteps = int(float(hp.pop("n_timesteps")))  # the schedule (exploration_fraction) depends on it
+    if hp.pop("policy", "MlpPolicy") != "MlpPolicy":
+        fail(f"rl-zoo3's {env_id} DQN uses a policy other than MlpPolicy; solve.py runs MlpPolicy only")
+    pk = hp.pop("policy_kwargs", None)
+    policy_kwargs = parse_dict_call(pk) if isinstance(pk, str) else (pk or {})  # the zoo stores it as a str
+    unknown = sorted(set(hp) - SB3_DQN_KEYS)
+    if unknown:
+        fail(f"rl-zoo3's {env_id} DQN settings use {', '.join(unknown)}, which solve.py does not apply")
+    return n_timesteps, hp, policy_kwargs
+
+
+def sb3_worker(env_id: str, threshold: float, seed: int, budget: float, eval_every: float) -> dict:
     """SB3 DQN with rl-zoo3's hyperparameters, judged by the same evaluator on the same schedule.
 
     Time counts from this process's start (``PROCESS_START``): torch's and SB3's imports are
     part of SB3's start-up as torch's import in the learner is part of apexq's.
     """
-    import importlib.util
-
     import gymnasium as gym
     import numpy as np
     import torch
-    import yaml
     from stable_baselines3 import DQN
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -156,16 +263,7 @@ def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
 
     t_launch = PROCESS_START
     torch.set_num_threads(1)
-    # the zoo's hyperparameter file, found without importing rl_zoo3 (and all it imports)
-    zoo = importlib.util.find_spec("rl_zoo3")
-    if zoo is None or not zoo.submodule_search_locations:
-        raise SystemExit("rl_zoo3 is not installed: pip install -e '.[bench]'")
-    hp_file = Path(list(zoo.submodule_search_locations)[0]) / "hyperparams" / "dqn.yml"
-    hp = dict(yaml.safe_load(hp_file.read_text())["MountainCar-v0"])
-    n_timesteps = int(float(hp.pop("n_timesteps")))  # the schedule (exploration_fraction) depends on it
-    hp.pop("policy", None)
-    pk = hp.pop("policy_kwargs", None)
-    policy_kwargs = parse_dict_call(pk) if isinstance(pk, str) else (pk or {})  # the zoo stores it as a str
+    n_timesteps, hp, policy_kwargs = zoo_hyperparameters(env_id)
 
     class Greedy(torch.nn.Module):
         def __init__(self, model):
@@ -183,21 +281,19 @@ def sb3_worker(seed: int, budget: float, eval_every: float) -> dict:
             if now >= state["next_eval"]:
                 t, before = time.monotonic(), state["eval_time"]
                 with torch.no_grad():
-                    mean = float(np.mean(evaluate(Greedy(self.model.policy), "MountainCar-v0", 100, seed=seed)))
+                    mean = float(np.mean(evaluate(Greedy(self.model.policy), env_id, 100, seed=seed)))
                 state["eval_time"] += time.monotonic() - t
                 state["next_eval"] = time.monotonic() + eval_every
-                if mean >= SOLVED:
+                if mean >= threshold:
                     # launch to this evaluation, earlier evaluations excluded
                     state["solve"] = (t - t_launch - before, self.num_timesteps)
                     return False
             return now - t_launch - state["eval_time"] < budget
 
-    model = DQN(
-        "MlpPolicy", gym.make("MountainCar-v0"), seed=seed, policy_kwargs=policy_kwargs, verbose=0, device="cpu", **hp
-    )
+    model = DQN("MlpPolicy", gym.make(env_id), seed=seed, policy_kwargs=policy_kwargs, verbose=0, device="cpu", **hp)
     model.learn(total_timesteps=n_timesteps, callback=Judge())
     with torch.no_grad():
-        final = float(np.mean(evaluate(Greedy(model.policy), "MountainCar-v0", 100, seed=FINAL_SEED)))
+        final = float(np.mean(evaluate(Greedy(model.policy), env_id, 100, seed=FINAL_SEED)))
     solve = state["solve"]
     return {
         "seed": seed,
@@ -217,14 +313,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one seed each")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    ap.add_argument("--budget", type=float, default=150.0, help="training seconds per run before giving up")
+    ap.add_argument(
+        "--env",
+        default="MountainCar-v0",
+        metavar="ID",
+        help=f"the env to solve, one of {', '.join(ZOO)} (default MountainCar-v0)",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        help="training seconds per apexq run before giving up (default: the env's, e.g. 150 for MountainCar-v0)",
+    )
     ap.add_argument("--eval-every", type=float, default=5.0)
     ap.add_argument("--skip-sb3", action="store_true")
     ap.add_argument(
         "--sb3-budget",
         type=float,
-        default=420.0,
-        help="training seconds for SB3 (rl-zoo's 120k steps took ~330 s on this 2-core machine)",
+        help="training seconds per SB3 run (default: the env's, e.g. 420 for MountainCar-v0)",
     )
     ap.add_argument(
         "--only",
@@ -242,33 +347,48 @@ def main() -> None:
     )
     ap.add_argument("--sb3-worker", type=int, metavar="SEED", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.env not in ZOO:
+        fail(f"--env {args.env!r} is not one of {', '.join(ZOO)}")
+    env_id, zoo_env = args.env, ZOO[args.env]
+    budget = zoo_env.budget if args.budget is None else args.budget
+    sb3_budget = zoo_env.sb3_budget if args.sb3_budget is None else args.sb3_budget
+    threshold = threshold_of(env_id)
     if args.sb3_worker is not None:
-        print(json.dumps(sb3_worker(args.sb3_worker, args.sb3_budget, args.eval_every)))
+        print(json.dumps(sb3_worker(env_id, threshold, args.sb3_worker, sb3_budget, args.eval_every)))
         return
     seeds = args.seeds[:1] if args.quick else args.seeds
-    work = Path(tempfile.mkdtemp(prefix="apexq-solve-"))
-    results: dict = {"apexq": [], "single": [], "sb3": []}
     only = set(args.only or ["apexq", "single", "sb3"])
     if args.skip_sb3:
         only.discard("sb3")
+    if "sb3" in only:  # before any run: a missing baseline must not surface as `speedup: null` an hour later
+        missing = sb3_missing()
+        if missing:
+            fail(missing)
+    work = Path(tempfile.mkdtemp(prefix="apexq-solve-"))
+    results: dict = {"apexq": [], "single": [], "sb3": []}
     for s in seeds:
         if "apexq" in only:
-            results["apexq"].append(run_apexq(s, args.budget, args.eval_every, False, work, args.overrides))
+            results["apexq"].append(
+                run_apexq(env_id, threshold, s, budget, args.eval_every, False, work, args.overrides)
+            )
             print("apexq", results["apexq"][-1], flush=True)
         if "single" in only:
-            results["single"].append(run_apexq(s, args.budget, args.eval_every, True, work, args.overrides))
+            results["single"].append(
+                run_apexq(env_id, threshold, s, budget, args.eval_every, True, work, args.overrides)
+            )
             print("single-process", results["single"][-1], flush=True)
         if "sb3" in only:
-            results["sb3"].append(run_sb3(s, args.sb3_budget, args.eval_every))
+            results["sb3"].append(run_sb3(env_id, s, sb3_budget, args.eval_every))
             print("sb3", {k: v for k, v in results["sb3"][-1].items() if k != "hyperparameters"}, flush=True)
 
     def solved(rs):
         return sum(1 for r in rs if r["solve_s"] is not None)
 
     def holds(rs):
-        return sum(1 for r in rs if r.get("final_return") is not None and r["final_return"] >= SOLVED)
+        return sum(1 for r in rs if r.get("final_return") is not None and r["final_return"] >= threshold)
 
-    print(f"\n{'system':<16}{'seed':>5}{'solve s':>9}{'steps':>9}{'final100':>10}{'startup s':>10}")
+    print(f"\n{env_id}: solved at a mean of {threshold:g} over 100 greedy episodes")
+    print(f"{'system':<16}{'seed':>5}{'solve s':>9}{'steps':>9}{'final100':>10}{'startup s':>10}")
     for name, rs in (
         ("apexq", results["apexq"]),
         ("apexq single", results["single"]),
@@ -284,6 +404,8 @@ def main() -> None:
     s_med = median_or_none([r["solve_s"] for r in results["single"]])
     b_med = median_or_none([r["solve_s"] for r in results["sb3"]])
     figures = {
+        "env": env_id,
+        "threshold": threshold,
         "apexq_median_solve_s": a_med,
         "apexq_single_median_solve_s": s_med,
         "sb3_median_solve_s": b_med,
