@@ -183,7 +183,16 @@ class BareLoop:
 class RealLearner:
     """The learner's own run loop: prefetch pipeline, update, priorities sent back to the shard."""
 
-    def __init__(self, batch_size: int, device: str, shard, threads: int = 1, batches_per_request: int = 8, **modes):
+    def __init__(
+        self,
+        batch_size: int,
+        device: str,
+        shard,
+        threads: int = 1,
+        batches_per_request: int = 8,
+        sync_host_copies: bool = False,
+        **modes,
+    ):
         s = settings(
             batch_size=batch_size,
             device=device,
@@ -194,6 +203,8 @@ class RealLearner:
             **modes,
         )
         self.learner = Learner(s, SPEC, [shard])
+        if sync_host_copies:  # a blocking copy of each request's priorities to the host, as before
+            self.learner.async_host_copies = False
         self.run(20)  # warm-up
 
     def run(self, updates: int) -> float:
@@ -214,6 +225,7 @@ def measure(
     shards: dict,
     threads: int = 1,
     batches_per_request: int = 8,
+    sync_host_copies: bool = False,
     **modes,
 ) -> dict:
     """Interleave rounds of the bare loop and the learner fed by each shard layout (this machine's
@@ -223,7 +235,7 @@ def measure(
         batch_size, device, settings(batch_size=batch_size, device=str(device), torch_threads=threads, **modes)
     )
     reals = {
-        name: RealLearner(batch_size, str(device), shard, threads, batches_per_request, **modes)
+        name: RealLearner(batch_size, str(device), shard, threads, batches_per_request, sync_host_copies, **modes)
         for name, shard in shards.items()
     }
     per = max(1, updates // rounds)
@@ -262,6 +274,11 @@ def main() -> None:
         action="store_true",
         help="learner.cuda_graphs false for the learner and the bare loop (on CUDA: eager updates)",
     )
+    ap.add_argument(
+        "--sync-host-copies",
+        action="store_true",
+        help="on CUDA, the learner waits for each request's priorities to reach the host (the default does not)",
+    )
     ap.add_argument("--serve-shard", nargs=2, type=int, metavar=("CAPACITY", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_shard:
@@ -287,6 +304,7 @@ def main() -> None:
         "device": str(device),
         "torch_threads": args.threads,
         "batches_per_request": args.batches_per_request,
+        "async_host_copies": device.type == "cuda" and not args.sync_host_copies,
         **modes,
     }
     if device.type == "cuda":
@@ -296,7 +314,15 @@ def main() -> None:
     try:
         for bs in (128, 512):
             for layout, (real, bare, eff) in measure(
-                bs, updates, rounds, device, shards, args.threads, args.batches_per_request, **modes
+                bs,
+                updates,
+                rounds,
+                device,
+                shards,
+                args.threads,
+                args.batches_per_request,
+                args.sync_host_copies,
+                **modes,
             ).items():
                 rows.append((layout, bs, real, bare, eff))
                 sfx = "" if layout == "in_process" else "_shard_process"

@@ -6,6 +6,7 @@ on a background executor, off the training path.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import os
@@ -97,7 +98,15 @@ class Learner:
         self._bg = ThreadPoolExecutor(1, thread_name_prefix="learner-bg")
         self._exporter = BackgroundExporter(spec, settings.hidden_sizes, settings.dueling)
         self._stop = threading.Event()
-        self.metrics: dict[str, Optional[float]] = {"loss": None, "td_abs": None, "q_mean": None}
+        # loss, mean |TD| and mean Q of the taken actions, every 10th update: kept on the device
+        # and read to the host only when asked (see metrics), so that training never waits for it
+        self._metric_values: Optional[torch.Tensor] = None
+        # On CUDA, what leaves the device (a request's priorities, published weights) is copied
+        # into pinned host memory without waiting; the copy's event says when it may be read, so
+        # the training thread never synchronises with the device (benchmarks/learner.py
+        # --sync-host-copies measures the other way: a blocking copy per request).
+        self.async_host_copies = self.device.type == "cuda"
+        self._copied: collections.deque = collections.deque()  # (event or None, priorities, buffer)
         self.priority_errors = 0
         self.first_update_at: Optional[float] = None  # wall clock (time.time()) of this process's first update
         self.checkpoint_error: Optional[str] = None
@@ -297,11 +306,20 @@ class Learner:
         self.weights_version += 1
         if self.redis is None:
             return
-        snapshot = {k: v.detach().to("cpu", copy=True) for k, v in self.online.state_dict().items()}
+        state = self.online.state_dict()
+        copied: Optional[torch.cuda.Event] = None
+        if self.async_host_copies:
+            snapshot = {k: v.detach().to("cpu", non_blocking=True) for k, v in state.items()}
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            snapshot = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         version = self.weights_version
 
         def send():
             try:
+                if copied is not None:
+                    copied.synchronize()  # on the background thread: the training thread goes on
                 weights_store.publish(self.redis, self.keys, snapshot, version)
             except Exception as exc:  # Redis restarting; the next publish catches up
                 log.warning("publishing weights v%d failed: %s", version, exc)
@@ -373,16 +391,43 @@ class Learner:
     def send_priorities(self, keys: np.ndarray, shard_of: np.ndarray, td: torch.Tensor) -> None:
         """Queue new priorities; they leave in one call per shard every ``batches_per_request`` updates.
 
-        The TD errors stay tensors until then: one concatenation and one copy to the host per
-        request rather than per update (on CUDA, one synchronisation instead of k).
+        Each minibatch's priorities ``|td|`` (:func:`new_priorities` with eps 0: the shard adds its
+        own) are a new tensor, so a CUDA graph's next replay, which overwrites ``td``, cannot change
+        them. They stay on the device until the request is complete: one concatenation and one copy
+        to the host per request rather than per update. On CUDA that copy does not block; the
+        request is sent by a later call (or :meth:`flush_priorities`) once it has landed.
         """
-        if self._graphs:  # a CUDA graph's output is overwritten by its next replay
-            td = td.clone()
-        self._prio_buf.append((keys, shard_of, td))
-        if len(self._prio_buf) < self.s.batches_per_request:
-            return
-        buf, self._prio_buf = self._prio_buf, []
-        request_pr = new_priorities(torch.cat([b[2] for b in buf]), 0.0).cpu().numpy()
+        self._prio_buf.append((keys, shard_of, new_priorities(td, 0.0)))
+        if len(self._prio_buf) >= self.s.batches_per_request:
+            buf, self._prio_buf = self._prio_buf, []
+            pr = torch.cat([b[2] for b in buf])
+            copied: Optional[torch.cuda.Event] = None
+            if self.async_host_copies:
+                host = pr.to("cpu", non_blocking=True)  # into pinned memory
+                copied = torch.cuda.Event()
+                copied.record()
+            else:
+                host = pr.cpu()
+            self._copied.append((copied, host, buf))
+        self._send_copied()
+
+    def flush_priorities(self) -> None:
+        """Send every complete request's priorities now, waiting for their copies to the host."""
+        self._send_copied(wait=True)
+
+    def _send_copied(self, wait: bool = False) -> None:
+        """Send the requests whose priorities are on the host, oldest first."""
+        while self._copied:
+            copied, host, buf = self._copied[0]
+            if copied is not None and not wait and not copied.query():
+                return
+            if copied is not None:
+                copied.synchronize()
+            self._copied.popleft()
+            self._send_request(host.numpy(), buf)
+
+    def _send_request(self, request_pr: np.ndarray, buf: list) -> None:
+        """One request's priorities to their shards (inline, or from the background thread)."""
 
         def send():
             keys, pr = np.concatenate([b[0] for b in buf]), request_pr
@@ -424,6 +469,7 @@ class Learner:
             while not self._stop.is_set():
                 batch = self.sampler.get(timeout=0.5)
                 if batch is None:
+                    self._send_copied()  # a request copied during the last updates goes out while waiting
                     continue
                 self.train_step(batch)
                 if max_updates is not None and self.updates >= max_updates:
@@ -440,12 +486,8 @@ class Learner:
         """
         extra = self.step(batch)
         self.send_priorities(batch["keys"], batch["shard"], extra["td"])
-        if self.updates % 10 == 0:
-            self.metrics = {
-                "loss": float(extra["loss"]),
-                "td_abs": float(extra["td"].abs().mean()),
-                "q_mean": float(extra["q_taken"].mean()),
-            }
+        if self.updates % 10 == 0:  # a new tensor: a CUDA graph's next replay leaves it as it is
+            self._metric_values = torch.stack([extra["loss"], extra["td"].abs().mean(), extra["q_taken"].mean()])
         if self.updates % self.s.publish_every == 0:
             self.publish()
         self.checkpoint_if_due()
@@ -469,6 +511,7 @@ class Learner:
 
     def finish(self) -> dict:
         """The last weights out (and every queued send done); this process's stats."""
+        self.flush_priorities()
         self.publish()
         self._bg.submit(lambda: None).result(timeout=30)
         return self.stats()
@@ -478,6 +521,18 @@ class Learner:
 
     def ping(self) -> bool:
         return True
+
+    @property
+    def metrics(self) -> dict[str, Optional[float]]:
+        """Loss, mean |TD| and mean Q of the taken actions at the last 10th update (None before it).
+
+        Read from the device here, when asked (the driver asks once per tick), not at each update.
+        """
+        values = self._metric_values
+        if values is None:
+            return {"loss": None, "td_abs": None, "q_mean": None}
+        loss, td_abs, q_mean = values.to("cpu").tolist()
+        return {"loss": loss, "td_abs": td_abs, "q_mean": q_mean}
 
     def stats(self) -> dict:
         sp = self.sampler

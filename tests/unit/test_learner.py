@@ -313,6 +313,50 @@ def test_priorities_leave_once_per_request_paired_with_their_keys(tmp_path):
     assert dict(zip(keys.tolist(), pr.tolist())) == {10: 0.5, 11: 2.0, 12: 0.0, 20: 0.25, 21: 3.0, 22: 1.5}
 
 
+def test_a_request_whose_copy_has_not_landed_waits_and_keeps_the_order(tmp_path):
+    """On CUDA a request's priorities reach the host without the training thread waiting: a
+    request is sent by a later call once its copy's event says it has landed, requests behind it
+    wait their turn, and flush_priorities waits for all (a stand-in event here: the CPU has none)."""
+    sh = shard_with(n=2000)
+    seen = []
+    sh.update_priorities = lambda keys, pr: seen.append(np.array(keys).tolist())
+    lr = make(tmp_path, sh, batches_per_request=1)
+
+    class Copy:
+        def __init__(self):
+            self.landed = self.waited = False
+
+        def query(self):
+            return self.landed
+
+        def synchronize(self):
+            self.waited = True
+
+    first, second = Copy(), Copy()
+    for copy, key in ((first, 1), (second, 2)):
+        lr._copied.append((copy, torch.tensor([0.5]), [(np.array([key]), np.zeros(1, np.int32), None)]))
+    second.landed = True
+    lr._send_copied()
+    assert seen == []  # the second has landed, but goes after the first
+    first.landed = True
+    lr.send_priorities(np.array([3]), np.zeros(1, np.int32), torch.tensor([-1.0]))  # any later call sends them
+    assert seen == [[1], [2], [3]]
+    lr._copied.append((third := Copy(), torch.tensor([0.5]), [(np.array([4]), np.zeros(1, np.int32), None)]))
+    lr.flush_priorities()
+    assert third.waited and seen[-1] == [4] and not lr._copied
+
+
+def test_metrics_stay_on_the_device_until_read(tmp_path):
+    """Loss, mean |TD| and mean Q every 10th update are read to the host when stats() asks, not at the update."""
+    lr = make(tmp_path, shard_with())
+    assert lr.stats()["loss"] is None
+    lr.run(max_updates=20)
+    assert isinstance(lr._metric_values, torch.Tensor) and lr._metric_values.shape == (3,)
+    st = lr.stats()
+    assert all(isinstance(st[k], float) and np.isfinite(st[k]) for k in ("loss", "td_abs", "q_mean"))
+    assert st["td_abs"] >= 0
+
+
 class Remote:
     """A shard seen as from another process: same answers, but not ``in_process``."""
 
