@@ -55,7 +55,9 @@ def run_apexq(args: list[str], timeout: float, label: str) -> tuple[int, list[st
     lines = []
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
-        if line.startswith("["):  # the run's progress line, shown as the benchmark's progress
+        # the run's progress line, and its first environment step and first learner update (the
+        # latter names the learner's device and whether the update runs as one CUDA graph)
+        if line.startswith(("[", "apexq: first")):
             print(f"  {label} {line.strip()}", file=sys.stderr, flush=True)
         if time.monotonic() - t0 > timeout:
             proc.kill()
