@@ -42,9 +42,9 @@ logs=$out/logs
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 if [ $smoke = 1 ]; then
-  device=auto counts="1 2" seconds=25 seeds="0" solve_budget=20 learner_size=--smoke
+  device=auto counts="1 2" seconds=40 seeds="0" solve_budget=20 learner_size=--smoke
 else
-  device=cuda counts="1 2 4 8 12" seconds=20 seeds="0 1" solve_budget=60 learner_size=--quick
+  device=cuda counts="1 2 4 8 12" seconds=30 seeds="0 1" solve_budget=60 learner_size=--quick
 fi
 t_start=$SECONDS
 
