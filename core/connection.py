@@ -24,8 +24,7 @@ class RedisAuthError(RuntimeError):
 
 def connect(url: str, *, decode_responses: bool = False, timeout: float = 10.0) -> redis.Redis:
     """A client for ``url`` (redis:// or rediss://, password in the URL) that retries transient errors."""
-    # decode_responses is a bool here; redis-py types the call per Literal[True]/Literal[False]
-    client = redis.Redis.from_url(  # type: ignore[call-overload]
+    client = redis.Redis.from_url(
         url,
         decode_responses=decode_responses,
         socket_timeout=timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from apexq.core.connection import connect, with_backoff
 
@@ -34,7 +35,8 @@ class StreamWriter:
 
     def backlog(self) -> int:
         """Entries in the stream not yet delivered to the shard (0 when unknown)."""
-        for g in self.redis.xinfo_groups(self.stream):
+        groups: list[Any] = self.redis.xinfo_groups(self.stream)  # dicts with str or bytes keys
+        for g in groups:
             lag = g.get("lag", g.get(b"lag"))
             return int(lag) if lag is not None else 0
         return 0

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import redis
@@ -255,7 +255,8 @@ class RedisShardClient:
                         f"replay shard {self.shard} did not answer within {wait:.0f}s "
                         f"(is `apexq replay-server --shard {self.shard}` running?)"
                     )
-                item = self.client.blpop([self._reply], timeout=min(5, max(1, int(np.ceil(left)))))
+                # (key, value) as bytes: the client is made without decode_responses
+                item: Any = self.client.blpop([self._reply], timeout=min(5, max(1, int(np.ceil(left)))))
                 if item is None:
                     continue
                 head, _ = decode(item[1], header_only=True)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import redis
@@ -302,7 +302,8 @@ class ReplayShard:
         """Read up to ``read_count`` entries, insert the valid ones, acknowledge all. Returns entries read."""
         if not self._wait_for_insert_room():
             return 0
-        resp = self._redis.xreadgroup(
+        # redis-py types the RESP3 reply (a dict); apexq's connections speak RESP2: [[stream, entries]]
+        resp: Any = self._redis.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.spec.read_count, block=block_ms
         )
         if not resp:
