@@ -134,8 +134,8 @@ def test_rediss_urls_carry_the_whole_replay_path(redis_server, tmp_path):
                 time.sleep(0.05)
             assert shard.stats()["inserted"] == 100, shard.stats()  # all of it came through TLS
             s = shard.sample(32)
-            assert s is not None and s["size"] == 100
-            assert set(map(tuple, s["obs"].tolist())) <= set(map(tuple, obs.tolist()))
+            assert s is not None and s.size == 100
+            assert set(map(tuple, s.obs.tolist())) <= set(map(tuple, obs.tolist()))
         finally:
             shard.stop()
         # a client that does not trust the server's certificate gets one clear line, not a hang
