@@ -87,11 +87,8 @@ class Driver:
             self.launch_wall = launch_time
             self.t0 -= time.time() - launch_time
         # a resumed run goes on counting from its last record
-        self.offset: dict = {k: 0 for k in CARRIED}
-        self.offset["time_s"] = 0.0
-        state = run_dir.read_state() if resume else None
-        for k in CARRIED:
-            self.offset[k] = (state or {}).get(k, self.offset[k])
+        state = (run_dir.read_state() if resume else None) or {}
+        self.offset: dict = {k: state.get(k, 0) for k in CARRIED}
         self.eval_return: Optional[float] = None
         self.eval_wall: Optional[float] = None  # Unix time of the latest finished evaluation
         self.eval_time = 0.0  # seconds spent evaluating (excluded from time to solve)

@@ -18,7 +18,7 @@ from apexq.replay_server.shard import ReplayShard
 
 from .components import actor_settings, learner_settings, shard_spec
 from .config import Config
-from .driver import Driver, Snapshot, stop_on_signals
+from .driver import CARRIED, Driver, Snapshot, stop_on_signals
 from .run_dir import RunDir, RunDirError
 
 
@@ -130,7 +130,7 @@ class LocalBackend:
         for a in self.actors:
             a.flush()
         rec = driver.record(self.snapshot(), driver.last_record)
-        extra = {k: rec[k] for k in ("time_s", "env_steps", "episodes", "transitions_inserted", "transitions_sampled")}
+        extra = {k: rec[k] for k in CARRIED}
         self.learner.finish()
         self.learner.save_checkpoint(extra)
         summary: dict = {}

@@ -54,7 +54,6 @@ class Platform:
         self.redis_server: Optional[RedisServer] = None  # the run's own Redis process, when no URL was given
         self.own_ray = False  # True once start() started a local Ray (no autoscaler behind it)
         self.reaper: Optional[subprocess.Popen] = None  # see cluster/reaper.py
-        self.redis_restarts = 0
         self.redis_down_since: Optional[float] = None
         self._next_redis_ping = 0.0
         self._redis_clients: dict = {}
@@ -175,26 +174,25 @@ class Platform:
 
     # -- Redis supervision -------------------------------------------------------------------
 
-    def watch_redis(self, now: float, note_restart: Callable[[str], None]) -> None:
+    def watch_redis(self, now: float, note_restart: Callable[[str], int]) -> None:
         """Restart the run's own Redis when its process died; stop the run when Redis stays unreachable.
 
         The spawned server comes back on the same port and password from its append-only file
         (``redis.appendfsync``); every component reconnects with backoff, so training goes on.
         A Redis given by URL is someone else's to restart: the run waits for it up to
         ``redis.unreachable_timeout_s``, then stops (final checkpoint, exit status 1).
-        ``note_restart`` counts the restart toward ``supervision.max_restarts``.
+        ``note_restart`` counts the restart toward ``supervision.max_restarts`` and returns its number.
         """
         srv = self.redis_server
         if srv is not None and srv.proc is not None and srv.exited() is not None and now >= self._next_redis_ping:
             code = srv.exited()
-            self.redis_restarts += 1
+            number = note_restart(f"exited with status {code}")
             print(
                 f"apexq: Redis (the run's own, port {srv.port}) exited with status {code}; restarting it "
-                f"from its append-only file (#{self.redis_restarts})",
+                f"from its append-only file (#{number})",
                 file=self.out,
                 flush=True,
             )
-            note_restart(f"exited with status {code}")
             t = time.monotonic()
             try:
                 srv.restart()

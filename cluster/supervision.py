@@ -112,9 +112,11 @@ class Supervisor:
                 f"(supervision.max_restarts={sup.max_restarts}); last: {m.kind} {m.index} {reason}"
             )
 
-    def redis_restarted(self, reason: str) -> None:
+    def redis_restarted(self, reason: str) -> int:
+        """Count a restart of the run's own Redis; its number."""
         self.redis.restarts += 1
         self.note_restart(self.redis, reason)
+        return self.redis.restarts
 
     def check_heartbeats(self) -> None:
         """Kill components that stopped answering; Ray recreates them and supervise() restarts their run."""

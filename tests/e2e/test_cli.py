@@ -291,6 +291,21 @@ def test_killed_single_process_run_resumes_with_its_counters(tmp_path):
     assert resumed, "no records after the resume"
     assert all(x["updates"] >= before_updates and x["env_steps"] >= before_steps for x in resumed)
     assert resumed[-1]["env_steps"] > before_steps and resumed[-1]["updates"] > before_updates
+    # the single-process run writes the distributed run's records (one driver loop): its fields, a final one
+    for key in (
+        "episodes",
+        "rejected",
+        "restarts",
+        "first_env_step_s",
+        "first_update_s",
+        "sample_waits",
+        "insert_waits",
+        "backpressure_waits",
+        "eval_time_s",
+        "actor_weights_versions",
+    ):
+        assert key in resumed[-1], key
+    assert records[-1].get("final") is True and records[-1]["episodes"] > 0
     final = torch.load(ckpt, weights_only=True)
     assert final["updates"] > before_updates and final["extra"]["env_steps"] > before_steps
     assert final["extra"]["time_s"] > before_time
