@@ -13,6 +13,7 @@ from pathlib import Path
 import gymnasium
 import pytest
 import yaml
+from needs import require_module
 
 from apexq.cluster.config import load_config
 
@@ -68,7 +69,7 @@ def test_solve_refuses_an_env_it_has_no_config_for():
 
 def test_rl_zoo_hyperparameters_of_every_env_apply_to_sb3_dqn():
     """Every key rl-zoo3 sets for a zoo env is one solve.py passes to DQN (others would be refused)."""
-    pytest.importorskip("rl_zoo3")
+    require_module("rl_zoo3")  # in the test extra: CI must have it
     for env_id in solve.ZOO:
         n_timesteps, hp, policy_kwargs = solve.zoo_hyperparameters(env_id)
         assert n_timesteps > 0 and set(hp) <= solve.SB3_DQN_KEYS and "net_arch" in policy_kwargs, env_id
