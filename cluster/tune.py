@@ -30,7 +30,8 @@ Trials run one at a time by default (``--cpus-per-trial`` = all CPUs): the objec
 time, which trials sharing the machine would distort. Everything lands in ``tune/<id>/``: the
 table's ``trials.csv``, ``best.yaml`` (an overlay of the searched keys), ``objective.png``,
 ``runs/<trial>/seed<i>/`` (each run's directory), copies of BASE and SPACE, and Tune's own state
-(``ray/``). ``--resume --id NAME`` continues an interrupted search where it stopped.
+(``ray/``, written by Tune, never read by apexq). ``--resume --id NAME`` continues an interrupted
+search from its ``trials.csv`` (:mod:`.tune_search` says how).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _new_search(args, folder: Path) -> tuple[Search, list]:
     for flag in ("config", "space", "trials"):
         if getattr(args, flag) is None:
             raise TuneError(f"--{flag}: needed to start a search (or continue one with --id NAME --resume)")
-    if (folder / "ray").exists():
+    if (folder / "search.json").exists():
         raise TuneError(f"--id {args.id}: {folder} already holds a search; add --resume to continue it")
     base = load_config(args.config)
     if base.train.stop_at_return is None:
@@ -185,6 +186,15 @@ def _resumed_search(args, folder: Path) -> tuple[Search, list]:
     return search, load_space(folder / "space.yaml", str(folder / "base.yaml"))
 
 
+def _remove_unfinished_runs(runs: Path, finished: set) -> None:
+    """The runs of trials an interrupted search did not finish (they are not in trials.csv): a
+    resumed search draws new trials in their place."""
+    if runs.is_dir():
+        for trial in runs.iterdir():
+            if trial.is_dir() and trial.name not in finished:
+                shutil.rmtree(trial)
+
+
 def _check_installed() -> None:
     try:
         for module in ("optuna", "ray.tune", "ray.tune.search.optuna"):
@@ -215,32 +225,35 @@ def run(args) -> int:
     if not args.resume:
         _record(args, folder, search)
     from . import tune_search
-    from .tune_report import HEADER, read_rows
+    from .tune_report import HEADER, TrialsFileError, read_rows, rows_from_csv
 
     cpus = args.cpus_per_trial or float(os.cpu_count() or 1)
     ray_cpus = max(os.cpu_count() or 1, math.ceil(cpus))
     concurrent = max(1, int(ray_cpus // cpus))
     settings = search.settings(folder, params)
-    if args.resume and not tune_search.restorable(folder):
-        raise TuneError(f"--resume: {folder / tune_search.EXPERIMENT} holds no Ray Tune state to continue")
-    if args.resume and len(read_rows(folder / "trials.csv")) >= search.trials:
+    try:
+        before = rows_from_csv(folder / "trials.csv", settings) if args.resume else []
+    except TrialsFileError as exc:
+        raise TuneError(f"--resume: {exc}") from None
+    if len(before) >= search.trials:
         print(f"apexq tune: search {args.id} has finished all its {search.trials} trials; nothing to resume")
         return _summary(read_rows(folder / "trials.csv"), search, folder, args.id)
+    _remove_unfinished_runs(folder / "runs", {r.trial_id for r in before})
     print(
         f"apexq tune: search {args.id} in {folder} | {search.trials} trials x {search.seeds} seed(s), "
-        f"{search.budget_s:g} s each | solved: eval return >= {search.target:g} | keys: "
-        f"{', '.join(p.key for p in params)} | Optuna TPE + ASHA on Ray Tune, {concurrent} trial(s) at a time"
-        + (" | resuming" if args.resume else ""),
+        f"{search.budget_s:g} s each | solved: eval return >= {search.target:g} and the final policy holds "
+        f"on fresh episodes | keys: {', '.join(p.key for p in params)} | Optuna TPE + ASHA on Ray Tune, "
+        f"{concurrent} trial(s) at a time"
+        + (f" | resuming after {len(before)} finished trial(s)" if args.resume else ""),
         flush=True,
     )
     tune_search.start_ray(ray_cpus)
     try:
-        if args.resume:
-            tuner = tune_search.restored_tuner(settings, cpus, folder)
-        else:
-            table = tune_search.TrialTable(settings, str(folder.resolve()), search.command, str(folder / "base.yaml"))
-            tuner = tune_search.new_tuner(settings, search.trials, cpus, concurrent, folder, table)
         print(HEADER, flush=True)
+        table = tune_search.TrialTable(
+            settings, str(folder.resolve()), search.command, str(folder / "base.yaml"), before
+        )
+        tuner = tune_search.new_tuner(settings, search.trials - len(before), cpus, concurrent, folder, table)
         tuner.fit()
     finally:
         import ray

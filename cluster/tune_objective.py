@@ -1,18 +1,19 @@
 """What a trial of ``apexq tune`` is worth, as pure arithmetic over its runs' metrics records.
 
-The objective is what a user waits for: the median, over a trial's ``--seeds`` runs, of the
-seconds from a run's launch to its first greedy evaluation whose mean return reaches
-``train.stop_at_return`` (the record's ``time_s``; start-up and evaluation time included, as
-``apexq train`` counts it). A run that does not get there within the budget counts at the budget,
-and so does a run that has not happened yet: the objective of a trial still going (or stopped
-early by ASHA) is the one it would have if it ended now. With an even number of seeds the median
-is the mean of the middle two.
+The objective is what a user waits for, measured as ``benchmarks/solve.py`` measures it: the
+median, over a trial's ``--seeds`` runs, of the seconds from a run's launch to its first greedy
+evaluation whose mean return reaches ``train.stop_at_return`` (the record's ``time_s`` less the
+run's evaluation time ``eval_time_s``: start-up included, evaluations excluded). A solve counts
+only if the run's policy then holds on fresh episodes (:mod:`.tune_trial` evaluates it); a run
+that does not solve, or whose policy does not hold, counts at the budget, and so does a run that
+has not happened yet: the objective of a trial still going (or stopped early by ASHA) is the one
+it would have if it ended now. With an even number of seeds the median is the mean of the middle two.
 
 Ties (typically several trials with no seed solved, all at the budget) are broken by the final
-return: the mean, over the trial's runs, of each run's last evaluation return (greedy episodes on
-seeds the actors never use). The search minimises one number, :func:`score`: the objective less a
-tie-break smaller than :data:`TIE_BREAK_S`, growing with the final return, so the order it gives
-is (objective, higher final return) for any objectives more than a millisecond apart.
+return: the mean, over the trial's runs, of each run's return on the fresh episodes (for a run
+not judged yet, its latest evaluation's). The search minimises one number, :func:`score`: the
+objective less a tie-break smaller than :data:`TIE_BREAK_S`, growing with the final return, so
+the order it gives is (objective, higher final return) for any objectives more than a millisecond apart.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def rank_key(objective_s: float, final: Optional[float]) -> tuple:
 class SeedRun:
     """What one seed's run has shown so far."""
 
-    solved_at: Optional[float] = None
-    last_return: Optional[float] = None
+    solved_at: Optional[float] = None  # seconds to the solving evaluation, its evaluation time excluded
+    last_return: Optional[float] = None  # the latest evaluation's return, then the fresh episodes' one
+    held: Optional[bool] = None  # after a solve: whether the policy held on fresh episodes
     used_s: float = 0.0
     eval_time_s: float = -1.0  # the run's evaluation seconds at its latest evaluation
     ended: bool = False
@@ -92,13 +94,20 @@ class TrialProgress:
             return False
         run.eval_time_s, run.last_return = spent, float(value)
         if value >= self.target:
-            run.solved_at = float(rec["time_s"])
+            run.solved_at = max(0.0, float(rec["time_s"]) - spent)
         return True
 
-    def end_seed(self) -> None:
-        """The current run is over: solved, or its budget spent."""
+    def end_seed(self, fresh: Optional[float]) -> None:
+        """The current run is over (solved, or its budget spent); ``fresh``: its policy's mean return
+        on fresh episodes (None: it left no policy). A solve whose policy does not hold is undone."""
         run = self.current
         run.ended = True
+        if fresh is not None:
+            run.last_return = fresh
+        if run.solved_at is not None:
+            run.held = fresh is not None and fresh >= self.target
+            if not run.held:
+                run.solved_at = None
         if run.solved_at is None:
             run.used_s = self.budget_s
 
@@ -113,6 +122,7 @@ class TrialProgress:
             objective=obj,
             score=score(obj, final),
             solved_seeds=sum(t is not None for t in times),
+            not_held=sum(r.held is False for r in self.runs),
             seeds_finished=sum(r.ended or r.solved_at is not None for r in self.runs),
             seeds=self.seeds,
             seed=len(self.runs) - 1,

@@ -1,11 +1,13 @@
 """What ``apexq tune`` shows and leaves: a table line per finished trial, ``trials.csv``, ``best.yaml``
-(an overlay of the searched keys) and ``objective.png``, all rebuilt from Tune's trials each time
-one finishes, so a resumed search writes them over the whole search."""
+(an overlay of the searched keys) and ``objective.png``, all rebuilt each time a trial finishes
+from the finished trials. ``trials.csv`` is also what a resumed search starts from
+(:func:`rows_from_csv`): plain text, checked field by field, never Tune's pickled state."""
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ import yaml
 from .tune_objective import rank_key
 from .tune_trial import TrialSettings
 
+TRIAL_ID = re.compile(r"[0-9a-f]{8}")  # Tune's trial ids; also the folder name of a trial's runs
+STATES = ("done", "stopped early", "error")
 HEADER = f"{'trial':>5}  {'id':<8}  {'objective_s':>11}  {'solved':>6}  {'final_return':>12}  {'state':<13}  params"
 
 
@@ -23,7 +27,7 @@ HEADER = f"{'trial':>5}  {'id':<8}  {'objective_s':>11}  {'solved':>6}  {'final_
 class Row:
     """One finished trial."""
 
-    number: int  # Tune's creation order, 1-based (it keeps it across a resume)
+    number: int  # creation order, 1-based, counted over the whole search (a resumed search goes on from its last)
     trial_id: str
     drawn: dict  # key -> value as drawn (choice values as their --set texts)
     state: str  # done | stopped early | error
@@ -37,11 +41,12 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def row_of(trial, settings: TrialSettings) -> Row:
-    """A finished Tune trial as a row: its own last report says how far it got."""
+def row_of(trial, settings: TrialSettings, offset: int = 0) -> Row:
+    """A finished Tune trial as a row: its own last report says how far it got. ``offset``: the
+    trials finished before this session of the search (Tune numbers each session's trials from 1)."""
     last = trial.last_result or {}
     drawn = {p.key: trial.config.get(p.key) for p in settings.params}
-    number = int(str(trial.experiment_tag).split("_")[0])
+    number = offset + int(str(trial.experiment_tag).split("_")[0])
     if trial.status == "ERROR":
         return Row(number, trial.trial_id, drawn, "error")
     state = "done" if last.get("seeds_finished") == settings.seeds else "stopped early"
@@ -195,3 +200,78 @@ def read_rows(path: Path) -> list[dict]:
 
     with open(path, newline="") as f:
         return [{k: cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+class TrialsFileError(ValueError):
+    """trials.csv cannot be read back: one line naming the file, the row and the field."""
+
+
+def rows_from_csv(path: Path, settings: TrialSettings) -> list[Row]:
+    """The finished trials ``trials.csv`` lists, as :func:`write_csv` wrote them; every field is
+    checked (the file is text anyone can edit, and trial ids name folders)."""
+    if not path.exists():
+        return []
+    keys = [p.key for p in settings.params]
+    columns = ["trial", "trial_id", *keys, "objective_s", "solved_seeds", "seeds", "final_return", "budget_used_s"]
+    columns.append("state")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header != columns:
+                raise TrialsFileError(f"{path}: header is {header}, expected {columns} (the search's space changed?)")
+            rows = [_parsed_row(path, i, cells, columns, settings) for i, cells in enumerate(reader, start=2)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TrialsFileError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    numbers = [r.number for r in rows]
+    if numbers != list(range(1, len(rows) + 1)):
+        raise TrialsFileError(f"{path}: trials are numbered {numbers}, expected 1 .. {len(rows)} in order")
+    if len({r.trial_id for r in rows}) < len(rows):
+        raise TrialsFileError(f"{path}: a trial_id repeats")
+    return rows
+
+
+def _parsed_row(path: Path, line: int, cells: list[str], columns: list[str], settings: TrialSettings) -> Row:
+    where = f"{path} line {line}"
+    if len(cells) != len(columns):
+        raise TrialsFileError(f"{where}: {len(cells)} fields, expected {len(columns)}")
+    field = dict(zip(columns, cells))
+
+    def number(name: str, integer: bool = False, optional: bool = True):
+        text = field[name]
+        if text == "" and optional:
+            return None
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise TrialsFileError(f"{where}: {name}: expected {kind}, got {text!r}") from None
+        if not math.isfinite(value) or (integer and value < 0):
+            raise TrialsFileError(f"{where}: {name}: out of range: {text}")
+        return value
+
+    if field["state"] not in STATES:
+        raise TrialsFileError(f"{where}: state: expected one of {', '.join(STATES)}, got {field['state']!r}")
+    if not TRIAL_ID.fullmatch(field["trial_id"]):
+        raise TrialsFileError(f"{where}: trial_id: expected 8 hex digits, got {field['trial_id']!r}")
+    if number("seeds", integer=True, optional=False) != settings.seeds:
+        raise TrialsFileError(f"{where}: seeds: {field['seeds']}, but the search runs {settings.seeds} per trial")
+    drawn = {}
+    for p in settings.params:
+        try:
+            drawn[p.key] = p.drawn_from_text(field[p.key])
+        except ValueError as exc:
+            raise TrialsFileError(f"{where}: {p.key}: {exc}") from None
+    row = Row(
+        number("trial", integer=True, optional=False),
+        field["trial_id"],
+        drawn,
+        field["state"],
+        number("objective_s"),
+        number("solved_seeds", integer=True) or 0,
+        number("final_return"),
+        number("budget_used_s"),
+    )
+    if row.state != "error" and row.objective is None:
+        raise TrialsFileError(f"{where}: objective_s: empty for a trial that did not fail")
+    return row

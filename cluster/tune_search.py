@@ -4,9 +4,16 @@ Verified against Ray 2.60's own source: ``OptunaSearch(space={key: optuna distri
 sampler)`` draws the keys as given (dotted names stay whole: Tune nests only on "/") and tells Optuna
 each finished trial's last ``score`` (a trial ASHA stopped included: its last report stands);
 ``ASHAScheduler(time_attr=...)`` takes any monotonic number a trial reports; ``tune.report`` raises
-SystemExit in a trial that ASHA has stopped; a first SIGINT makes ``Tuner.fit`` save the experiment
-and return, and ``Tuner.restore(path, trainable)`` continues it: finished trials stay finished, the
-searcher's state (the Optuna study) and the trial count come back, a trial that was running starts over.
+SystemExit in a trial that ASHA has stopped; a first SIGINT makes ``Tuner.fit`` stop the trials and return.
+
+A resumed search does not use ``Tuner.restore``: that unpickles the experiment state Tune wrote,
+and apexq never runs code from a file. It starts a new Tuner (its state under ``ray/part<k>/``,
+written by Tune and never read back) from the search's own ``trials.csv``: every trial listed
+there is told to the new Optuna study (``OptunaSearch.add_evaluated_point``, the same value the
+finished trial told it), so TPE models them as before; the trial numbers go on from the last one;
+the new Tuner runs the trials still owed. What is not carried over: the trial that was running
+when the search stopped (its runs are removed; a fresh draw replaces it) and ASHA's rungs (the
+new trials are compared with each other).
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from .tune_objective import score
 from .tune_report import Row, row_of, table_line, write_outputs
 from .tune_trial import TrialSettings, run_trial
 
 METRIC, MODE = "score", "min"  # see tune_objective.score
 CLOCK = "budget_s"  # ASHA's time: seconds of the trial's runs so far (solved runs count to their solve)
-EXPERIMENT = "ray"  # tune/<id>/ray/ holds Tune's own state
+EXPERIMENTS = "ray"  # tune/<id>/ray/part<k>/ holds Tune's own state of the search's k-th session (never read)
 ASHA_REDUCTION = 3  # keep the best third at each rung
 SAMPLER_SEED = 0
 
@@ -33,15 +41,11 @@ SAMPLER_SEED = 0
 class TrialTable(tune.Callback):
     """One table line per finished trial, and the search's files rewritten from all finished trials."""
 
-    def __init__(self, settings: TrialSettings, folder: str, command: str, base_config: str):
+    def __init__(self, settings: TrialSettings, folder: str, command: str, base_config: str, before: list[Row]):
         self.settings, self.folder, self.command, self.base_config = settings, folder, command, base_config
-        self.shown = False  # a resumed search first lists the trials finished before (state is not restored)
-
-    def on_step_begin(self, iteration, trials, **info):
-        if not self.shown:
-            self.shown = True
-            for row in self._rows(trials, None):
-                print(table_line(row, self.settings.seeds) + "  (before the resume)", flush=True)
+        self.before = before  # a resumed search's trials, from its trials.csv
+        for row in before:
+            print(table_line(row, self.settings.seeds) + "  (before the resume)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finished(trials, trial)
@@ -51,7 +55,8 @@ class TrialTable(tune.Callback):
 
     def _rows(self, trials, current) -> list[Row]:
         done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is current]
-        return sorted((row_of(t, self.settings) for t in done), key=lambda r: r.number)
+        offset = len(self.before)
+        return self.before + sorted((row_of(t, self.settings, offset) for t in done), key=lambda r: r.number)
 
     def _finished(self, trials, trial) -> None:
         rows = self._rows(trials, trial)
@@ -85,14 +90,23 @@ def _trainable(settings: TrialSettings, cpus_per_trial: float):
 def new_tuner(
     settings: TrialSettings, trials: int, cpus_per_trial: float, concurrent: int, folder: Path, table: TrialTable
 ) -> tune.Tuner:
+    """A Tuner for the ``trials`` still owed; the trials of ``table.before`` are told to its study first."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # TPE models the good and the bad trials once it has a few; before that it draws at random.
-    sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED, n_startup_trials=max(2, min(10, trials // 3)))
+    before = table.before
+    total = trials + len(before)
+    # TPE models the good and the bad trials once it has a few; before that it draws at random. A
+    # resumed search seeds its sampler anew, so its random draws do not repeat the first session's.
+    sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED + len(before), n_startup_trials=max(2, min(10, total // 3)))
     searcher = OptunaSearch(
         space={p.key: p.distribution() for p in settings.params}, metric=METRIC, mode=MODE, sampler=sampler
     )
+    for row in before:
+        if row.state == "error" or row.objective is None:
+            searcher.add_evaluated_point(row.drawn, 0.0, error=True)
+        else:
+            searcher.add_evaluated_point(row.drawn, score(row.objective, row.final_return))
     # No trial is judged before a quarter of one seed's budget; rungs at 1/4, 3/4, 9/4 ... of it (whole seconds).
     scheduler = ASHAScheduler(
         time_attr=CLOCK,
@@ -102,6 +116,8 @@ def new_tuner(
         grace_period=max(1, round(settings.budget_s / 4)),
         reduction_factor=ASHA_REDUCTION,
     )
+    experiments = folder.resolve() / EXPERIMENTS
+    part = 1 + sum(1 for p in experiments.glob("part*")) if experiments.is_dir() else 1
     return tune.Tuner(
         _trainable(settings, cpus_per_trial),
         tune_config=tune.TuneConfig(
@@ -112,27 +128,10 @@ def new_tuner(
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT,
-            storage_path=str(folder.resolve()),
+            name=f"part{part}",
+            storage_path=str(experiments),
             verbose=0,
             callbacks=[table],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
-    )
-
-
-def restorable(folder: Path) -> bool:
-    return tune.Tuner.can_restore(str((folder / EXPERIMENT).resolve()))
-
-
-def restored_tuner(settings: TrialSettings, cpus_per_trial: float, folder: Path) -> tune.Tuner:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return tune.Tuner.restore(
-        str((folder / EXPERIMENT).resolve()),
-        trainable=_trainable(settings, cpus_per_trial),
-        resume_unfinished=True,
-        resume_errored=False,
-        restart_errored=False,
     )

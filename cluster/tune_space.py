@@ -71,6 +71,18 @@ class Param:
         """The ``--set`` text of a value drawn for this key."""
         return drawn if self.kind == "choice" else value_text(drawn)
 
+    def drawn_from_text(self, text: str) -> Any:
+        """A value as ``trials.csv`` holds it, back as drawn; ValueError if this key could not have drawn it."""
+        if self.kind == "choice":
+            if text not in self.choices:
+                raise ValueError(f"{text!r} is not one of the choices {', '.join(self.choices)}")
+            return text
+        assert self.low is not None and self.high is not None
+        value: float = int(text) if self.kind == "randint" else float(text)
+        if not self.low <= value <= self.high:
+            raise ValueError(f"{text} is outside {value_text(self.low)} .. {value_text(self.high)}")
+        return value
+
     def config_value(self, drawn: Any) -> Any:
         """The drawn value as the config holds it (what best.yaml writes)."""
         return parse_override(f"{self.key}={self.set_text(drawn)}")[1]

@@ -5,10 +5,13 @@ BASE --set KEY=VALUE ... --set train.max_seconds=S --set seed=i``) whose ``metri
 as it grows; every new evaluation is reported to Tune (``tune.report``) with the objective as if
 the trial ended now, so ASHA can stop the trial at any report and Optuna still gets a value.
 
-A run is stopped as soon as its outcome is known: at its first solved evaluation, or ``S``
-seconds after its launch (a solve after that would count at ``S`` anyway). So a trial never waits
-for a run's final checkpoint and policy export, which change nothing it measures; the run
-directory keeps ``metrics.jsonl`` and the run's output (``seed<i>.log`` beside it).
+A run ends by itself, as any ``apexq train`` does: at its first evaluation >= the base config's
+``train.stop_at_return``, or after ``S`` seconds; it then writes its policy files (the best
+evaluated weights). Then the trial judges that policy as ``benchmarks/solve.py`` does: ``apexq
+evaluate`` on :data:`FRESH_EPISODES` episodes from seed :data:`FRESH_SEED`, which no actor and no
+in-run evaluation uses. A solve counts only if the policy holds there (mean >= the target); the
+fresh mean is the run's final return (the objective's tie-break). A run still going
+:data:`EXIT_GRACE_S` after its budget is killed, and is judged on what it wrote.
 
 A run must not outlive its trial: when ASHA stops the trial, ``tune.report`` raises SystemExit
 here and the run is killed; when Ray ends the trial's worker first (it does not wait for this
@@ -31,11 +34,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .tune_objective import TrialProgress
 from .tune_space import Param
 
 POLL_S = 0.2
+FRESH_SEED = 777  # as benchmarks/solve.py's final evaluation
+FRESH_EPISODES = 100
+EXIT_GRACE_S = 60.0  # a run's start-up before its clock starts, its final checkpoint and policy export
 # Run as `python -c WRAPPER PARENT_PID ARGS...`: ask Linux to SIGKILL this process when its parent
 # thread dies (PR_SET_PDEATHSIG = 1), give up if the parent is already gone, then become ARGS.
 # (A preexec_fn would do the same, but is unsafe in a process with threads, as a Ray worker is.)
@@ -45,6 +52,12 @@ WRAPPER = (
     "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
     "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n"
 )
+
+
+def python(args: list[str]) -> list[str]:
+    """The command line running ``python ARGS`` so that it dies with this process (on Linux)."""
+    prefix = [sys.executable, "-c", WRAPPER, str(os.getpid())] if sys.platform == "linux" else [sys.executable]
+    return [*prefix, *args]
 
 
 class TrialFailed(RuntimeError):
@@ -89,10 +102,9 @@ class Run:
         self.run_dir, self.log_path, self.tmp = run_dir, log, tmp
         tmp.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(tmp)}
-        prefix = [sys.executable, "-c", WRAPPER, str(os.getpid())] if sys.platform == "linux" else [sys.executable]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [*prefix, *args],
+                python(args),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -147,6 +159,22 @@ class Run:
         return f"{self.run_dir.name}: apexq train exited with status {self.proc.returncode}: {last.strip()}"
 
 
+def fresh_return(run_dir: Path, log: Path) -> Optional[float]:
+    """``apexq evaluate`` of the run's policy on fresh episodes; None if it wrote none (its output
+    is appended to the run's log)."""
+    if not (run_dir / "policy.json").is_file() and not (run_dir / "checkpoint.pt").is_file():
+        return None
+    args = ["evaluate", str(run_dir), "--episodes", str(FRESH_EPISODES), "--seed", str(FRESH_SEED), "--json"]
+    proc = subprocess.run(
+        python(["-m", "apexq.cluster.cli", *args]), capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    with open(log, "a") as out:
+        out.write(f"\n$ apexq {' '.join(args)}\n{proc.stdout}{proc.stderr}")
+    if proc.returncode != 0:
+        return None
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["mean"])
+
+
 def run_trial(config: dict, settings: TrialSettings) -> None:
     """Tune's trainable: the trial's seeds one after another, a report after each new evaluation."""
     from ray import tune
@@ -166,10 +194,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             trial_dir / f"seed{seed}.tmp",
         )
         try:
-            for rec in run.records(settings.budget_s):
-                if progress.record(rec):
-                    if progress.current.solved_at is not None:
-                        break  # reported below, once the run is gone
+            for rec in run.records(settings.budget_s + EXIT_GRACE_S):
+                # a solve is reported below, once the run has ended and its policy is judged
+                if progress.record(rec) and progress.current.solved_at is None:
                     tune.report(progress.report())  # raises SystemExit when ASHA stops the trial
         finally:
             run.kill()
@@ -177,5 +204,5 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             why = run.failure()
             (trial_dir / "failed.txt").write_text(why + "\n")
             raise TrialFailed(why)
-        progress.end_seed()
+        progress.end_seed(fresh_return(run_dir, trial_dir / f"seed{seed}.log"))
         tune.report(progress.report())

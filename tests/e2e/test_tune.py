@@ -91,6 +91,12 @@ def test_a_search_interrupted_after_its_first_trial_resumes_to_the_end(tmp_path)
     kept = (runs / trial1 / "seed0" / "metrics.jsonl").read_bytes()
     mtime = (runs / trial1 / "seed0" / "metrics.jsonl").stat().st_mtime_ns
 
+    # A resume reads the search's own trials.csv, never Tune's pickled state: spoil all of that.
+    spoiled = [f for f in (folder / "ray").rglob("*") if f.is_file()]
+    assert spoiled, "Tune wrote no state under tune/s/ray"
+    for f in spoiled:
+        f.write_bytes(b"not a pickle")
+
     second = Search(tmp_path, "--id", "s", "--resume")
     rc, out, err = second.finish(240)
     assert rc == 0, (out, err)
@@ -122,3 +128,7 @@ def test_a_search_interrupted_after_its_first_trial_resumes_to_the_end(tmp_path)
     cfg = load_config(folder / "best.yaml")  # an overlay over the packaged default
     assert cfg.learner.lr == best["learner"]["lr"] and cfg.actors.n_step == best["actors"]["n_step"]
     assert (folder / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each trial's runs were judged on fresh episodes after they ended (every return is >= -200)
+    for m in rows:
+        log = (runs / m[2] / "seed0.log").read_text()
+        assert "$ apexq evaluate " in log and "--seed 777 --json" in log, log[-2000:]

@@ -9,7 +9,7 @@ import yaml
 from apexq.cluster.cli import main
 from apexq.cluster.config import ConfigError, load_config
 from apexq.cluster.tune_objective import TIE_BREAK_S, TrialProgress, final_return, objective, rank_key, score
-from apexq.cluster.tune_report import Row, best_row, table_line, write_best
+from apexq.cluster.tune_report import Row, TrialsFileError, best_row, rows_from_csv, table_line, write_best, write_csv
 from apexq.cluster.tune_space import Param, load_space, parse_param, value_text
 from apexq.cluster.tune_trial import TrialSettings, train_command
 
@@ -244,16 +244,34 @@ def test_a_trial_reports_each_new_evaluation_with_the_objective_as_if_it_ended_n
     assert not p.record({"time_s": 5.0, "eval_return": -200.0, "eval_time_s": 0.5})  # the same evaluation again
     assert p.record({"time_s": 6.0, "eval_return": -100.0, "eval_time_s": 1.0})
     rep = p.report()
-    assert (rep["objective"], rep["solved_seeds"], rep["seeds_finished"], rep["budget_s"]) == (8.0, 1, 1, 6.0)
-    p.end_seed()
-    assert p.report()["budget_s"] == 6.0  # a solved run counts to its solve
+    # solved 6.0 s after launch, 1.0 s of it evaluating: 5.0 s; median of (5.0, 10.0 for the seed to come)
+    assert (rep["objective"], rep["solved_seeds"], rep["seeds_finished"], rep["budget_s"]) == (7.5, 1, 1, 6.0)
+    p.end_seed(-105.0)  # the policy holds on fresh episodes: the solve stands
+    rep = p.report()
+    assert (rep["objective"], rep["budget_s"], rep["final_return"], rep["not_held"]) == (7.5, 6.0, -105.0, 0)
     p.start_seed()
     assert p.record({"time_s": 4.0, "eval_return": -150.0, "eval_time_s": 0.4})
-    assert p.report()["final_return"] == -125.0 and p.report()["budget_s"] == 10.0
-    p.end_seed()  # ran out of budget
+    assert p.report()["final_return"] == -127.5 and p.report()["budget_s"] == 10.0
+    p.end_seed(-160.0)  # ran out of budget; its policy's fresh return replaces its last evaluation's
     rep = p.report()
-    assert (rep["objective"], rep["seeds_finished"], rep["budget_s"]) == (8.0, 2, 16.0)
-    assert rep["score"] == score(8.0, -125.0)
+    assert (rep["objective"], rep["seeds_finished"], rep["budget_s"], rep["final_return"]) == (7.5, 2, 16.0, -132.5)
+    assert rep["score"] == score(7.5, -132.5)
+
+
+def test_a_solve_whose_policy_does_not_hold_on_fresh_episodes_counts_at_the_budget():
+    p = TrialProgress(seeds=1, budget_s=10.0, target=-110.0)
+    p.start_seed()
+    assert p.record({"time_s": 3.0, "eval_return": -108.0, "eval_time_s": 0.2})
+    assert p.report()["objective"] == 2.8
+    p.end_seed(-115.0)
+    rep = p.report()
+    assert (rep["objective"], rep["solved_seeds"], rep["not_held"], rep["final_return"]) == (10.0, 0, 1, -115.0)
+    assert rep["budget_s"] == 10.0  # it spent what an unsolved run spends
+    p = TrialProgress(seeds=1, budget_s=10.0, target=-110.0)
+    p.start_seed()
+    assert p.record({"time_s": 3.0, "eval_return": -108.0, "eval_time_s": 0.2})
+    p.end_seed(None)  # no policy to judge (say, killed before its export): not a solve either
+    assert (p.report()["objective"], p.report()["not_held"], p.report()["final_return"]) == (10.0, 1, -108.0)
 
 
 # -- the table and best.yaml ---------------------------------------------------------------------
@@ -315,3 +333,76 @@ def test_best_yaml_is_an_overlay_of_the_searched_keys_only(tmp_path):
     cfg = load_config(path)
     assert (cfg.learner.lr, cfg.learner.hidden_sizes, cfg.actors.n_step) == (0.002, [64, 64], 4)
     assert math.isinf(rank_key(6.0, None)[1])
+
+
+def _csv_settings() -> TrialSettings:
+    params = (
+        parse_param("learner.lr", {"type": "loguniform", "low": 1e-4, "high": 3e-3}),
+        parse_param("learner.hidden_sizes", {"type": "choice", "values": [[64, 64], [128]]}),
+        parse_param("actors.n_step", {"type": "randint", "low": 1, "high": 5}),
+    )
+    return TrialSettings("/b.yaml", params, 3, 8.0, -200.0, "/runs")
+
+
+def _csv_rows() -> list[Row]:
+    return [
+        Row(
+            1,
+            "0123abcd",
+            {"learner.lr": 0.0012345678901234, "learner.hidden_sizes": "[128]", "actors.n_step": 2},
+            "done",
+            6.25,
+            3,
+            -150.5,
+            18.75,
+        ),
+        Row(
+            2,
+            "89ef0a1b",
+            {"learner.lr": 1e-4, "learner.hidden_sizes": "[64, 64]", "actors.n_step": 5},
+            "stopped early",
+            8.0,
+            0,
+            None,
+            2.0,
+        ),
+        Row(3, "ffff0000", {"learner.lr": 3e-3, "learner.hidden_sizes": "[128]", "actors.n_step": 1}, "error"),
+    ]
+
+
+def test_a_resumed_search_reads_back_exactly_the_trials_it_wrote(tmp_path):
+    settings = _csv_settings()
+    rows = _csv_rows()
+    path = tmp_path / "trials.csv"
+    write_csv(rows, settings, path)
+    back = rows_from_csv(path, settings)
+    assert back == rows
+    assert type(back[0].drawn["actors.n_step"]) is int and type(back[0].drawn["learner.lr"]) is float
+    assert rows_from_csv(tmp_path / "none.csv", settings) == []
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("0123abcd", "../../etc"), "line 2: trial_id: expected 8 hex digits, got '../../etc'"),
+        (lambda t: t.replace(",2,6.25", ",9,6.25"), "line 2: actors.n_step: 9 is outside 1 .. 5"),
+        (lambda t: t.replace("[128]", "[256]", 1), "line 2: learner.hidden_sizes: '[256]' is not one of the choices"),
+        (lambda t: t.replace("0.0012345678901234", "nan"), "line 2: learner.lr: nan is outside"),
+        (lambda t: t.replace("6.25", "soon"), "line 2: objective_s: expected a number, got 'soon'"),
+        (lambda t: t.replace(",done", ",finished"), "line 2: state: expected one of done, stopped early, error"),
+        (lambda t: t.replace("learner.lr,", "learner.momentum,"), "header is ["),
+        (lambda t: t.replace(",3,-150.5", ",4,-150.5"), "line 2: seeds: 4, but the search runs 3 per trial"),
+        (lambda t: t.replace(",6.25,", ",,"), "line 2: objective_s: empty for a trial that did not fail"),
+        (lambda t: t.replace("\n2,", "\n7,"), "trials are numbered [1, 7], expected 1 .. 2 in order"),
+        (lambda t: t + "3,0123abcd\n", "line 4: 2 fields, expected 11"),
+    ],
+)
+def test_a_trials_file_that_does_not_read_back_is_one_line_naming_row_and_field(tmp_path, edit, message):
+    settings = _csv_settings()
+    rows = _csv_rows()[:2]
+    path = tmp_path / "trials.csv"
+    write_csv(rows, settings, path)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(TrialsFileError) as err:
+        rows_from_csv(path, settings)
+    assert message in str(err.value) and "\n" not in str(err.value)
