@@ -159,6 +159,16 @@ def run_apexq(
         "solve_s": round(solve["time_s"] - solve.get("eval_time_s", 0.0), 1) if solve else None,
         "solve_env_steps": solve["env_steps"] if solve else None,
     }
+    # where the time to solve goes: launch -> first update (start-up, then filling the replay to
+    # replay.min_size_to_sample), then the updates needed at the learner's rate
+    first = next((r for r in records if r.get("first_update_s") is not None), None)
+    out["first_update_s"] = round(first["first_update_s"], 1) if first else None
+    if solve and first and solve.get("updates"):
+        out["solve_updates"] = int(solve["updates"])
+        learning = solve["time_s"] - solve.get("eval_time_s", 0.0) - first["first_update_s"]
+        out["updates_per_s"] = round(solve["updates"] / learning, 1) if learning > 0 else None
+    else:
+        out["solve_updates"] = out["updates_per_s"] = None
     ev = subprocess.run(
         [
             sys.executable,
@@ -388,7 +398,10 @@ def main() -> None:
         return sum(1 for r in rs if r.get("final_return") is not None and r["final_return"] >= threshold)
 
     print(f"\n{env_id}: solved at a mean of {threshold:g} over 100 greedy episodes")
-    print(f"{'system':<16}{'seed':>5}{'solve s':>9}{'steps':>9}{'final100':>10}{'startup s':>10}")
+    print(
+        f"{'system':<16}{'seed':>5}{'solve s':>9}{'steps':>9}{'final100':>10}{'startup s':>10}"
+        f"{'1st upd s':>10}{'updates':>9}{'upd/s':>8}"
+    )
     for name, rs in (
         ("apexq", results["apexq"]),
         ("apexq single", results["single"]),
@@ -398,7 +411,8 @@ def main() -> None:
             print(
                 f"{name:<16}{r['seed']:>5}{str(r['solve_s']):>9}{str(r['solve_env_steps']):>9}"
                 f"{str(None if r.get('final_return') is None else round(r['final_return'], 1)):>10}"
-                f"{str(r.get('startup_s')):>10}"
+                f"{str(r.get('startup_s')):>10}{str(r.get('first_update_s', '-')):>10}"
+                f"{str(r.get('solve_updates', '-')):>9}{str(r.get('updates_per_s', '-')):>8}"
             )
     a_med = median_or_none([r["solve_s"] for r in results["apexq"]])
     s_med = median_or_none([r["solve_s"] for r in results["single"]])
@@ -418,6 +432,13 @@ def main() -> None:
         "sb3_final_returns": [r.get("final_return") for r in results["sb3"]],
         "single_final_returns": [r.get("final_return") for r in results["single"]],
         "apexq_startup_s": [r.get("startup_s") for r in results["apexq"]],
+        # the bound on the time to solve: first update + updates needed / updates per second
+        "apexq_first_update_s": [r.get("first_update_s") for r in results["apexq"]],
+        "apexq_solve_updates": [r.get("solve_updates") for r in results["apexq"]],
+        "apexq_updates_per_s": [r.get("updates_per_s") for r in results["apexq"]],
+        "single_first_update_s": [r.get("first_update_s") for r in results["single"]],
+        "single_solve_updates": [r.get("solve_updates") for r in results["single"]],
+        "single_updates_per_s": [r.get("updates_per_s") for r in results["single"]],
         "seeds": seeds,
         "overrides": args.overrides,
     }
