@@ -20,6 +20,10 @@ def make_vector_env(env_id: str, num_envs: int, autoreset_mode=AutoresetMode.SAM
         env = gym.make_vec(
             env_id, num_envs=num_envs, vectorization_mode="sync", vector_kwargs={"autoreset_mode": autoreset_mode}
         )
+    except gym.error.DependencyNotInstalled as exc:
+        # gymnasium's advice (its box2d extra) would also install pygame-ce over apexq's pygame
+        hint = "pip install 'apexq[box2d]'" if "box2d" in str(exc).lower() else str(exc)
+        raise EnvSpecError(f"env.id: {env_id!r} needs a package that is not installed: {hint}") from None
     except gym.error.Error as exc:
         raise EnvSpecError(f"env.id: {env_id!r} cannot be made by gymnasium ({exc})") from None
     if not isinstance(env.single_action_space, gym.spaces.Discrete):

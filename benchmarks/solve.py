@@ -7,7 +7,8 @@ One invocation runs, for the same seeds and the same judging protocol:
   * Stable-Baselines3 DQN with rl-zoo3's tuned hyperparameters for the env (the `bench` extra).
 
 Protocol for all three: a 100-episode greedy evaluation (apexq's vector-env evaluator, seeds no
-actor uses) every `--eval-every` seconds of training; time to solve = seconds from launch to the
+actor uses) every `--eval-every` seconds of training (default 5 s; 15 s for LunarLander-v3, whose
+evaluations take seconds); time to solve = seconds from launch to the
 first evaluation with mean >= the env's threshold (gymnasium's reward_threshold, -110 for
 MountainCar-v0), evaluation time excluded, start-up included; then the final policy is evaluated
 on 100 fresh episodes (another seed range). Prints a table, then one JSON line.
@@ -46,6 +47,8 @@ class ZooEnv:
     config: Optional[str]
     budget: float  # apexq's training seconds per run
     sb3_budget: float  # SB3's training seconds per run (it also stops at the zoo's n_timesteps)
+    needs: tuple = ()  # (module, apexq extra) the env needs beyond gymnasium's classic control
+    eval_every: float = 5.0  # seconds between evaluations (--eval-every overrides)
 
 
 ZOO = {
@@ -53,6 +56,10 @@ ZOO = {
     "MountainCar-v0": ZooEnv(None, budget=150.0, sb3_budget=420.0),
     "CartPole-v1": ZooEnv("configs/cartpole.yaml", budget=150.0, sb3_budget=420.0),
     "Acrobot-v1": ZooEnv("configs/acrobot.yaml", budget=240.0, sb3_budget=600.0),
+    # needs Box2D; an evaluation (100 episodes of up to 1,000 steps) takes seconds, so every 15 s
+    "LunarLander-v3": ZooEnv(
+        "configs/lunarlander.yaml", budget=900.0, sb3_budget=900.0, needs=("Box2D", "box2d"), eval_every=15.0
+    ),
 }
 # the zoo's dqn.yml keys that DQN(...) takes as they are; any other key (normalize, frame_stack,
 # env_wrapper, n_envs, ...) would change the env or the policy and is refused rather than dropped
@@ -334,7 +341,9 @@ def main() -> None:
         type=float,
         help="training seconds per apexq run before giving up (default: the env's, e.g. 150 for MountainCar-v0)",
     )
-    ap.add_argument("--eval-every", type=float, default=5.0)
+    ap.add_argument(
+        "--eval-every", type=float, help="seconds between evaluations (default: the env's, 5 for MountainCar-v0)"
+    )
     ap.add_argument("--skip-sb3", action="store_true")
     ap.add_argument(
         "--sb3-budget",
@@ -363,6 +372,8 @@ def main() -> None:
     budget = zoo_env.budget if args.budget is None else args.budget
     sb3_budget = zoo_env.sb3_budget if args.sb3_budget is None else args.sb3_budget
     threshold = threshold_of(env_id)
+    if args.eval_every is None:
+        args.eval_every = zoo_env.eval_every
     if args.sb3_worker is not None:
         print(json.dumps(sb3_worker(env_id, threshold, args.sb3_worker, sb3_budget, args.eval_every)))
         return
@@ -370,6 +381,14 @@ def main() -> None:
     only = set(args.only or ["apexq", "single", "sb3"])
     if args.skip_sb3:
         only.discard("sb3")
+    if zoo_env.needs:
+        import importlib
+
+        module, extra = zoo_env.needs
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            fail(f"--env {env_id} needs {module}, which is not installed: pip install -e '.[{extra}]'")
     if "sb3" in only:  # before any run: a missing baseline must not surface as `speedup: null` an hour later
         missing = sb3_missing()
         if missing:
