@@ -98,11 +98,11 @@ def test_documented_defaults_by_hand(tmp_path):
     """The defaults README and the YAML's comments promise (values written here by hand)."""
     cfg = load_config()
     assert (cfg.seed, cfg.env.id) == (0, "MountainCar-v0")
-    assert (cfg.actors.num, cfg.actors.envs_per_actor, cfg.actors.n_step, cfg.actors.gamma) == (2, 32, 3, 0.98)
-    assert (cfg.replay.shards, cfg.replay.capacity, cfg.replay.samples_per_insert) == (1, 50_000, 8.0)
+    assert (cfg.actors.num, cfg.actors.envs_per_actor, cfg.actors.n_step, cfg.actors.gamma) == (2, 64, 5, 0.98)
+    assert (cfg.replay.shards, cfg.replay.capacity, cfg.replay.samples_per_insert) == (1, 50_000, 8.7)
     assert (cfg.replay.min_size_to_sample, cfg.replay.error_buffer) == (2000, 20_000.0)
     assert (cfg.replay.priority_alpha, cfg.replay.beta_start, cfg.replay.redis_urls) == (0.6, 0.4, [])
-    assert (cfg.learner.batch_size, cfg.learner.lr, cfg.learner.hidden_sizes) == (512, 0.002, [64, 64])
+    assert (cfg.learner.batch_size, cfg.learner.lr, cfg.learner.hidden_sizes) == (256, 0.0035, [64, 64])
     assert (cfg.learner.device, cfg.learner.batches_per_request, cfg.learner.cuda_graphs) == ("auto", 8, True)
     assert cfg.learner.checkpoint_every_s == 30.0
     assert (cfg.eval.every_seconds, cfg.eval.episodes) == (10.0, 100)
