@@ -34,13 +34,17 @@ def run_solve(*args: str, pythonpath: str = "") -> subprocess.CompletedProcess:
     )
 
 
+def missing(tmp_path: Path, module: str) -> str:
+    """A PYTHONPATH entry whose ``module`` raises ImportError, as if its extra were not installed."""
+    shim = tmp_path / "shim" / module
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(f"raise ImportError('No module named {module} (test shim)')\n")
+    return str(shim.parent)
+
+
 @pytest.fixture
 def no_sb3(tmp_path):
-    """A PYTHONPATH entry whose stable_baselines3 raises ImportError, as if the bench extra were not installed."""
-    shim = tmp_path / "shim" / "stable_baselines3"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ImportError('No module named stable_baselines3 (test shim)')\n")
-    return str(shim.parent)
+    return missing(tmp_path, "stable_baselines3")
 
 
 def test_solve_without_sb3_stops_with_how_to_install_it(no_sb3):
@@ -127,11 +131,7 @@ def test_zoo_config_is_an_overlay_that_stops_at_the_threshold(env_id):
 
 @pytest.fixture
 def no_box2d(tmp_path):
-    """A PYTHONPATH entry whose Box2D raises ImportError, as if the box2d extra were not installed."""
-    shim = tmp_path / "shim" / "Box2D"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ImportError('No module named Box2D (test shim)')\n")
-    return str(shim.parent)
+    return missing(tmp_path, "Box2D")
 
 
 def run_apexq(*args: str, pythonpath: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
