@@ -12,6 +12,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from apexq.learner.learner import EXPORT_WAIT_S
+
 from .config import Config
 from .driver import CARRIED
 from .run_dir import RunDir, RunDirError
@@ -54,7 +56,8 @@ def shutdown_components(backend: RayBackend, driver: Driver) -> dict:
     driver.give_best_policy(backend, wait=True)  # the final checkpoint's policy files come from it
     why = "the learner did not answer"
     try:
-        made = ray.get(m.learner.handle.save_checkpoint.remote(extra), timeout=60)
+        # the learner gives its policy export EXPORT_WAIT_S, then answers with the checkpoint anyway
+        made = ray.get(m.learner.handle.save_checkpoint.remote(extra), timeout=EXPORT_WAIT_S + 60)
         if made is None:
             why = "the learner was restarted and had not resumed; the last checkpoint is kept"
         elif backend.sync_files(force=True):

@@ -123,30 +123,42 @@ class BackgroundExporter:
         self._finalizer: weakref.finalize | None = None
 
     def submit(
-        self, state: dict, path: str | Path, info: dict | None = None, then: Callable[[str], None] | None = None
+        self,
+        state: dict,
+        path: str | Path,
+        info: dict | None = None,
+        then: Callable[[str], None] | None = None,
+        waited_on: bool = False,
     ) -> Future:
         """Export the network with weights ``state`` to ``path``; the snapshot is taken now.
 
         ``info`` (plain JSON: ``env_id``, ``weights_version``, ``eval_return``) goes into ``policy.json``.
         ``then(path)`` runs after a successful export, before the future is done (a done-callback
-        could still be running when a waiter wakes up).
+        could still be running when a waiter wakes up). ``waited_on``: the caller blocks on this
+        export with training stopped (the final checkpoint); if no helper is running yet, this
+        process exports at its own priority rather than start a low-priority helper, which a busy
+        machine can starve for minutes (a soak run's final checkpoint timed out that way).
         """
         snapshot = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
-        return self._pool.submit(self._job, snapshot, str(path), dict(info or {}), then)
+        return self._pool.submit(self._job, snapshot, str(path), dict(info or {}), then, waited_on)
 
-    def _job(self, state: dict, path: str, info: dict, then) -> str:
-        out = self._export(state, path, info)
+    def _job(self, state: dict, path: str, info: dict, then, waited_on: bool = False) -> str:
+        out = self._export(state, path, info, waited_on)
         if then is not None:
             then(out)
         return out
 
-    def _export(self, state: dict, path: str, info: dict) -> str:
+    def helper_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _export(self, state: dict, path: str, info: dict, waited_on: bool = False) -> str:
         # runs on the one thread of self._pool: exports never overlap
-        try:
-            return self._export_in_helper(state, path, info)
-        except Exception as exc:
-            log.warning("policy export helper failed (%s); exporting in the learner's process", exc)
-            self._stop_helper()
+        if not (waited_on and not self.helper_running()):
+            try:
+                return self._export_in_helper(state, path, info)
+            except Exception as exc:
+                log.warning("policy export helper failed (%s); exporting in the learner's process", exc)
+                self._stop_helper()
         try:
             from .network import build_network
 

@@ -39,6 +39,9 @@ from .settings import LearnerSettings
 
 log = logging.getLogger(__name__)
 
+# how long a final checkpoint waits for its policy export; the checkpoint itself is written before
+# it, so a slow export costs the policy files, never the checkpoint (the driver waits longer)
+EXPORT_WAIT_S = 60.0
 GIL_SWITCH_INTERVAL_S = 5e-4  # in learner processes with remote shards (see Learner.__init__)
 
 
@@ -213,7 +216,7 @@ class Learner:
         files live: the checkpoint's bytes go to :attr:`outbox` now, the policy files' once the
         export (into a private folder of this process) is done; the driver takes them from there.
         The export runs in a helper process (see :class:`BackgroundExporter`); ``wait`` returns
-        only once it is done (the periodic checkpoints of :meth:`run` do not wait).
+        once it is done or after ``EXPORT_WAIT_S`` (the periodic checkpoints of :meth:`run` do not wait).
         Returns the checkpoint's path (``"outbox"`` without one), or None (recording
         ``checkpoint_error``) when it could not be written.
         """
@@ -250,10 +253,10 @@ class Learner:
             "eval_return": best.get("eval_return"),
             "weights_version": best.get("weights_version", self.weights_version),
         }
-        done = self._exporter.submit(self.policy_network().state_dict(), path, info, then)
+        done = self._exporter.submit(self.policy_network().state_dict(), path, info, then, waited_on=wait)
         if wait:
             try:
-                done.result(timeout=300)
+                done.result(timeout=EXPORT_WAIT_S)
             except Exception as exc:  # the checkpoint itself is written; the policy file is a convenience
                 log.warning("policy export to %s failed: %s", path, exc)
         return where

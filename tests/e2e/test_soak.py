@@ -80,7 +80,7 @@ def test_memory_does_not_keep_growing_once_the_replay_is_full():
     out = "\n".join(lines)
     assert p.returncode == 0, out[-3000:]
     res = json.loads([l for l in lines if l.startswith("{")][-1])
-    assert res["benchmark"] == "soak" and res["figures"]["exit_code"] == 0
+    assert res["benchmark"] == "soak" and res["figures"]["exit_code"] == 0, out[-3000:]
     # the run's processes end when it stops: keep the samples taken while all of them were there
     samples = [s for s in samples if {k for k, _ in s} == set(KINDS)]
     assert len(samples) >= 15, f"only {len(samples)} full samples after the replay filled: {out[-2000:]}"

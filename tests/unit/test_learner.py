@@ -272,6 +272,33 @@ def test_background_exporter_follows_the_weights_and_survives_its_helper_dying(t
         exp.close()
 
 
+def test_a_waited_on_export_starts_no_low_priority_helper(tmp_path):
+    """The final checkpoint waits on its export with training stopped: with no helper up yet it is
+    done in this process (a niced helper starting then can be starved on a busy machine); once a
+    helper runs, it is used, as it holds the traced program."""
+    from apexq.learner.export import BackgroundExporter
+
+    net = build_network(SPEC, [16], False)
+    exp = BackgroundExporter(SPEC, [16], False)
+    x = torch.randn(8, 2)
+    path = tmp_path / "policy.pt2"
+    try:
+        exp.submit(net.state_dict(), path, waited_on=True).result(timeout=300)
+        torch.testing.assert_close(load_policy(path)(x), net(x))
+        assert exp._proc is None and not exp.helper_running()
+        exp.submit(net.state_dict(), path).result(timeout=300)  # a periodic one starts the helper
+        helper = exp._proc
+        assert helper is not None and exp.helper_running()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(-1.0)
+        exp.submit(net.state_dict(), path, waited_on=True).result(timeout=300)
+        torch.testing.assert_close(load_policy(path)(x), net(x))
+        assert exp._proc is helper
+    finally:
+        exp.close()
+
+
 def test_deal_by_hand():
     from apexq.learner.prefetch import deal, undeal
 
