@@ -1,7 +1,7 @@
 """Chaos run: train the default config while killing actors, a shard, the learner and Redis.
 
 The benchmark owns the Redis server (AOF everysec, loopback, random password) and hands it to
-`apexq train --redis-url`, so it can SIGKILL it and start it again on the same data folder.
+`apexq train` (through `$APEXQ_REDIS_URL`), so it can SIGKILL it and start it again on the same data folder.
 Every `--every` seconds it kills one component chosen at random (each kind at least once when
 time allows), measures how long until the run makes progress again, and at the end reconciles
 the transition accounting from Redis. Prints a table, then one JSON line (DESIGN.md convention).

@@ -1,7 +1,7 @@
 """`apexq train` against a Redis server the benchmark owns (chaos.py, soak.py).
 
 Owning the server lets a benchmark kill and restart it, or find its process; the run gets it
-through ``--redis-url``. ``Run`` reads the run's metrics.jsonl as it grows.
+through ``$APEXQ_REDIS_URL``. ``Run`` reads the run's metrics.jsonl as it grows.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def start_owned_run(prefix: str, seconds: float, sets: list[str]) -> tuple[Redis
     (work / "redis").mkdir()
     server = RedisServer(find_server(), data_dir=str(work / "redis")).start()
     run_dir = work / "run"
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    # the URL (with its password) in the environment, as the README says: never in argv
+    env = dict(
+        os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", APEXQ_REDIS_URL=server.url
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -50,8 +53,6 @@ def start_owned_run(prefix: str, seconds: float, sets: list[str]) -> tuple[Redis
         "train",
         "--run-dir",
         str(run_dir),
-        "--redis-url",
-        server.url,
         "--set",
         f"train.max_seconds={seconds}",
         "--set",

@@ -185,8 +185,6 @@ def rpc_sample_loop(url: str, capacity: int, calls: int, batch: int, chunk: int 
             "-m",
             "apexq.cluster.cli",
             "replay-server",
-            "--redis-url",
-            url,
             "--shard",
             "0",
             "--namespace",
@@ -203,6 +201,7 @@ def rpc_sample_loop(url: str, capacity: int, calls: int, batch: int, chunk: int 
             f"learner.batch_size={min(batch, capacity)}",
         ],
         cwd=root,
+        env=dict(os.environ, APEXQ_REDIS_URL=url),  # the URL (with its password) never in argv
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

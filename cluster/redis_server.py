@@ -120,14 +120,19 @@ class RedisServer:
                     'save ""',
                     "daemonize no",
                     f"logfile {self.dir / 'redis.log'}",
-                    # default: off, every right (it replays the AOF); apexq: the components, only what they send
-                    *server_users(self.password, self.admin_password),
                     "",
                 ]
             )
         )
         conf.chmod(0o600)
         return conf
+
+    def _users(self) -> bytes:
+        """The ``user`` lines, which hold the passwords: given on the server's stdin, never in a file.
+
+        default: off, every right (it replays the AOF); apexq: the components, only what they send.
+        """
+        return ("\n".join(server_users(self.password, self.admin_password)) + "\n").encode()
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         return self.spawn().wait_ready(timeout)
@@ -138,13 +143,21 @@ class RedisServer:
         log = self.dir / "redis.log"
         self._log_from = log.stat().st_size if log.exists() else 0  # this start's lines come after
         conf = self._write_conf()
+        # "-": after the file, read more configuration from stdin (the users, with their passwords)
         self.proc = subprocess.Popen(
-            [self.binary, str(conf)],
+            [self.binary, str(conf), "-"],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
+        assert self.proc.stdin is not None  # PIPE
+        try:
+            self.proc.stdin.write(self._users())
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it exited at once: wait_ready says why from its log
+            pass
         return self
 
     def wait_ready(self, timeout: float = 15.0, attempts: int = 5) -> RedisServer:

@@ -48,12 +48,14 @@ save ""
 daemonize yes
 pidfile ${dir}/redis.pid
 logfile ${dir}/redis.log
+CONF
+)
+# the users, passwords included, on the server's stdin ("-"): in no argv and no config file
+"$server" "$conf" - <<USERS
 user default off resetpass ~* &* +@all
 user apexq reset on >${password} ${rule}
 user admin reset on >${admin_password} ~* &* +@all
-CONF
-)
-"$server" "$conf"
+USERS
 # daemonized: wait until the server wrote its pid file (it does so once it is listening)
 for _ in $(seq 100); do
   [ -s "$dir/redis.pid" ] && break

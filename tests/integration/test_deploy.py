@@ -396,6 +396,9 @@ def test_ray_head_starts_a_reachable_password_protected_redis(tmp_path):
         assert acl_list_rule(admin) == acl_rule()
         admin.close()
         assert (tmp_path / "redis" / "url").stat().st_mode & 0o077 == 0
+        for f in ("redis.conf", "redis.log"):  # the users came on the server's stdin
+            data = (tmp_path / "redis" / f).read_bytes()
+            assert password.encode() not in data and admin_pw.encode() not in data, f
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(url.replace(password, "0" * 48)).ping()
         # a second start leaves the running server alone
@@ -712,7 +715,8 @@ def test_deploy_redis_scripts_start_a_server_with_the_client_acl(which, tmp_path
         admin = redis.Redis(port=port, username="admin", password="adm1n-pw")
         assert acl_list_rule(admin) == acl_rule()
         assert admin.info("persistence")["aof_enabled"] == 1
-        assert conf.stat().st_mode & 0o077 == 0  # the config holds the passwords
+        assert conf.stat().st_mode & 0o077 == 0
+        assert b"c1ient-pw" not in conf.read_bytes() and b"adm1n-pw" not in conf.read_bytes()  # they came on stdin
         argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # sh exec'd redis-server
         assert b"c1ient-pw" not in argv and b"adm1n-pw" not in argv
     finally:

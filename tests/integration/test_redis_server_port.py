@@ -54,3 +54,27 @@ def test_a_port_the_caller_gave_is_never_changed():
     finally:
         server.stop()
         blocker.close()
+
+
+def test_the_passwords_reach_the_server_on_stdin_and_no_file_holds_them(tmp_path):
+    """The users (with their passwords) go in on the server's stdin: neither the config file, nor its
+    log, nor its data folder holds a password, before or after a restart on the same folder."""
+    server = rs.RedisServer(rs.find_server(), data_dir=str(tmp_path))
+    secrets_ = [server.password.encode(), server.admin_password.encode()]
+    try:
+        server.start()
+        c = redis.Redis.from_url(server.url)
+        assert c.ping() and c.set("apexq:x", "1")
+        with pytest.raises(redis.exceptions.AuthenticationError):  # the default user is off
+            redis.Redis(host=server.host, port=server.port).ping()
+        server.kill()
+        server.start()  # a restart on the same folder: same users, data replayed
+        assert redis.Redis.from_url(server.url).get("apexq:x") == b"1"
+        assert redis.Redis.from_url(server.admin_url).execute_command("ACL", "WHOAMI") == b"admin"
+    finally:
+        server.stop()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "redis.conf" for p in files) and any(p.name == "redis.log" for p in files)
+    for p in files:
+        data = p.read_bytes()
+        assert not any(s in data for s in secrets_), f"{p.name} holds a password"
