@@ -12,8 +12,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from apexq.learner.learner import EXPORT_WAIT_S
-
 from .config import Config
 from .driver import CARRIED
 from .run_dir import RunDir, RunDirError
@@ -23,6 +21,9 @@ if TYPE_CHECKING:
     from .launch import RayBackend
 
 log = logging.getLogger("apexq")
+# how long the learner gives the final policy export; it writes the checkpoint before the export,
+# and answers after this at the latest, so a slow export costs the policy files, not the checkpoint
+FINAL_EXPORT_WAIT_S = 60.0
 
 
 def shutdown_components(backend: RayBackend, driver: Driver) -> dict:
@@ -56,8 +57,9 @@ def shutdown_components(backend: RayBackend, driver: Driver) -> dict:
     driver.give_best_policy(backend, wait=True)  # the final checkpoint's policy files come from it
     why = "the learner did not answer"
     try:
-        # the learner gives its policy export EXPORT_WAIT_S, then answers with the checkpoint anyway
-        made = ray.get(m.learner.handle.save_checkpoint.remote(extra), timeout=EXPORT_WAIT_S + 60)
+        made = ray.get(
+            m.learner.handle.save_checkpoint.remote(extra, FINAL_EXPORT_WAIT_S), timeout=FINAL_EXPORT_WAIT_S + 60
+        )
         if made is None:
             why = "the learner was restarted and had not resumed; the last checkpoint is kept"
         elif backend.sync_files(force=True):

@@ -101,6 +101,9 @@ class PolicyExporter:
         return path
 
 
+HELPER_NICE = 10  # the periodic exports' helper yields to the learner and the actors
+
+
 class BackgroundExporter:
     """Exports from a helper process, so that the learner's training thread never traces.
 
@@ -121,6 +124,7 @@ class BackgroundExporter:
         self._proc: subprocess.Popen | None = None
         self._fallback = PolicyExporter()
         self._finalizer: weakref.finalize | None = None
+        self.helper_nice: int | None = None  # the running helper's niceness
 
     def submit(
         self,
@@ -135,9 +139,9 @@ class BackgroundExporter:
         ``info`` (plain JSON: ``env_id``, ``weights_version``, ``eval_return``) goes into ``policy.json``.
         ``then(path)`` runs after a successful export, before the future is done (a done-callback
         could still be running when a waiter wakes up). ``waited_on``: the caller blocks on this
-        export with training stopped (the final checkpoint); if no helper is running yet, this
-        process exports at its own priority rather than start a low-priority helper, which a busy
-        machine can starve for minutes (a soak run's final checkpoint timed out that way).
+        export with training stopped (the final checkpoint); a helper started for it runs at normal
+        priority, not at nice 10, which a busy machine can starve for minutes (a soak run's final
+        checkpoint timed out that way).
         """
         snapshot = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
         return self._pool.submit(self._job, snapshot, str(path), dict(info or {}), then, waited_on)
@@ -153,12 +157,11 @@ class BackgroundExporter:
 
     def _export(self, state: dict, path: str, info: dict, waited_on: bool = False) -> str:
         # runs on the one thread of self._pool: exports never overlap
-        if not (waited_on and not self.helper_running()):
-            try:
-                return self._export_in_helper(state, path, info)
-            except Exception as exc:
-                log.warning("policy export helper failed (%s); exporting in the learner's process", exc)
-                self._stop_helper()
+        try:
+            return self._export_in_helper(state, path, info, nice=0 if waited_on else HELPER_NICE)
+        except Exception as exc:
+            log.warning("policy export helper failed (%s); exporting in the learner's process", exc)
+            self._stop_helper()
         try:
             from .network import build_network
 
@@ -169,13 +172,14 @@ class BackgroundExporter:
             log.warning("policy export to %s failed: %s", path, exc)
             raise
 
-    def _export_in_helper(self, state: dict, path: str, info: dict) -> str:
+    def _export_in_helper(self, state: dict, path: str, info: dict, nice: int = HELPER_NICE) -> str:
         from safetensors.torch import save
 
         if self._proc is None or self._proc.poll() is not None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            self.helper_nice = nice
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "apexq.learner.export", "--serve"],
+                [sys.executable, "-m", "apexq.learner.export", "--serve", str(nice)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -214,14 +218,15 @@ def _close_helper(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def serve(inp, out) -> None:
+def serve(inp, out, nice: int = HELPER_NICE) -> None:
     """The helper's loop: a JSON header line, then safetensors bytes; replies one JSON line each."""
     from safetensors.torch import load
 
     from .network import build_network
 
     try:
-        os.nice(10)  # the learner and the actors come first
+        if nice:
+            os.nice(nice)  # the learner and the actors come first
     except OSError:
         pass
     torch.set_num_threads(1)
@@ -250,11 +255,11 @@ def serve(inp, out) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--serve"]:
-        raise SystemExit("usage: python -m apexq.learner.export --serve  (the learner starts this itself)")
+    if len(sys.argv) != 3 or sys.argv[1] != "--serve" or not sys.argv[2].isdigit() or int(sys.argv[2]) > 19:
+        raise SystemExit("usage: python -m apexq.learner.export --serve NICE  (the learner starts this itself)")
     # replies go to a private copy of stdout; whatever else writes to stdout (torch.onnx's progress
     # lines, C libraries) lands on stderr instead of in the middle of the protocol
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    serve(sys.stdin.buffer, replies)
+    serve(sys.stdin.buffer, replies, int(sys.argv[2]))

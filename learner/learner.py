@@ -39,9 +39,6 @@ from .settings import LearnerSettings
 
 log = logging.getLogger(__name__)
 
-# how long a final checkpoint waits for its policy export; the checkpoint itself is written before
-# it, so a slow export costs the policy files, never the checkpoint (the driver waits longer)
-EXPORT_WAIT_S = 60.0
 GIL_SWITCH_INTERVAL_S = 5e-4  # in learner processes with remote shards (see Learner.__init__)
 
 
@@ -208,7 +205,9 @@ class Learner:
         log.warning("learner restored from %s at update %d", where, self.updates)
         self.publish()
 
-    def save_checkpoint(self, extra: Optional[dict] = None, wait: bool = True) -> Optional[str]:
+    def save_checkpoint(
+        self, extra: Optional[dict] = None, wait: bool = True, export_wait_s: float = 300.0
+    ) -> Optional[str]:
         """Checkpoint, and export the greedy policy (``policy.pt2`` and its siblings, see export.py).
 
         With a ``checkpoint_path`` both are written there (the checkpoint atomically). Without one,
@@ -216,7 +215,8 @@ class Learner:
         files live: the checkpoint's bytes go to :attr:`outbox` now, the policy files' once the
         export (into a private folder of this process) is done; the driver takes them from there.
         The export runs in a helper process (see :class:`BackgroundExporter`); ``wait`` returns
-        once it is done or after ``EXPORT_WAIT_S`` (the periodic checkpoints of :meth:`run` do not wait).
+        once it is done or after ``export_wait_s`` (the periodic checkpoints of :meth:`run` do not wait):
+        the checkpoint is written before the export, so a slow export costs the policy files only.
         Returns the checkpoint's path (``"outbox"`` without one), or None (recording
         ``checkpoint_error``) when it could not be written.
         """
@@ -256,7 +256,7 @@ class Learner:
         done = self._exporter.submit(self.policy_network().state_dict(), path, info, then, waited_on=wait)
         if wait:
             try:
-                done.result(timeout=EXPORT_WAIT_S)
+                done.result(timeout=export_wait_s)
             except Exception as exc:  # the checkpoint itself is written; the policy file is a convenience
                 log.warning("policy export to %s failed: %s", path, exc)
         return where

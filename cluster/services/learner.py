@@ -44,10 +44,10 @@ class LearnerService:
     def ping(self) -> bool:
         return True
 
-    def save_checkpoint(self, extra: Optional[dict] = None) -> Optional[str]:
+    def save_checkpoint(self, extra: Optional[dict] = None, export_wait_s: float = 300.0) -> Optional[str]:
         """None from a process that has not started (restarted by Ray, not yet restored): its fresh
         network must not replace the run's checkpoint."""
-        return self.impl.save_checkpoint(extra) if self.started else None
+        return self.impl.save_checkpoint(extra, export_wait_s=export_wait_s) if self.started else None
 
     def artifacts(self, token: str = "", version: int = 0) -> tuple[str, int, dict]:
         return self.impl.artifacts(token, version)
