@@ -124,7 +124,6 @@ class BackgroundExporter:
         self._proc: subprocess.Popen | None = None
         self._fallback = PolicyExporter()
         self._finalizer: weakref.finalize | None = None
-        self.helper_nice: int | None = None  # the running helper's niceness
 
     def submit(
         self,
@@ -152,9 +151,6 @@ class BackgroundExporter:
             then(out)
         return out
 
-    def helper_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def _export(self, state: dict, path: str, info: dict, waited_on: bool = False) -> str:
         # runs on the one thread of self._pool: exports never overlap
         try:
@@ -177,7 +173,6 @@ class BackgroundExporter:
 
         if self._proc is None or self._proc.poll() is not None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            self.helper_nice = nice
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "apexq.learner.export", "--serve", str(nice)],
                 stdin=subprocess.PIPE,
