@@ -10,11 +10,15 @@ start time, so a reused pid is not mistaken for one) are still alive.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stat(pid: int) -> Optional[list[bytes]]:
@@ -108,3 +112,17 @@ def wait_for(pred: Callable, timeout: float, every: float = 0.2):
         if v or time.monotonic() >= deadline:
             return v
         time.sleep(every)
+
+
+def run_cli(*args: str, env: Optional[dict] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``apexq ARGS`` as a user runs it, from the repository root, with Ray kept on loopback;
+    ``env``: variables set on top of this process's environment."""
+    full = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "apexq.cluster.cli", *args],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

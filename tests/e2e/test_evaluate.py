@@ -13,21 +13,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from procs import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = {"obs_dim": 2, "num_actions": 3, "obs_low": [-1.2, -0.07], "obs_high": [0.6, 0.07]}
 
 
 def apexq(*args, timeout=120):
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run(
-        [sys.executable, "-m", "apexq.cluster.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, timeout=timeout)
 
 
 def one_error_line(r, prefix="apexq: error: "):

@@ -1,12 +1,10 @@
 """`apexq train --tensorboard` as a user runs it; the event files read back with TensorBoard's own reader."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import run_cli
 
 from apexq.cluster.tensorboard import LAG_TAGS, TAGS, scalars
 
@@ -14,15 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def apexq(*args, env=None, timeout=240):
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "apexq.cluster.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def short(env_steps):

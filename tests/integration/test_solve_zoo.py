@@ -16,6 +16,7 @@ import gymnasium
 import pytest
 import yaml
 from needs import unavailable
+from procs import run_cli
 
 from apexq.cluster.config import load_config
 
@@ -135,20 +136,7 @@ def no_box2d(tmp_path):
 
 
 def run_apexq(*args: str, pythonpath: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(p for p in (pythonpath, str(ROOT)) if p),
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "apexq.cluster.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, env={"PYTHONPATH": os.pathsep.join(p for p in (pythonpath, str(ROOT)) if p)}, timeout=timeout)
 
 
 def test_lunarlander_without_box2d_is_one_line_naming_the_extra(no_box2d, tmp_path):
