@@ -127,7 +127,8 @@ class LearnerConfig:
 @dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)
 class EvalConfig:
     every_seconds: float = non_negative()
-    episodes: int = positive()
+    episodes: int = in_range(1, 50_000)
+    confirm_episodes: int = in_range(0, 50_000)
 
 
 @dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)

@@ -90,6 +90,7 @@ class Driver:
         state = (run_dir.read_state() if resume else None) or {}
         self.offset: dict = {k: state.get(k, 0) for k in CARRIED}
         self.eval_return: Optional[float] = None
+        self.confirm_return: Optional[float] = None  # the latest confirming evaluation's mean
         self.eval_wall: Optional[float] = None  # Unix time of the latest finished evaluation
         self.eval_time = 0.0  # seconds spent evaluating (excluded from time to solve)
         self.solved_at: Optional[float] = None
@@ -156,29 +157,59 @@ class Driver:
     # -- evaluation and the best policy ------------------------------------------------------
 
     def evaluate(self, backend: Backend) -> Optional[float]:
-        """Greedy episodes of the latest weights (``eval.episodes``, seeded); keeps the best."""
+        """Greedy episodes of the latest weights (``eval.episodes``, seeded); keeps the best.
+
+        With ``train.stop_at_return`` set, an evaluation that reaches it is confirmed before the run
+        stops: the same weights play ``eval.confirm_episodes`` other episodes, and the run is solved
+        only if those reach it too. Every evaluation of a run plays the same starts, so the first
+        weights to pass them are partly chosen by luck on those starts; the confirming episodes are
+        fresh to them. The solving weights become the run's policy.
+        """
         from apexq.actors.policy import NumpyQPolicy
 
-        from .evaluate import evaluate
+        from .evaluate import CONFIRM_FIRST_EPISODE, evaluate
 
+        cfg = self.cfg
+        target, confirm = cfg.train.stop_at_return, None
         t = time.monotonic()
         try:
             got = backend.latest_weights()
             if got is None:
                 return None
-            policy = NumpyQPolicy(self.spec, self.cfg.learner.hidden_sizes, self.cfg.learner.dueling)
+            policy = NumpyQPolicy(self.spec, cfg.learner.hidden_sizes, cfg.learner.dueling)
             policy.load_state(got[1])
-            value = float(np.mean(evaluate(policy, self.cfg.env.id, self.cfg.eval.episodes, seed=self.cfg.seed)))
+            value = float(np.mean(evaluate(policy, cfg.env.id, cfg.eval.episodes, seed=cfg.seed)))
+            if target is not None and value >= target and cfg.eval.confirm_episodes > 0:
+                n = cfg.eval.confirm_episodes
+                confirm = float(
+                    np.mean(evaluate(policy, cfg.env.id, n, seed=cfg.seed, first_episode=CONFIRM_FIRST_EPISODE))
+                )
         finally:
             self.eval_time += time.monotonic() - t
         self.eval_return, self.eval_wall = value, time.time()
+        solved = target is not None and value >= target and (confirm is None or confirm >= target)
+        # a confirmed version is judged on all the episodes it played
+        score = value
+        if confirm is not None:
+            self.confirm_return = confirm
+            n, m = cfg.eval.episodes, cfg.eval.confirm_episodes
+            score = (value * n + confirm * m) / (n + m)
+            verdict = "confirmed" if solved else "not confirmed"
+            print(
+                f"apexq: evaluation {value:.1f} reached train.stop_at_return {target:g}; {m} other episodes: "
+                f"{confirm:.1f} ({verdict})",
+                file=self.out,
+                flush=True,
+            )
         self.adopt_best(self.learner_stats)
-        if self.best is None or value > self.best[0]:
-            self.best = (value, int(got[0]), got[1])
+        if solved or self.best is None or score > self.best[0]:
+            self.best = (score, int(got[0]), got[1])
         self.give_best_policy(backend)
-        if self.cfg.train.stop_at_return is not None and value >= self.cfg.train.stop_at_return:
+        if solved:
             self.solved_at = self.run_time()
             self.stop_reason = f"eval return {value:.1f} >= train.stop_at_return"
+            if confirm is not None:
+                self.stop_reason += f", confirmed on {cfg.eval.confirm_episodes} other episodes ({confirm:.1f})"
         return value
 
     def adopt_best(self, learner_stats: dict) -> None:
@@ -214,6 +245,8 @@ class Driver:
             "actor_weights_versions": [s.get("weights_version", -1) for s in a],
             "mean_return": float(np.mean(rets)) if rets else None,
             "eval_return": self.eval_return,
+            "confirm_return": self.confirm_return,
+            "solved": self.solved_at is not None,
             "eval_time_s": round(self.eval_time, 3),
             "loss": ls.get("loss"),
             "td_abs": ls.get("td_abs"),

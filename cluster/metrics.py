@@ -98,7 +98,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "apexq_time_to_solve_seconds": (
         "gauge",
-        "Seconds from launch to the first evaluation reaching train.stop_at_return.",
+        "Seconds from launch to the first evaluation reaching train.stop_at_return"
+        " that eval.confirm_episodes other episodes confirmed.",
         (),
     ),
     "apexq_component_restarts_total": ("counter", "Components restarted by the supervisor, by kind.", ("kind",)),

@@ -1,10 +1,11 @@
 """What a trial of ``apexq tune`` is worth, as pure arithmetic over its runs' metrics records.
 
 The objective is what a user waits for, measured as ``benchmarks/solve.py`` measures it: the
-median, over a trial's ``--seeds`` runs, of the seconds from a run's launch to its first greedy
-evaluation whose mean return reaches ``train.stop_at_return`` (the record's ``time_s`` less the
-run's evaluation time ``eval_time_s``: start-up included, evaluations excluded). A solve counts
-only if the run's policy then holds on fresh episodes (:mod:`.tune_trial` evaluates it); a run
+median, over a trial's ``--seeds`` runs, of the seconds from a run's launch to the evaluation the
+run itself calls solved (the record's ``solved``: the first whose mean return reaches
+``train.stop_at_return`` and whose weights reach it again on ``eval.confirm_episodes`` other
+episodes), less the run's evaluation time ``eval_time_s`` (start-up included, evaluations
+excluded). A solve counts only if the run's policy then holds on fresh episodes (:mod:`.tune_trial` evaluates it); a run
 that does not solve, or whose policy does not hold, counts at the budget, and so does a run that
 has not happened yet: the objective of a trial still going (or stopped early by ASHA) is the one
 it would have if it ended now. With an even number of seeds the median is the mean of the middle two.
@@ -93,7 +94,7 @@ class TrialProgress:
         if value is None or spent <= run.eval_time_s or run.solved_at is not None:
             return False
         run.eval_time_s, run.last_return = spent, float(value)
-        if value >= self.target:
+        if rec.get("solved") is True:  # reached the target, and confirmed on other episodes (the run's own judgement)
             run.solved_at = max(0.0, float(rec["time_s"]) - spent)
         return True
 

@@ -242,7 +242,10 @@ def test_a_trial_reports_each_new_evaluation_with_the_objective_as_if_it_ended_n
     assert (rep["solved_seeds"], rep["seeds_finished"], rep["seed"], rep["env_steps"]) == (0, 0, 0, 200)
     assert "final" not in rep and "actor_weights_versions" not in rep and "loss" not in rep
     assert not p.record({"time_s": 5.0, "eval_return": -200.0, "eval_time_s": 0.5})  # the same evaluation again
-    assert p.record({"time_s": 6.0, "eval_return": -100.0, "eval_time_s": 1.0})
+    # past the target but not confirmed on other episodes: not a solve
+    assert p.record({"time_s": 5.5, "eval_return": -100.0, "eval_time_s": 0.8, "solved": False})
+    assert p.report()["solved_seeds"] == 0
+    assert p.record({"time_s": 6.0, "eval_return": -100.0, "eval_time_s": 1.0, "solved": True})
     rep = p.report()
     # solved 6.0 s after launch, 1.0 s of it evaluating: 5.0 s; median of (5.0, 10.0 for the seed to come)
     assert (rep["objective"], rep["solved_seeds"], rep["seeds_finished"], rep["budget_s"]) == (7.5, 1, 1, 6.0)
@@ -261,7 +264,7 @@ def test_a_trial_reports_each_new_evaluation_with_the_objective_as_if_it_ended_n
 def test_a_solve_whose_policy_does_not_hold_on_fresh_episodes_counts_at_the_budget():
     p = TrialProgress(seeds=1, budget_s=10.0, target=-110.0)
     p.start_seed()
-    assert p.record({"time_s": 3.0, "eval_return": -108.0, "eval_time_s": 0.2})
+    assert p.record({"time_s": 3.0, "eval_return": -108.0, "eval_time_s": 0.2, "solved": True})
     assert p.report()["objective"] == 2.8
     p.end_seed(-115.0)
     rep = p.report()
@@ -269,7 +272,7 @@ def test_a_solve_whose_policy_does_not_hold_on_fresh_episodes_counts_at_the_budg
     assert rep["budget_s"] == 10.0  # it spent what an unsolved run spends
     p = TrialProgress(seeds=1, budget_s=10.0, target=-110.0)
     p.start_seed()
-    assert p.record({"time_s": 3.0, "eval_return": -108.0, "eval_time_s": 0.2})
+    assert p.record({"time_s": 3.0, "eval_return": -108.0, "eval_time_s": 0.2, "solved": True})
     p.end_seed(None)  # no policy to judge (say, killed before its export): not a solve either
     assert (p.report()["objective"], p.report()["not_held"], p.report()["final_return"]) == (10.0, 1, -108.0)
 
