@@ -128,7 +128,7 @@ class LearnerConfig:
 class EvalConfig:
     every_seconds: float = non_negative()
     episodes: int = in_range(1, 50_000)
-    confirm_episodes: int = in_range(0, 50_000)
+    confirm_episodes: Optional[int] = in_range(0, 50_000)  # None: as many as episodes
 
 
 @dataclass(kw_only=True)  # fields have no defaults (configs/mountaincar.yaml holds them)

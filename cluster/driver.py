@@ -179,10 +179,10 @@ class Driver:
             policy = NumpyQPolicy(self.spec, cfg.learner.hidden_sizes, cfg.learner.dueling)
             policy.load_state(got[1])
             value = float(np.mean(evaluate(policy, cfg.env.id, cfg.eval.episodes, seed=cfg.seed)))
-            if target is not None and value >= target and cfg.eval.confirm_episodes > 0:
-                n = cfg.eval.confirm_episodes
+            m = cfg.eval.episodes if cfg.eval.confirm_episodes is None else cfg.eval.confirm_episodes
+            if target is not None and value >= target and m > 0:
                 confirm = float(
-                    np.mean(evaluate(policy, cfg.env.id, n, seed=cfg.seed, first_episode=CONFIRM_FIRST_EPISODE))
+                    np.mean(evaluate(policy, cfg.env.id, m, seed=cfg.seed, first_episode=CONFIRM_FIRST_EPISODE))
                 )
         finally:
             self.eval_time += time.monotonic() - t
@@ -192,7 +192,7 @@ class Driver:
         score = value
         if confirm is not None:
             self.confirm_return = confirm
-            n, m = cfg.eval.episodes, cfg.eval.confirm_episodes
+            n = cfg.eval.episodes
             score = (value * n + confirm * m) / (n + m)
             verdict = "confirmed" if solved else "not confirmed"
             print(
@@ -209,7 +209,7 @@ class Driver:
             self.solved_at = self.run_time()
             self.stop_reason = f"eval return {value:.1f} >= train.stop_at_return"
             if confirm is not None:
-                self.stop_reason += f", confirmed on {cfg.eval.confirm_episodes} other episodes ({confirm:.1f})"
+                self.stop_reason += f", confirmed on {m} other episodes ({confirm:.1f})"
         return value
 
     def adopt_best(self, learner_stats: dict) -> None:

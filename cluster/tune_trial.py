@@ -19,7 +19,8 @@ thread after a stop, nor at an interrupted search's end), Linux's parent-death s
 run with it. Each run has its own session (a Ctrl-C in the terminal reaches the search, which
 stops the trials, not the runs directly) and its own TMPDIR inside the trial's folder, removed
 after it (or, when Ray ended the trial first, at the search's end), so nothing a killed run
-leaves lands in /tmp.
+leaves lands in /tmp; except, with ``--distributed``, the run's Ray session folder, which stays
+where Ray keeps it for every run (``/tmp/ray``: Unix socket paths are limited to 107 bytes).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,6 +76,7 @@ class TrialSettings:
     budget_s: float
     target: float  # the base config's train.stop_at_return
     runs_dir: str  # absolute: runs/<trial id>/seed<i>/ go here
+    distributed: bool = False  # runs as `apexq train` runs by default (its own local Ray), not --single-process
 
     def overrides(self, drawn: dict) -> list[str]:
         return [f"{p.key}={p.set_text(drawn[p.key])}" for p in self.params]
@@ -86,7 +89,7 @@ def train_command(settings: TrialSettings, drawn: dict, run_dir: Path, seed: int
         "-m",
         "apexq.cluster.cli",
         "train",
-        "--single-process",
+        *([] if settings.distributed else ["--single-process"]),
         "--run-dir",
         str(run_dir),
         "--config",
@@ -98,10 +101,16 @@ def train_command(settings: TrialSettings, drawn: dict, run_dir: Path, seed: int
 class Run:
     """One seed's ``apexq train`` subprocess and its growing ``metrics.jsonl``."""
 
-    def __init__(self, args: list[str], run_dir: Path, log: Path, tmp: Path):
+    def __init__(self, args: list[str], run_dir: Path, log: Path, tmp: Path, own_ray: bool = False):
         self.run_dir, self.log_path, self.tmp = run_dir, log, tmp
         tmp.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(tmp)}
+        if own_ray:
+            # a distributed run starts a private Ray (never joins Tune's) whose session folder stays
+            # where every Ray's does: its sockets under the trial's folder could pass the 107-byte
+            # limit of a Unix socket path
+            env.pop("RAY_ADDRESS", None)
+            env.setdefault("RAY_TMPDIR", tempfile.gettempdir())
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 python(args),
@@ -192,6 +201,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
             run_dir,
             trial_dir / f"seed{seed}.log",
             trial_dir / f"seed{seed}.tmp",
+            own_ray=settings.distributed,
         )
         try:
             for rec in run.records(settings.budget_s + EXIT_GRACE_S):

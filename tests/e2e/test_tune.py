@@ -132,3 +132,19 @@ def test_a_search_interrupted_after_its_first_trial_resumes_to_the_end(tmp_path)
     for m in rows:
         log = (runs / m[2] / "seed0.log").read_text()
         assert "$ apexq evaluate " in log and "--seed 777 --json" in log, log[-2000:]
+
+
+def test_a_distributed_search_runs_each_seed_on_a_private_ray_of_its_own(tmp_path):
+    """--distributed: each run is a plain `apexq train` (its own local Ray, actors and learner in
+    processes of their own), and its solve is confirmed on other episodes before it counts."""
+    (tmp_path / "base.yaml").write_text(BASE)
+    (tmp_path / "space.yaml").write_text(SPACE)
+    args = ["--config", "base.yaml", "--space", "space.yaml", "--trials", "1", "--seeds", "1", "--budget", "20"]
+    rc, out, err = Search(tmp_path, *args, "--id", "d", "--distributed").finish(240)
+    assert rc == 0 and "Traceback" not in err, (out, err)
+    rows = [m for m in map(re.compile(r"^\s*1\s+([0-9a-f]{8})\s+\S+\s+1/1\s").match, out.splitlines()) if m]
+    assert rows, out
+    log = (tmp_path / "tune" / "d" / "runs" / rows[0][1] / "seed0.log").read_text()
+    assert "apexq: started a local Ray" in log and "--single-process" not in log, log[:2000]
+    assert re.search(r"apexq: done \(eval return -200\.0 >= train\.stop_at_return, confirmed on 5 other", log), log
+    assert "--distributed" in (tmp_path / "tune" / "d" / "best.yaml").read_text()

@@ -54,14 +54,15 @@ def lucky():
     pytest.fail("no network of 50 did better on the evaluation starts than on the confirming ones")
 
 
-def driver(tmp_path, target: float, confirm: int = 20):
+def driver(tmp_path, target: float, confirm=None):
+    """eval.confirm_episodes left at its default (null: as many as eval.episodes, 20) unless given."""
     cfg = load_config(
         overrides=[
             f"env.id={ENV}",
             f"learner.hidden_sizes={HIDDEN}",
             "learner.dueling=false",
             "eval.episodes=20",
-            f"eval.confirm_episodes={confirm}",
+            *([f"eval.confirm_episodes={confirm}"] if confirm is not None else []),
             f"train.stop_at_return={target}",
             "seed=0",
         ]

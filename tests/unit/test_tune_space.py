@@ -161,6 +161,9 @@ def test_values_reach_the_run_as_the_config_reads_them():
         "train.max_seconds=8.0",
         "seed=1",
     ]
+    assert "--single-process" in cmd
+    distributed = TrialSettings("/b.yaml", (hidden,), 2, 8.0, -200.0, "/runs", distributed=True)
+    assert "--single-process" not in train_command(distributed, {"learner.hidden_sizes": "[128]"}, Path("/r"), 1)
 
 
 def test_a_bad_space_exits_2_with_one_line_and_starts_nothing(tmp_path, monkeypatch, capsys):
