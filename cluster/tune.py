@@ -31,7 +31,7 @@ only change throughput (``actors.num`` and the like) are best measured with the 
 Nor the ranking, always: on CartPole the best single-process trial of a search (median 6.6 s
 single-process) took 32.6 s distributed, against 15.8 s for a config that took 31.6 s
 single-process. ``--distributed`` runs the trials as users run ``apexq train`` (each run starts
-a private local Ray, ~4 s more per run) and ranks configs by that.
+a private local Ray, its first update 4-8 s later) and ranks configs by that.
 
 Trials run one at a time by default (``--cpus-per-trial`` = all CPUs): the objective is wall
 time, which trials sharing the machine would distort. Everything lands in ``tune/<id>/``: the
@@ -90,7 +90,7 @@ def add_arguments(p) -> None:
         "--distributed",
         action="store_true",
         help="run each seed as plain `apexq train` runs (a private local Ray with actors, shards and "
-        "learner in processes of their own) instead of --single-process: ~4 s more start-up per run, "
+        "learner in processes of their own) instead of --single-process: its first update 4-8 s later, "
         "but it ranks configs by the mode users run (the two modes can rank them differently)",
     )
     p.add_argument(
