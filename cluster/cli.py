@@ -423,10 +423,10 @@ def _check_env_fits(env_id: str, arch: dict, path: Path) -> None:
 def cmd_evaluate(args) -> int:
     import numpy as np
 
-    from .evaluate import evaluate
+    from .evaluate import SEEDS_PER_RUN_SEED, evaluate
 
-    if args.episodes < 1:
-        raise UserError(f"--episodes: must be >= 1, got {args.episodes}")
+    if not 1 <= args.episodes <= SEEDS_PER_RUN_SEED:
+        raise UserError(f"--episodes: must be between 1 and {SEEDS_PER_RUN_SEED}, got {args.episodes}")
     policy, env_id, known = _load_policy_for_eval(Path(args.target), args.env)
     returns = evaluate(policy, env_id, args.episodes, seed=args.seed)
     res = {

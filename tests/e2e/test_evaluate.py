@@ -187,6 +187,14 @@ def test_seed_picks_the_episodes(tmp_path):
     assert len(set(first)) > 1 and other != first and again == first, (first, other, again)
 
 
+def test_episodes_out_of_range_is_one_line(tmp_path):
+    """Episode i of --seed S plays start seed base + S * 100000 + i: more than 100000 episodes would
+    run into the next seed's starts."""
+    for n in ("0", "100001"):
+        line = one_error_line(apexq("evaluate", str(tmp_path), "--episodes", n))
+        assert line == f"apexq: error: --episodes: must be between 1 and 100000, got {n}", line
+
+
 def copy_policy(src: Path, dst: Path, names=("policy.json", "policy.safetensors")) -> Path:
     dst.mkdir()
     for n in names:

@@ -145,6 +145,6 @@ def test_a_distributed_search_runs_each_seed_on_a_private_ray_of_its_own(tmp_pat
     rows = [m for m in map(re.compile(r"^\s*1\s+([0-9a-f]{8})\s+\S+\s+1/1\s").match, out.splitlines()) if m]
     assert rows, out
     log = (tmp_path / "tune" / "d" / "runs" / rows[0][1] / "seed0.log").read_text()
-    assert "apexq: started a local Ray" in log and "--single-process" not in log, log[:2000]
+    assert "apexq: started a local Ray" in log, log[:2000]  # a single-process run starts no Ray
     assert re.search(r"apexq: done \(eval return -200\.0 >= train\.stop_at_return, confirmed on 5 other", log), log
     assert "--distributed" in (tmp_path / "tune" / "d" / "best.yaml").read_text()
