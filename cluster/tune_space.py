@@ -6,6 +6,7 @@ Each top-level key is a dotted config key; its value says how to draw it::
     replay.samples_per_insert: {type: uniform, low: 2, high: 16}            # uniform in [low, high]
     actors.n_step:           {type: randint, low: 1, high: 5}               # integers, both ends included
     learner.batch_size:      {type: choice, values: [128, 256, 512]}        # one of the values
+    eval.every_seconds:      {type: choice, values: [15.0]}                 # one value: fixed for every trial
 
 Every value a key can take is checked with :func:`.config.load_config`, as ``--set KEY=VALUE`` on
 the base config would be: both ends of a range, every choice, and for ``uniform``/``loguniform`` a
@@ -116,8 +117,8 @@ def parse_param(key: Any, spec: Any) -> Param:
         raise ConfigError(f"{key}: {kind} needs {' and '.join(missing)}")
     if kind == "choice":
         values = spec["values"]
-        if not isinstance(values, list) or len(values) < 2:
-            raise ConfigError(f"{key}: choice values must be a list of at least two values, got {values!r}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{key}: choice values must be a non-empty list, got {values!r}")
         texts = tuple(value_text(v) for v in values)
         if len(set(texts)) < len(texts):
             raise ConfigError(f"{key}: choice values repeat a value: {values!r}")

@@ -136,9 +136,10 @@ def test_a_search_interrupted_after_its_first_trial_resumes_to_the_end(tmp_path)
 
 def test_a_distributed_search_runs_each_seed_on_a_private_ray_of_its_own(tmp_path):
     """--distributed: each run is a plain `apexq train` (its own local Ray, actors and learner in
-    processes of their own), and its solve is confirmed on other episodes before it counts."""
+    processes of their own), and its solve is confirmed on other episodes before it counts. A
+    one-value choice fixes a key for every trial: here the confirmation's 7 episodes (5 by default)."""
     (tmp_path / "base.yaml").write_text(BASE)
-    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "space.yaml").write_text(SPACE + "eval.confirm_episodes: {type: choice, values: [7]}\n")
     args = ["--config", "base.yaml", "--space", "space.yaml", "--trials", "1", "--seeds", "1", "--budget", "20"]
     rc, out, err = Search(tmp_path, *args, "--id", "d", "--distributed").finish(240)
     assert rc == 0 and "Traceback" not in err, (out, err)
@@ -146,5 +147,6 @@ def test_a_distributed_search_runs_each_seed_on_a_private_ray_of_its_own(tmp_pat
     assert rows, out
     log = (tmp_path / "tune" / "d" / "runs" / rows[0][1] / "seed0.log").read_text()
     assert "apexq: started a local Ray" in log, log[:2000]  # a single-process run starts no Ray
-    assert re.search(r"apexq: done \(eval return -200\.0 >= train\.stop_at_return, confirmed on 5 other", log), log
-    assert "--distributed" in (tmp_path / "tune" / "d" / "best.yaml").read_text()
+    assert re.search(r"apexq: done \(eval return -200\.0 >= train\.stop_at_return, confirmed on 7 other", log), log
+    best = (tmp_path / "tune" / "d" / "best.yaml").read_text()
+    assert "--distributed" in best and yaml.safe_load(best)["eval"] == {"confirm_episodes": 7}, best

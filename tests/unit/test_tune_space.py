@@ -65,8 +65,8 @@ def test_randint_includes_both_ends():
         ("learner.lr", 0.001, "learner.lr: expected a mapping such as {type: loguniform"),
         (
             "learner.batch_size",
-            {"type": "choice", "values": [128]},
-            "learner.batch_size: choice values must be a list of at least two values",
+            {"type": "choice", "values": []},
+            "learner.batch_size: choice values must be a non-empty list",
         ),
         ("learner.batch_size", {"type": "choice", "values": [128, 128]}, "learner.batch_size: choice values repeat"),
         ("seed", {"type": "randint", "low": 0, "high": 3}, "seed: set by apexq tune"),
