@@ -13,7 +13,10 @@ threshold (gymnasium's reward_threshold, -110 for MountainCar-v0) is confirmed o
 episodes (apexq's `eval.confirm_episodes`), and if those fall short training goes on; time to
 solve = seconds from launch to the first confirmed evaluation, evaluation time excluded, start-up
 included; then the final policy (the solving weights) is evaluated on 100 fresh episodes (another
-seed range). Prints a table, then one JSON line.
+seed range), and holds if those reach the threshold. Both systems stop at the same return: the
+threshold, or the env config's higher `train.stop_at_return` (a margin, so that the policy it stops
+with holds on fresh episodes; LunarLander-v3's 220), or `--stop-at`. Prints a table, then one JSON
+line.
 Launch is the start of each system's own process (`apexq train`, or a fresh Python process for
 SB3), so the imports of torch and the rest count for all three.
 """
@@ -98,6 +101,18 @@ def threshold_of(env_id: str) -> float:
     return float(threshold)
 
 
+def stop_at_of(zoo_env: ZooEnv, threshold: float) -> float:
+    """The return runs stop at: the env config's ``train.stop_at_return`` when it sets one above the
+    threshold (a margin), else the threshold."""
+    from apexq.cluster.config import ConfigError, load_config
+
+    try:
+        stop = load_config(str(ROOT / zoo_env.config) if zoo_env.config else None).train.stop_at_return
+    except ConfigError as exc:
+        fail(str(exc))
+    return threshold if stop is None else max(threshold, float(stop))
+
+
 def sb3_missing() -> Optional[str]:
     """Why the SB3 baseline cannot run here (one line), or None when stable_baselines3 and rl_zoo3 are there."""
     import importlib.util
@@ -115,7 +130,7 @@ def sb3_missing() -> Optional[str]:
 
 def run_apexq(
     env_id: str,
-    threshold: float,
+    stop_at: float,
     seed: int,
     budget: float,
     eval_every: float,
@@ -138,7 +153,7 @@ def run_apexq(
         "--set",
         f"train.max_seconds={budget}",
         "--set",
-        f"train.stop_at_return={threshold}",
+        f"train.stop_at_return={stop_at}",
         "--set",
         f"eval.every_seconds={eval_every}",
         "--set",
@@ -159,7 +174,7 @@ def run_apexq(
         if (run_dir / "metrics.jsonl").exists()
         else []
     )
-    # the run's own judgement: an evaluation >= threshold that eval.confirm_episodes other episodes confirmed
+    # the run's own judgement: an evaluation >= stop_at that eval.confirm_episodes other episodes confirmed
     solve = next((r for r in records if r.get("solved") is True), None)
     out = {
         "seed": seed,
@@ -213,7 +228,7 @@ def parse_dict_call(text: str) -> dict:
     return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
 
 
-def run_sb3(env_id: str, seed: int, budget: float, eval_every: float) -> dict:
+def run_sb3(env_id: str, seed: int, budget: float, eval_every: float, stop_at: float) -> dict:
     """One SB3 run in a fresh process, so that its clock starts at launch as apexq's does."""
     cmd = [
         sys.executable,
@@ -226,6 +241,8 @@ def run_sb3(env_id: str, seed: int, budget: float, eval_every: float) -> dict:
         str(budget),
         "--eval-every",
         str(eval_every),
+        "--stop-at",
+        str(stop_at),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget + 600)
     if proc.returncode != 0:
@@ -267,7 +284,7 @@ def zoo_hyperparameters(env_id: str) -> tuple[int, dict, dict]:
     return n_timesteps, hp, policy_kwargs
 
 
-def sb3_worker(env_id: str, threshold: float, seed: int, budget: float, eval_every: float) -> dict:
+def sb3_worker(env_id: str, stop_at: float, seed: int, budget: float, eval_every: float) -> dict:
     """SB3 DQN with rl-zoo3's hyperparameters, judged by the same evaluator on the same schedule.
 
     Time counts from this process's start (``PROCESS_START``): torch's and SB3's imports are
@@ -304,12 +321,12 @@ def sb3_worker(env_id: str, threshold: float, seed: int, budget: float, eval_eve
                 with torch.no_grad():
                     mean = float(np.mean(evaluate(greedy, env_id, 100, seed=seed)))
                     # confirmed on 100 other episodes, as apexq's eval.confirm_episodes does
-                    if mean >= threshold:
+                    if mean >= stop_at:
                         other = evaluate(greedy, env_id, 100, seed=seed, first_episode=CONFIRM_FIRST_EPISODE)
                         mean = float(np.mean(other))
                 state["eval_time"] += time.monotonic() - t
                 state["next_eval"] = time.monotonic() + eval_every
-                if mean >= threshold:
+                if mean >= stop_at:
                     # launch to this evaluation, earlier evaluations excluded
                     state["solve"] = (t - t_launch - before, self.num_timesteps)
                     return False
@@ -352,6 +369,12 @@ def main() -> None:
     ap.add_argument(
         "--eval-every", type=float, help="seconds between evaluations (default: the env's, 5 for MountainCar-v0)"
     )
+    ap.add_argument(
+        "--stop-at",
+        type=float,
+        metavar="RETURN",
+        help="the return both systems stop at (default: the env config's train.stop_at_return, at least the threshold)",
+    )
     ap.add_argument("--skip-sb3", action="store_true")
     ap.add_argument(
         "--sb3-budget",
@@ -380,10 +403,13 @@ def main() -> None:
     budget = zoo_env.budget if args.budget is None else args.budget
     sb3_budget = zoo_env.sb3_budget if args.sb3_budget is None else args.sb3_budget
     threshold = threshold_of(env_id)
+    stop_at = stop_at_of(zoo_env, threshold) if args.stop_at is None else args.stop_at
+    if stop_at < threshold:
+        fail(f"--stop-at {stop_at:g} is below {env_id}'s threshold {threshold:g}: the run would stop unsolved")
     if args.eval_every is None:
         args.eval_every = zoo_env.eval_every
     if args.sb3_worker is not None:
-        print(json.dumps(sb3_worker(env_id, threshold, args.sb3_worker, sb3_budget, args.eval_every)))
+        print(json.dumps(sb3_worker(env_id, stop_at, args.sb3_worker, sb3_budget, args.eval_every)))
         return
     seeds = args.seeds[:1] if args.quick else args.seeds
     only = set(args.only or ["apexq", "single", "sb3"])
@@ -405,17 +431,13 @@ def main() -> None:
     results: dict = {"apexq": [], "single": [], "sb3": []}
     for s in seeds:
         if "apexq" in only:
-            results["apexq"].append(
-                run_apexq(env_id, threshold, s, budget, args.eval_every, False, work, args.overrides)
-            )
+            results["apexq"].append(run_apexq(env_id, stop_at, s, budget, args.eval_every, False, work, args.overrides))
             print("apexq", results["apexq"][-1], flush=True)
         if "single" in only:
-            results["single"].append(
-                run_apexq(env_id, threshold, s, budget, args.eval_every, True, work, args.overrides)
-            )
+            results["single"].append(run_apexq(env_id, stop_at, s, budget, args.eval_every, True, work, args.overrides))
             print("single-process", results["single"][-1], flush=True)
         if "sb3" in only:
-            results["sb3"].append(run_sb3(env_id, s, sb3_budget, args.eval_every))
+            results["sb3"].append(run_sb3(env_id, s, sb3_budget, args.eval_every, stop_at))
             print("sb3", {k: v for k, v in results["sb3"][-1].items() if k != "hyperparameters"}, flush=True)
 
     def solved(rs):
@@ -424,7 +446,8 @@ def main() -> None:
     def holds(rs):
         return sum(1 for r in rs if r.get("final_return") is not None and r["final_return"] >= threshold)
 
-    print(f"\n{env_id}: solved at a mean of {threshold:g} over 100 greedy episodes")
+    margin = f"; runs stop at {stop_at:g} (confirmed), a margin above it" if stop_at > threshold else ""
+    print(f"\n{env_id}: solved at a mean of {threshold:g} over 100 greedy episodes{margin}")
     print(
         f"{'system':<16}{'seed':>5}{'solve s':>9}{'steps':>9}{'final100':>10}{'startup s':>10}"
         f"{'1st upd s':>10}{'updates':>9}{'upd/s':>8}"
@@ -447,6 +470,7 @@ def main() -> None:
     figures = {
         "env": env_id,
         "threshold": threshold,
+        "stop_at": stop_at,
         "apexq_median_solve_s": a_med,
         "apexq_single_median_solve_s": s_med,
         "sb3_median_solve_s": b_med,

@@ -63,6 +63,23 @@ def test_solve_skip_sb3_runs_without_it(no_sb3):
     assert proc.returncode == 0, proc.stderr
     assert '"benchmark": "solve"' in proc.stdout.splitlines()[-1]
     assert '"env": "MountainCar-v0"' in proc.stdout.splitlines()[-1]
+    assert json.loads(proc.stdout.splitlines()[-1])["figures"]["stop_at"] == -110.0
+
+
+def test_the_stop_target_is_the_threshold_or_the_configs_margin_above_it():
+    """MountainCar's default config stops nowhere: runs stop at the threshold; LunarLander's config
+    stops at 220 and both systems stop there, while a policy holds at gymnasium's 200."""
+    assert solve.stop_at_of(solve.ZOO["MountainCar-v0"], -110.0) == -110.0
+    assert solve.stop_at_of(solve.ZOO["LunarLander-v3"], 200.0) == 220.0
+    assert solve.stop_at_of(solve.ZOO["LunarLander-v3"], 230.0) == 230.0  # never below the threshold
+
+
+def test_a_stop_target_below_the_threshold_is_one_line(no_sb3):
+    proc = run_solve("--env", "CartPole-v1", "--stop-at", "400", "--skip-sb3", "--seeds", pythonpath=no_sb3)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.strip().splitlines() == [
+        "solve.py: --stop-at 400 is below CartPole-v1's threshold 475: the run would stop unsolved"
+    ], proc.stderr
 
 
 def test_solve_refuses_an_env_it_has_no_config_for():
@@ -101,13 +118,16 @@ def value(data, key):
 
 @pytest.mark.parametrize("env_id", sorted(ZOO_CONFIGS))
 def test_zoo_config_is_an_overlay_that_stops_at_the_threshold(env_id):
-    """Each zoo config loads, names its env and gymnasium's reward_threshold as the stop, and names only
-    keys of the default that it changes, each with a comment line above it (why it differs)."""
+    """Each zoo config loads, names its env and stops at gymnasium's reward_threshold or at most 10% of
+    the threshold above it (a margin; solve.py then stops both systems there), and names only keys of
+    the default that it changes, each with a comment line above it (why it differs)."""
     path = ROOT / ZOO_CONFIGS[env_id]
     text = path.read_text()
     cfg = load_config(path)
     assert cfg.env.id == env_id
-    assert cfg.train.stop_at_return == gymnasium.spec(env_id).reward_threshold
+    threshold = gymnasium.spec(env_id).reward_threshold
+    assert threshold <= cfg.train.stop_at_return <= threshold + abs(threshold) / 10
+    assert solve.stop_at_of(solve.ZOO[env_id], threshold) == cfg.train.stop_at_return
     assert cfg.eval.episodes == 100, "solved means a mean over 100 greedy episodes"
     default = load_config().to_dict()
     loaded = cfg.to_dict()
