@@ -41,11 +41,17 @@ SAMPLER_SEED = 0
 class TrialTable(tune.Callback):
     """One table line per finished trial, and the search's files rewritten from all finished trials."""
 
-    def __init__(self, settings: TrialSettings, folder: str, command: str, base_config: str, before: list[Row]):
+    def __init__(
+        self, settings: TrialSettings, folder: str, command: str, base_config: str, before: list[Row], starts: int = 0
+    ):
         self.settings, self.folder, self.command, self.base_config = settings, folder, command, base_config
         self.before = before  # a resumed search's trials, from its trials.csv
+        self.starts = starts  # trials 1 .. starts run the --start-at points
         for row in before:
-            print(table_line(row, self.settings.seeds) + "  (before the resume)", flush=True)
+            print(self._line(row) + "  (before the resume)", flush=True)
+
+    def _line(self, row: Row) -> str:
+        return table_line(row, self.settings.seeds) + ("  (--start-at)" if row.number <= self.starts else "")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finished(trials, trial)
@@ -61,7 +67,7 @@ class TrialTable(tune.Callback):
     def _finished(self, trials, trial) -> None:
         rows = self._rows(trials, trial)
         row = next(r for r in rows if r.trial_id == trial.trial_id)
-        print(table_line(row, self.settings.seeds), flush=True)
+        print(self._line(row), flush=True)
         failed = Path(self.settings.runs_dir) / trial.trial_id / "failed.txt"
         if row.state == "error":
             why = failed.read_text().strip() if failed.exists() else f"see {trial.local_path}"
@@ -87,35 +93,57 @@ def _trainable(settings: TrialSettings, cpus_per_trial: float):
     return tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
 
 
-def new_tuner(
-    settings: TrialSettings, trials: int, cpus_per_trial: float, concurrent: int, folder: Path, table: TrialTable
-) -> tune.Tuner:
-    """A Tuner for the ``trials`` still owed; the trials of ``table.before`` are told to its study first."""
+def new_searcher(settings: TrialSettings, total: int, before: list[Row], start_at: list) -> OptunaSearch:
+    """Optuna's TPE for a search of ``total`` trials: the trials of ``before`` (a resumed search's)
+    are told to its study first, and the ``start_at`` points not yet run are its first draws
+    (Optuna's enqueued trials: trials 1 .. len(start_at) of the search run them)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    before = table.before
-    total = trials + len(before)
     # TPE models the good and the bad trials once it has a few; before that it draws at random. A
     # resumed search seeds its sampler anew, so its random draws do not repeat the first session's.
     sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED + len(before), n_startup_trials=max(2, min(10, total // 3)))
     searcher = OptunaSearch(
-        space={p.key: p.distribution() for p in settings.params}, metric=METRIC, mode=MODE, sampler=sampler
+        space={p.key: p.distribution() for p in settings.params},
+        metric=METRIC,
+        mode=MODE,
+        sampler=sampler,
+        points_to_evaluate=[dict(point) for point in start_at[len(before) :]] or None,
     )
     for row in before:
         if row.state == "error" or row.objective is None:
             searcher.add_evaluated_point(row.drawn, 0.0, error=True)
         else:
             searcher.add_evaluated_point(row.drawn, score(row.objective, row.final_return))
-    # No trial is judged before a quarter of one seed's budget; rungs at 1/4, 3/4, 9/4 ... of it (whole seconds).
-    scheduler = ASHAScheduler(
+    return searcher
+
+
+def new_scheduler(settings: TrialSettings, grace_s: float) -> ASHAScheduler:
+    """ASHA over the seconds of a trial's runs: no trial is judged before ``grace_s`` (by default a
+    quarter of one seed's budget); rungs at ``grace_s`` x 1, 3, 9 ... (whole seconds)."""
+    return ASHAScheduler(
         time_attr=CLOCK,
         metric=METRIC,
         mode=MODE,
         max_t=math.ceil(settings.seeds * settings.budget_s),
-        grace_period=max(1, round(settings.budget_s / 4)),
+        grace_period=max(1, round(grace_s)),
         reduction_factor=ASHA_REDUCTION,
     )
+
+
+def new_tuner(
+    settings: TrialSettings,
+    trials: int,
+    cpus_per_trial: float,
+    concurrent: int,
+    folder: Path,
+    table: TrialTable,
+    start_at: list,
+    grace_s: float,
+) -> tune.Tuner:
+    """A Tuner for the ``trials`` still owed, its searcher :func:`new_searcher`'s."""
+    searcher = new_searcher(settings, trials + len(table.before), table.before, start_at)
+    scheduler = new_scheduler(settings, grace_s)
     experiments = folder.resolve() / EXPERIMENTS
     part = 1 + sum(1 for p in experiments.glob("part*")) if experiments.is_dir() else 1
     return tune.Tuner(

@@ -207,3 +207,71 @@ def load_space(path: str | Path, base_config: Optional[str]) -> list[Param]:
             raise ConfigError(f"{where}: {exc}") from None
         params.append(param)
     return params
+
+
+def _flat(tree: Any, prefix: str = "") -> dict:
+    """A config tree as ``{dotted key: value}`` (lists stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def inside(param: Param, value: Any) -> Any:
+    """``value`` (as the config holds it) as ``param`` would draw it; ValueError if it cannot."""
+    if param.kind == "choice":
+        text = value_text(value)
+        if text not in param.choices:
+            raise ValueError(f"{text} is not one of the choices {', '.join(param.choices)}")
+        return text
+    assert param.low is not None and param.high is not None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    if param.kind == "randint" and not float(value).is_integer():
+        raise ValueError(f"{value!r} is not an integer")
+    if not param.low <= value <= param.high:
+        raise ValueError(
+            f"{value_text(value)} is outside the {param.kind} range {value_text(param.low)} .. {value_text(param.high)}"
+        )
+    return int(value) if param.kind == "randint" else float(value)
+
+
+def load_start_point(path: str | Path, params: list[Param], base_config: Optional[str]) -> dict:
+    """``--start-at FILE``: a config overlay (such as a hand-set config, or another search's best.yaml)
+    read over ``base_config``, as the values the search's first trials draw: ``{key: drawn}`` for
+    every searched key (a key the file leaves out has the base config's value, or, where the space
+    cannot draw that, the one value a one-value choice fixes it to). Each value must be
+    one the space can draw, and the file may not change a key the space does not search (the trials
+    would not run it). A problem is one :class:`~.config.ConfigError` line naming the file and key."""
+    from .config import _overlay, _read_yaml_file
+
+    where = f"--start-at {path}"
+    base_data = _read_yaml_file(Path(base_config), f"--config {base_config}") if base_config else {}
+    over = _read_yaml_file(Path(path), where)
+    if over is not None and not isinstance(over, dict):
+        raise ConfigError(f"{where}: expected a config overlay (a mapping such as learner: {{lr: 0.001}})")
+    try:
+        point = _flat(load_config(base=_overlay(base_data or {}, over)).to_dict())
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    base = _flat(load_config(base_config).to_dict())
+    searched = {p.key for p in params}
+    for key, value in point.items():
+        if key not in searched and value != base.get(key):
+            raise ConfigError(
+                f"{where}: {key} is {value_text(value)} there but {value_text(base.get(key))} in the base "
+                f"config, and the space does not search it (a trial runs the base config with the searched keys only)"
+            )
+    in_file = set(_flat(over or {}))
+    drawn = {}
+    for p in params:
+        try:
+            drawn[p.key] = inside(p, point[p.key])
+        except ValueError as exc:
+            if p.key not in in_file and p.kind == "choice" and len(p.choices) == 1:
+                drawn[p.key] = p.choices[0]  # the key the space fixes for every trial, which FILE leaves to it
+                continue
+            raise ConfigError(f"{where}: {p.key}: {exc}; the space cannot draw it") from None
+    return drawn

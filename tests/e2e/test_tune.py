@@ -137,13 +137,19 @@ def test_a_search_interrupted_after_its_first_trial_resumes_to_the_end(tmp_path)
 def test_a_distributed_search_runs_each_seed_on_a_private_ray_of_its_own(tmp_path):
     """--distributed: each run is a plain `apexq train` (its own local Ray, actors and learner in
     processes of their own), and its solve is confirmed on other episodes before it counts. A
-    one-value choice fixes a key for every trial: here the confirmation's 7 episodes (5 by default)."""
-    (tmp_path / "base.yaml").write_text(BASE)
+    one-value choice fixes a key for every trial: here the confirmation's 7 episodes (5 by default).
+    --start-at: the trial runs the start point's values (lr from the file, n_step from base.yaml)."""
+    (tmp_path / "base.yaml").write_text(BASE + "actors: {n_step: 2}\n")
     (tmp_path / "space.yaml").write_text(SPACE + "eval.confirm_episodes: {type: choice, values: [7]}\n")
+    (tmp_path / "start.yaml").write_text("learner: {lr: 0.000321}\n")
     args = ["--config", "base.yaml", "--space", "space.yaml", "--trials", "1", "--seeds", "1", "--budget", "20"]
-    rc, out, err = Search(tmp_path, *args, "--id", "d", "--distributed").finish(240)
+    rc, out, err = Search(tmp_path, *args, "--id", "d", "--distributed", "--start-at", "start.yaml").finish(240)
     assert rc == 0 and "Traceback" not in err, (out, err)
-    rows = [m for m in map(re.compile(r"^\s*1\s+([0-9a-f]{8})\s+\S+\s+1/1\s").match, out.splitlines()) if m]
+    line = re.compile(
+        r"^\s*1\s+([0-9a-f]{8})\s+\S+\s+1/1\s.*\s+learner\.lr=0\.000321 actors\.n_step=2 "
+        r"eval\.confirm_episodes=7  \(--start-at\)$"
+    )
+    rows = [m for m in map(line.match, out.splitlines()) if m]
     assert rows, out
     log = (tmp_path / "tune" / "d" / "runs" / rows[0][1] / "seed0.log").read_text()
     assert "apexq: started a local Ray" in log, log[:2000]  # a single-process run starts no Ray

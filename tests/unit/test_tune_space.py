@@ -10,7 +10,7 @@ from apexq.cluster.cli import main
 from apexq.cluster.config import ConfigError, load_config
 from apexq.cluster.tune_objective import TIE_BREAK_S, TrialProgress, final_return, objective, rank_key, score
 from apexq.cluster.tune_report import Row, TrialsFileError, best_row, rows_from_csv, table_line, write_best, write_csv
-from apexq.cluster.tune_space import Param, load_space, parse_param, value_text
+from apexq.cluster.tune_space import Param, load_space, load_start_point, parse_param, value_text
 from apexq.cluster.tune_trial import TrialSettings, train_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,6 +197,133 @@ def test_without_the_extra_one_line_says_how_to_install_it(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith('apexq: error: apexq tune needs the tune extra: pip install "apexq[tune]"')
     assert err.count("\n") == 1 and not (tmp_path / "tune").exists()
+
+
+# -- --start-at and --grace -----------------------------------------------------------------------
+
+START_SPACE = (
+    "learner.lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}\n"
+    "actors.n_step: {type: randint, low: 1, high: 5}\n"
+    "learner.hidden_sizes: {type: choice, values: [[64, 64], [128, 128]]}\n"
+)
+
+
+def test_a_start_point_takes_the_files_values_and_the_base_config_for_the_rest(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {stop_at_return: -110}\nactors: {n_step: 4}\nlearner: {lr: 0.001}\n")
+    params = load_space(space(tmp_path, START_SPACE), str(base))
+    point = tmp_path / "point.yaml"
+    point.write_text("learner: {lr: 0.0005, hidden_sizes: [128, 128]}\n")
+    # lr and hidden_sizes from the file, n_step from base.yaml; a choice as its --set text, as drawn
+    assert load_start_point(point, params, str(base)) == {
+        "learner.lr": 0.0005,
+        "actors.n_step": 4,
+        "learner.hidden_sizes": "[128, 128]",
+    }
+    # the base config itself is a start point: the packaged default's hidden sizes are [64, 64]
+    assert load_start_point(base, params, str(base))["learner.hidden_sizes"] == "[64, 64]"
+    # a key the space fixes (a one-value choice) that the file leaves out takes the fixed value,
+    # not the base's; one the file sets must be that value
+    fixed = load_space(space(tmp_path, START_SPACE + "eval.confirm_episodes: {type: choice, values: [7]}\n"), str(base))
+    assert load_start_point(point, fixed, str(base))["eval.confirm_episodes"] == "7"
+    point.write_text("eval: {confirm_episodes: 9}\n")
+    with pytest.raises(ConfigError, match=r"eval.confirm_episodes: 9 is not one of the choices 7; the space cannot"):
+        load_start_point(point, fixed, str(base))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "learner: {lr: 0.01}\n",
+            "learner.lr: 0.01 is outside the loguniform range 0.0001 .. 0.003; the space cannot draw it",
+        ),
+        (
+            "learner: {hidden_sizes: [32]}\n",
+            "learner.hidden_sizes: [32] is not one of the choices [64, 64], [128, 128]",
+        ),
+        ("actors: {n_step: 7}\n", "actors.n_step: 7 is outside the randint range 1 .. 5"),
+        (
+            "learner: {batch_size: 64}\n",
+            "learner.batch_size is 64 there but 256 in the base config, and the space does not search it",
+        ),
+        ("learner: {lrr: 0.001}\n", "learner.lrr"),
+        ("- 1\n", "expected a config overlay"),
+    ],
+)
+def test_a_start_point_the_space_cannot_draw_is_one_line_naming_file_and_key(tmp_path, text, message):
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {stop_at_return: -110}\nlearner: {lr: 0.001}\n")
+    params = load_space(space(tmp_path, START_SPACE), str(base))
+    point = tmp_path / "point.yaml"
+    point.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_start_point(point, params, str(base))
+    assert str(err.value).startswith(f"--start-at {point}: ") and message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_the_searcher_draws_the_start_points_first_and_a_resumed_one_only_those_not_yet_run(tmp_path):
+    from apexq.cluster.tune_search import new_searcher
+
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {stop_at_return: -110}\n")
+    params = tuple(load_space(space(tmp_path, START_SPACE), str(base)))
+    settings = TrialSettings(str(base), params, 1, 8.0, -110.0, "/runs")
+    a = {"learner.lr": 0.0005, "actors.n_step": 2, "learner.hidden_sizes": "[128, 128]"}
+    b = {"learner.lr": 0.002, "actors.n_step": 5, "learner.hidden_sizes": "[64, 64]"}
+    searcher = new_searcher(settings, 4, [], [a, b])
+    first = [searcher.suggest(f"t{i}") for i in range(3)]
+    assert first[:2] == [a, b] and first[2] not in (a, b)  # then TPE's own draws
+    resumed = new_searcher(settings, 4, [Row(1, "aaaa0001", a, "done", 6.0, 1, -100.0)], [a, b])
+    assert resumed.suggest("t1") == b  # a ran before the resume
+
+
+def test_asha_judges_no_trial_before_the_grace_seconds():
+    """Two trials report after 10 and 25 s of runs, the second always worse; ASHA's first rung is
+    --grace seconds, a quarter of --budget (here 10 s) by default."""
+    from types import SimpleNamespace
+
+    from apexq.cluster.tune import Search
+    from apexq.cluster.tune_search import new_scheduler
+
+    settings = TrialSettings("/b.yaml", (), 1, 40.0, -110.0, "/runs")
+    for grace_s, stopped_at in ((None, 10), (25.0, 25)):
+        grace = Search(1, 1, 40.0, -110.0, "apexq tune", grace_s=grace_s).grace
+        scheduler = new_scheduler(settings, grace)
+        good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+        scheduler.on_trial_add(None, good)
+        scheduler.on_trial_add(None, bad)
+        for t in (10, 25):
+            assert scheduler.on_trial_result(None, good, {"budget_s": t, "score": 5.0}) == "CONTINUE"
+            decision = scheduler.on_trial_result(None, bad, {"budget_s": t, "score": 50.0})
+            assert decision == ("STOP" if t == stopped_at else "CONTINUE"), (grace_s, t)
+            if decision == "STOP":
+                break
+
+
+def test_bad_start_points_and_grace_exit_2_with_one_line_and_start_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {stop_at_return: -110}\nlearner: {lr: 0.001}\n")
+    good = space(tmp_path, START_SPACE)
+    args = ["tune", "--config", str(base), "--space", str(good), "--id", "s", "--budget", "10", "--seeds", "2"]
+    for extra, message in [
+        (["--trials", "1", "--start-at", "nothere.yaml"], "--start-at nothere.yaml: cannot read"),
+        (
+            ["--trials", "1", "--start-at", str(base), "--start-at", str(base)],
+            "--start-at: 2 start points but --trials 1",
+        ),
+        (
+            ["--trials", "2", "--grace", "21"],
+            "--grace: at most --seeds x --budget (20 s, which turns early stopping off), got 21",
+        ),
+        (["--trials", "2", "--grace", "0"], "--grace: must be > 0, got 0"),
+    ]:
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(f"apexq: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "tune").exists()
 
 
 # -- the objective -------------------------------------------------------------------------------
