@@ -31,6 +31,9 @@ run the searched keys' values from FILE, a config overlay read over BASE (a hand
 an earlier search's best.yaml), before TPE draws; TPE then models them with the rest. Without it,
 a search may never draw near a config already known to be good: 12 TPE trials over
 configs/tune/cartpole_space2.yaml did not (41.2 s at best, configs/cartpole.yaml 20.6 s).
+The sampler's seed is --id's CRC-32: the same id draws the same trials, another id others (with
+one fixed seed, a search started at an earlier search's best drew that search's first trials
+again: LunarLander's ll2 re-ran ll1's trial 1, its own start point).
 
 What a distributed run inherits from these single-process trials: the hyperparameters (learning
 rate, batch size, n-step, target period, replay ratio ...) and their balance, which is what the
@@ -59,6 +62,7 @@ import os
 import re
 import shlex
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -136,6 +140,7 @@ class Search:
     distributed: bool = False  # (absent from the search.json of a search before --distributed)
     start_at: list = field(default_factory=list)  # --start-at: {key: drawn} per start point, run first
     grace_s: Optional[float] = None  # --grace; None: budget_s / 4
+    sampler_seed: int = 0  # the TPE sampler's seed, from --id (0 in a search.json from before it was kept)
 
     @property
     def grace(self) -> float:
@@ -215,7 +220,9 @@ def _new_search(args, folder: Path) -> tuple[Search, list]:
     )
     target = float(base.train.stop_at_return)
     grace = float(args.grace) if args.grace is not None else None
-    return Search(args.trials, seeds, float(budget), target, command, bool(args.distributed), starts, grace), params
+    seed = zlib.crc32(args.id.encode())
+    search = Search(args.trials, seeds, float(budget), target, command, bool(args.distributed), starts, grace, seed)
+    return search, params
 
 
 def _record(args, folder: Path, search: Search) -> None:
@@ -318,7 +325,15 @@ def run(args) -> int:
             settings, str(folder.resolve()), search.command, str(folder / "base.yaml"), before, len(search.start_at)
         )
         tuner = tune_search.new_tuner(
-            settings, search.trials - len(before), cpus, concurrent, folder, table, search.start_at, search.grace
+            settings,
+            search.trials - len(before),
+            cpus,
+            concurrent,
+            folder,
+            table,
+            search.start_at,
+            search.grace,
+            search.sampler_seed,
         )
         tuner.fit()
     finally:

@@ -35,7 +35,6 @@ METRIC, MODE = "score", "min"  # see tune_objective.score
 CLOCK = "budget_s"  # ASHA's time: seconds of the trial's runs so far (solved runs count to their solve)
 EXPERIMENTS = "ray"  # tune/<id>/ray/part<k>/ holds Tune's own state of the search's k-th session (never read)
 ASHA_REDUCTION = 3  # keep the best third at each rung
-SAMPLER_SEED = 0
 
 
 class TrialTable(tune.Callback):
@@ -93,7 +92,7 @@ def _trainable(settings: TrialSettings, cpus_per_trial: float):
     return tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
 
 
-def new_searcher(settings: TrialSettings, total: int, before: list[Row], start_at: list) -> OptunaSearch:
+def new_searcher(settings: TrialSettings, total: int, before: list[Row], start_at: list, seed: int = 0) -> OptunaSearch:
     """Optuna's TPE for a search of ``total`` trials: the trials of ``before`` (a resumed search's)
     are told to its study first, and the ``start_at`` points not yet run are its first draws
     (Optuna's enqueued trials: trials 1 .. len(start_at) of the search run them)."""
@@ -102,7 +101,7 @@ def new_searcher(settings: TrialSettings, total: int, before: list[Row], start_a
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # TPE models the good and the bad trials once it has a few; before that it draws at random. A
     # resumed search seeds its sampler anew, so its random draws do not repeat the first session's.
-    sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED + len(before), n_startup_trials=max(2, min(10, total // 3)))
+    sampler = optuna.samplers.TPESampler(seed=seed + len(before), n_startup_trials=max(2, min(10, total // 3)))
     searcher = OptunaSearch(
         space={p.key: p.distribution() for p in settings.params},
         metric=METRIC,
@@ -140,9 +139,10 @@ def new_tuner(
     table: TrialTable,
     start_at: list,
     grace_s: float,
+    seed: int,
 ) -> tune.Tuner:
     """A Tuner for the ``trials`` still owed, its searcher :func:`new_searcher`'s."""
-    searcher = new_searcher(settings, trials + len(table.before), table.before, start_at)
+    searcher = new_searcher(settings, trials + len(table.before), table.before, start_at, seed)
     scheduler = new_scheduler(settings, grace_s)
     experiments = folder.resolve() / EXPERIMENTS
     part = 1 + sum(1 for p in experiments.glob("part*")) if experiments.is_dir() else 1

@@ -277,6 +277,9 @@ def test_the_searcher_draws_the_start_points_first_and_a_resumed_one_only_those_
     assert first[:2] == [a, b] and first[2] not in (a, b)  # then TPE's own draws
     resumed = new_searcher(settings, 4, [Row(1, "aaaa0001", a, "done", 6.0, 1, -100.0)], [a, b])
     assert resumed.suggest("t1") == b  # a ran before the resume
+    # the sampler's seed (--id's CRC-32): the same seed draws the same trials, another seed others
+    draws = {seed: [new_searcher(settings, 4, [], [], seed).suggest("t") for _ in range(2)] for seed in (7, 8)}
+    assert draws[7][0] == draws[7][1] and draws[7][0] != draws[8][0]
 
 
 def test_asha_judges_no_trial_before_the_grace_seconds():
