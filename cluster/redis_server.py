@@ -17,6 +17,7 @@ from typing import Optional
 
 import redis
 
+from apexq.core.connection import once
 from apexq.replay_server.acl import CLIENT_USER, server_users
 
 
@@ -189,6 +190,7 @@ class RedisServer:
             password=self.password,
             socket_connect_timeout=1.0,
             socket_timeout=1.0,
+            retry=once(),  # this loop retries itself, and checks between tries whether the process exited
         )
         while True:
             if proc.poll() is not None:

@@ -37,10 +37,12 @@ def shutdown_components(backend: RayBackend, driver: Driver) -> dict:
     sup.stopping = True
     redis_url = backend.platform.redis_url
     assert redis_url is not None  # the components ran: Redis was there
+    redis_down = backend.platform.redis_down()
     for a in m.actors:
         a.handle.stop.remote()
-    ray.wait([a.run_ref for a in m.actors], num_returns=len(m.actors), timeout=10)
-    redis_down = backend.platform.redis_down()
+    # an actor flushes what it holds before it stops; with Redis down it cannot, and would keep the
+    # stop waiting in its append's retries (its last stats are the driver's already)
+    ray.wait([a.run_ref for a in m.actors], num_returns=len(m.actors), timeout=0 if redis_down else 10)
     deadline = time.monotonic() + (0 if redis_down else 5)
     while time.monotonic() < deadline:  # let the shards ingest the last blocks
         if backlog(backend.cfg, backend.namespace, redis_url) == 0:

@@ -239,11 +239,11 @@ class Platform:
     def ping(self, url: str) -> bool:
         import redis
 
+        from apexq.core.connection import probe
+
         client = self._redis_clients.get(url)
-        if client is None:
-            client = self._redis_clients[url] = redis.Redis.from_url(
-                url, socket_timeout=1.0, socket_connect_timeout=1.0
-            )
+        if client is None:  # tried once: a dead Redis must not hold the driver's loop in redis-py's retries
+            client = self._redis_clients[url] = probe(url, 1.0)
         try:
             return bool(client.ping())
         except (redis.RedisError, OSError):

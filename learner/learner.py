@@ -320,6 +320,10 @@ class Learner:
         version = self.weights_version
 
         def send():
+            if version != self.weights_version:
+                # a newer version is queued behind this one: actors only take the newest, so this
+                # send would be wasted (and with Redis down, each failing send waits out its retries)
+                return
             try:
                 if copied is not None:
                     copied.synchronize()  # on the background thread: the training thread goes on

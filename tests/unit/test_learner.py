@@ -466,3 +466,28 @@ def test_a_cuda_graph_that_cannot_be_captured_leaves_the_learner_training_eagerl
     assert graphed.opt.steps == eager.opt.steps == 3 and graphed.updates == 3
     for pa, pb in zip(eager.online.parameters(), graphed.online.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_a_publish_queued_behind_a_newer_version_is_skipped(tmp_path, monkeypatch):
+    """Actors take only the newest weights: with sends slower than publishes (Redis down: each one
+    waits out its retries), the queue must not hold the learner's stop behind stale versions."""
+    import time
+
+    import apexq.learner.learner as learner_module
+
+    lr = make(tmp_path, shard_with(200))
+    sent = []
+
+    def slow_publish(client, keys, state, version):
+        time.sleep(0.2)
+        sent.append(version)
+
+    monkeypatch.setattr(learner_module.weights_store, "publish", slow_publish)
+    lr.redis = object()  # stands for a client: only the patched publish sees it
+    first = lr.weights_version + 1
+    for _ in range(5):
+        lr.publish()
+    lr._bg.submit(lambda: None).result(timeout=10)
+    assert lr.weights_version == first + 4
+    # the first send may have begun before the next publish; every one after it but the newest is skipped
+    assert sent in ([first + 4], [first, first + 4]), sent
