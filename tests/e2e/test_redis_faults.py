@@ -198,7 +198,10 @@ def test_run_stops_with_an_error_when_its_redis_stays_unreachable(tmp_path):
     assert (run_dir / "checkpoint.pt").is_file()  # the final checkpoint does not need Redis
     assert took < 8 + 90, took
     # the stop after the error does not wait out retries against the dead Redis: actors that cannot
-    # flush, a queue of stale weights sends (30.5 s from the error line to the exit with them, 12.7 s
-    # without: the final checkpoint and export are most of that)
-    error_at = next(t for t, l in zip(run.seen_at, run.lines) if "unreachable for" in l)
-    assert exited - error_at < 25, exited - error_at
+    # flush, a queue of stale weights sends (30.5 s from the error line to the exit with both, 11.5-15
+    # s without: the final checkpoint and export are most of that; 23.9 s waiting for the actors only)
+    at = next(i for i, l in enumerate(run.lines) if "unreachable for" in l)
+    assert exited - run.seen_at[at] < 25, exited - run.seen_at[at]
+    # the learner's queue: the send under way at the error and the final one may fail, no stale ones
+    failed_sends = [l for l in run.lines[at:] if "publishing weights v" in l and "failed" in l]
+    assert len(failed_sends) <= 2, failed_sends
